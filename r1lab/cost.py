@@ -1,0 +1,119 @@
+"""What a model costs: parameter counts, FLOPs per token, KV-cache bytes.
+
+Counts come from the config alone (closed formulas, checked against the built module in the
+tests), so the 671B shape is counted without allocating it. FLOPs count matmuls only (2 per
+multiply-add), the convention of MFU: norms, softmax and activations are left out. This module
+knows configs and arithmetic; it does not run models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from r1lab.config import ModelConfig
+
+
+@dataclass
+class ParamCounts:
+    total: int            # main model, embedding and head included
+    active: int           # touched per token: total minus the embedding table and unchosen routed experts
+    mtp: int              # the MTP modules on top (they share the embedding and head)
+    embedding: int
+    per_expert: int
+
+
+def _attn_params(c: ModelConfig) -> tuple[int, int]:
+    """(matmul weights, norm weights) of one MLA block."""
+    H, C, P, V, R, D = c.n_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank, c.dim
+    if c.q_lora_rank == 0:
+        q, q_norm = D * H * (C + P), 0
+    else:
+        q, q_norm = D * c.q_lora_rank + c.q_lora_rank * H * (C + P), c.q_lora_rank
+    return q + D * (R + P) + R * H * (C + V) + H * V * D, q_norm + R
+
+
+def _ffn_params(c: ModelConfig, moe: bool) -> tuple[int, int]:
+    """(all matmul weights, matmul weights active per token) of one feed-forward."""
+    if not moe:
+        dense = 3 * c.dim * c.inter_dim
+        return dense, dense
+    expert = 3 * c.dim * c.moe_inter_dim
+    shared = 3 * c.dim * c.moe_inter_dim * c.n_shared_experts
+    gate = c.n_routed_experts * c.dim
+    return gate + shared + c.n_routed_experts * expert, gate + shared + c.n_activated_experts * expert
+
+
+def _block_params(c: ModelConfig, moe: bool) -> tuple[int, int]:
+    attn, attn_norms = _attn_params(c)
+    ffn_all, ffn_active = _ffn_params(c, moe)
+    norms = attn_norms + 2 * c.dim
+    return attn + ffn_all + norms, attn + ffn_active + norms
+
+
+def _layer_is_moe(c: ModelConfig, i: int) -> bool:
+    return c.n_routed_experts > 0 and i >= c.n_dense_layers
+
+
+def count_parameters(c: ModelConfig) -> ParamCounts:
+    embedding = c.vocab_size * c.dim
+    total = active = embedding + c.dim + c.vocab_size * c.dim  # embed, final norm, head
+    active -= embedding  # a table lookup, not a matmul
+    for i in range(c.n_layers):
+        block_total, block_active = _block_params(c, _layer_is_moe(c, i))
+        total += block_total
+        active += block_active
+    mtp_block, _ = _block_params(c, c.n_moe_layers > 0)
+    mtp = c.n_mtp_modules * (3 * c.dim + 2 * c.dim * c.dim + mtp_block)
+    return ParamCounts(total, active, mtp, embedding, 3 * c.dim * c.moe_inter_dim)
+
+
+def _matmul_params_per_token(c: ModelConfig, with_mtp: bool) -> int:
+    """Matmul weights each token multiplies through (forward)."""
+    n = c.vocab_size * c.dim  # head
+    for i in range(c.n_layers):
+        n += _attn_params(c)[0] + _ffn_params(c, _layer_is_moe(c, i))[1]
+    if with_mtp:
+        per_module = 2 * c.dim * c.dim + _attn_params(c)[0] + _ffn_params(c, c.n_moe_layers > 0)[1] + c.vocab_size * c.dim
+        n += c.n_mtp_modules * per_module
+    return n
+
+
+def attention_flops_per_token(c: ModelConfig, n_keys: float, attn_impl: str | None = None) -> float:
+    """Forward FLOPs of the score and value products of one token attending to n_keys keys, all layers.
+
+    The naive path works per head in the C+P / V widths; the absorbed path in the latent (R+P / R).
+    """
+    impl = attn_impl or c.attn_impl
+    H, C, P, V, R = c.n_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
+    per_layer = 2 * H * n_keys * ((C + P) + V) if impl == "naive" else 2 * H * n_keys * ((R + P) + R)
+    return per_layer * c.n_layers
+
+
+def train_flops_per_token(c: ModelConfig, seq_len: int, with_mtp: bool = True) -> float:
+    """Forward + backward (3x forward) per trained token of a causal sequence of `seq_len`."""
+    mean_keys = (seq_len + 1) / 2
+    forward = 2 * _matmul_params_per_token(c, with_mtp) + attention_flops_per_token(c, mean_keys)
+    if with_mtp and c.n_mtp_modules:
+        forward += c.n_mtp_modules * attention_flops_per_token(c, mean_keys) / c.n_layers
+    return 3 * forward
+
+
+def generate_flops_per_token(c: ModelConfig, context_len: float) -> float:
+    """Forward FLOPs to produce one token with `context_len` keys already in the cache."""
+    return 2 * _matmul_params_per_token(c, with_mtp=False) + attention_flops_per_token(c, context_len)
+
+
+@dataclass
+class CacheBytes:
+    mla_values_per_layer: int     # what the absorbed path caches per token per layer
+    naive_values_per_layer: int   # full per-head keys and values (the naive path)
+    mha_values_per_layer: int     # a plain multi-head-attention cache: 2 x heads x head_dim (v_head_dim)
+    bytes_per_token: int          # MLA, all layers, at the given dtype width
+    mha_bytes_per_token: int
+
+
+def kv_cache_bytes(c: ModelConfig, bytes_per_value: int = 2) -> CacheBytes:
+    mla = c.kv_lora_rank + c.qk_rope_head_dim
+    naive = c.n_heads * (c.head_dim_qk + c.v_head_dim)
+    mha = 2 * c.n_heads * c.v_head_dim
+    return CacheBytes(mla, naive, mha, mla * c.n_layers * bytes_per_value, mha * c.n_layers * bytes_per_value)

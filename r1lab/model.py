@@ -1,0 +1,505 @@
+"""The DeepSeek-V3-style transformer: RMSNorm, RoPE/YaRN, MLA, DeepSeekMoE, multi-token prediction.
+
+Trainable at every position, float32 on CPUs and bfloat16 on GPUs. The model knows token ids,
+positions and its KV cache; it knows no tokenizer, no sampling and no optimiser (the engine samples,
+the trainers optimise). Names follow DeepSeek's inference code (`wq_a`, `wkv_b`, `kv_norm`, `wo`,
+`w1/w2/w3`), so its weights map one to one.
+
+Letter legend used in shape comments:
+  B batch, T new tokens in this call, S key slots (cache length), H heads, D model dim,
+  R kv_lora_rank (latent width), P qk_rope_head_dim, C qk_nope_head_dim, V v_head_dim,
+  N flattened tokens (B*T), E routed experts, K activated experts per token, G expert groups.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from r1lab.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary embeddings with YaRN
+
+def _yarn_correction_dim(n_rotations: float, dim: int, base: float, max_len: int) -> float:
+    # The dimension index whose wavelength completes `n_rotations` turns over `max_len` positions.
+    return dim * math.log(max_len / (n_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+
+def rope_frequencies(config: ModelConfig) -> torch.Tensor:
+    """Per-pair inverse frequencies (P/2,), interpolated by YaRN when the context is extended."""
+    dim, base = config.qk_rope_head_dim, config.rope_theta
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    if config.rope_factor > 1 and config.max_seq_len > config.original_seq_len:
+        low = max(math.floor(_yarn_correction_dim(config.beta_fast, dim, base, config.original_seq_len)), 0)
+        high = min(math.ceil(_yarn_correction_dim(config.beta_slow, dim, base, config.original_seq_len)), dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+        keep = 1 - ramp  # 1: high-frequency pairs kept as they are; 0: low-frequency pairs interpolated
+        freqs = freqs / config.rope_factor * (1 - keep) + freqs * keep
+    return freqs.float()
+
+
+def softmax_scale(config: ModelConfig) -> float:
+    """(C + P)^-0.5, times mscale^2 under YaRN (the attention-temperature correction)."""
+    scale = config.head_dim_qk ** -0.5
+    if config.rope_factor > 1 and config.max_seq_len > config.original_seq_len:
+        m = 0.1 * config.mscale * math.log(config.rope_factor) + 1.0
+        scale = scale * m * m
+    return scale
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of the last dim. x (B, T, [H,] P); cos/sin broadcastable to (..., P/2)."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # (..., P/2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache
+
+class KVCache:
+    """Preallocated per-layer cache, slot s holding the token at position s of each row.
+
+    `absorb`: the normalised latent c_kv (B, S, R) and the shared RoPE key (B, S, P) per layer:
+    R + P values per token per layer. `naive`: full per-head keys (B, S, H, C+P) and values
+    (B, S, H, V). Rows can be selected (finished sequences leave) or repeated (n samples share a
+    prefill) between steps.
+    """
+
+    def __init__(self, config: ModelConfig, n_layers: int, batch_size: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device | None = None):
+        self.impl = config.attn_impl
+        self.max_len = max_len
+        if self.impl == "absorb":
+            shapes = [(batch_size, max_len, config.kv_lora_rank), (batch_size, max_len, config.qk_rope_head_dim)]
+        else:
+            shapes = [(batch_size, max_len, config.n_heads, config.head_dim_qk),
+                      (batch_size, max_len, config.n_heads, config.v_head_dim)]
+        self.layers = [[torch.zeros(s, dtype=dtype, device=device) for s in shapes] for _ in range(n_layers)]
+
+    @property
+    def batch_size(self) -> int:
+        return self.layers[0][0].shape[0]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (in that order), e.g. when sequences finish or are reordered."""
+        self.layers = [[t.index_select(0, rows) for t in layer] for layer in self.layers]
+
+    def repeat_interleave(self, n: int) -> None:
+        """Each row becomes n consecutive rows (n samples sharing one prefill)."""
+        self.layers = [[t.repeat_interleave(n, dim=0) for t in layer] for layer in self.layers]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer)
+
+
+def _write(buf: torch.Tensor, positions: torch.Tensor, new: torch.Tensor) -> None:
+    """buf (B, S, ...) [b, positions[b, t]] = new[b, t]."""
+    rows = torch.arange(buf.shape[0], device=buf.device)[:, None].expand_as(positions)
+    buf[rows, positions] = new.to(buf.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-head Latent Attention
+
+class MLA(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        H, C, P, V, R = (config.n_heads, config.qk_nope_head_dim, config.qk_rope_head_dim,
+                         config.v_head_dim, config.kv_lora_rank)
+        if config.q_lora_rank == 0:
+            self.wq = nn.Linear(config.dim, H * (C + P), bias=False)
+        else:
+            self.wq_a = nn.Linear(config.dim, config.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(config.q_lora_rank, config.norm_eps)
+            self.wq_b = nn.Linear(config.q_lora_rank, H * (C + P), bias=False)
+        self.wkv_a = nn.Linear(config.dim, R + P, bias=False)
+        self.kv_norm = RMSNorm(R, config.norm_eps)
+        self.wkv_b = nn.Linear(R, H * (C + V), bias=False)
+        self.wo = nn.Linear(H * V, config.dim, bias=False)
+        self.scale = softmax_scale(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                positions: torch.Tensor, cache: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """x (B, T, D); cos/sin (B, T, P/2); mask (B, T, S) bool, True = may attend.
+
+        Without a cache the keys are the T tokens of x (S = T). With a cache, the new keys are
+        written at slots `positions` and attention runs over slots [0, S).
+        """
+        cfg = self.config
+        B, T, _ = x.shape
+        H, C, P, V, R = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        q = self.wq(x) if cfg.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(B, T, H, C + P)
+        q_nope, q_pe = q.split([C, P], dim=-1)  # (B, T, H, C), (B, T, H, P)
+        q_pe = apply_rope(q_pe, cos[:, :, None], sin[:, :, None])
+        kv_a = self.wkv_a(x)
+        c_kv, k_pe = kv_a.split([R, P], dim=-1)  # (B, T, R), (B, T, P)
+        k_pe = apply_rope(k_pe, cos, sin)  # one RoPE key shared by all heads
+        c_kv = self.kv_norm(c_kv)
+        S = mask.shape[-1]
+        wkv_b = self.wkv_b.weight.view(H, C + V, R)
+        if cfg.attn_impl == "naive":
+            kv = self.wkv_b(c_kv).view(B, T, H, C + V)
+            k_nope, v = kv.split([C, V], dim=-1)
+            k = torch.cat([k_nope, k_pe[:, :, None].expand(B, T, H, P)], dim=-1)  # (B, T, H, C+P)
+            if cache is not None:
+                _write(cache[0], positions, k)
+                _write(cache[1], positions, v)
+                k, v = cache[0][:, :S], cache[1][:, :S]  # (B, S, H, C+P), (B, S, H, V)
+            out = F.scaled_dot_product_attention(
+                torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                attn_mask=mask[:, None], scale=self.scale)  # (B, H, T, V)
+            out = out.transpose(1, 2)  # (B, T, H, V)
+        else:
+            # Absorb wkv_b's key slice into the query: attention runs over the latent directly.
+            q_lat = torch.einsum("bthc,hcr->bthr", q_nope, wkv_b[:, :C])  # (B, T, H, R)
+            if cache is not None:
+                _write(cache[0], positions, c_kv)
+                _write(cache[1], positions, k_pe)
+                c_kv, k_pe = cache[0][:, :S], cache[1][:, :S]  # (B, S, R), (B, S, P)
+            # All heads share one key: an MQA-shaped product over the (B, T*H) queries.
+            scores = (torch.bmm(q_lat.reshape(B, T * H, R), c_kv.transpose(1, 2))
+                      + torch.bmm(q_pe.reshape(B, T * H, P), k_pe.transpose(1, 2)))  # (B, T*H, S)
+            scores = scores.view(B, T, H, S).float() * self.scale
+            scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+            probs = scores.softmax(dim=-1).type_as(x)
+            out_lat = torch.bmm(probs.view(B, T * H, S), c_kv).view(B, T, H, R)
+            out = torch.einsum("bthr,hvr->bthv", out_lat, wkv_b[:, C:])  # (B, T, H, V)
+        return self.wo(out.reshape(B, T, H * V))
+
+
+# ---------------------------------------------------------------------------------------------
+# Feed-forward: dense SwiGLU and DeepSeekMoE
+
+class MLP(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x). Used for dense layers and as each expert."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)
+        self.w2 = nn.Linear(inter_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, inter_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+@dataclass
+class Routing:
+    weights: torch.Tensor  # (N, K) gate weights, from unbiased scores
+    indices: torch.Tensor  # (N, K) chosen experts
+    scores: torch.Tensor   # (N, E) unbiased affinity scores (softmax or sigmoid)
+
+
+class Gate(nn.Module):
+    """Router: affinity scores, bias-adjusted (and optionally group-limited) top-k selection.
+
+    `expert_bias` is a buffer used for selection only (aux-loss-free balancing); `expert_load`
+    counts the tokens each expert received while training since the last bias update.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.dim))
+        self.register_buffer("expert_bias", torch.zeros(config.n_routed_experts))
+        self.register_buffer("expert_load", torch.zeros(config.n_routed_experts), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        cfg = self.config
+        logits = F.linear(x, self.weight).float()  # (N, E)
+        scores = logits.softmax(dim=-1) if cfg.score_func == "softmax" else logits.sigmoid()
+        biased = scores + self.expert_bias.float()
+        if cfg.n_expert_groups > 1:
+            grouped = biased.view(x.shape[0], cfg.n_expert_groups, -1)  # (N, G, E/G)
+            if cfg.score_func == "softmax":
+                group_scores = grouped.amax(dim=-1)
+            else:
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, G)
+            keep = group_scores.topk(cfg.n_limited_groups, dim=-1).indices
+            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            biased = grouped.masked_fill(dropped[:, :, None], float("-inf")).flatten(1)
+        indices = biased.topk(cfg.n_activated_experts, dim=-1).indices  # (N, K)
+        weights = scores.gather(1, indices)
+        if cfg.score_func == "sigmoid":
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights * cfg.route_scale
+        if self.training:
+            with torch.no_grad():
+                self.expert_load += torch.bincount(indices.flatten(), minlength=cfg.n_routed_experts).to(self.expert_load)
+        return Routing(weights.type_as(x), indices, scores)
+
+    @torch.no_grad()
+    def update_bias(self, speed: float) -> torch.Tensor:
+        """Move the bias of over-loaded experts down and under-loaded ones up; return the loads used."""
+        load = self.expert_load.clone()
+        if load.sum() > 0:
+            self.expert_bias += speed * torch.sign(load.mean() - load)
+        self.expert_load.zero_()
+        return load
+
+
+class MoE(nn.Module):
+    """Shared experts plus top-k routed experts; tokens are dispatched by sorting, not looping."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.gate = Gate(config)
+        self.experts = nn.ModuleList(MLP(config.dim, config.moe_inter_dim) for _ in range(config.n_routed_experts))
+        self.shared_experts = (MLP(config.dim, config.n_shared_experts * config.moe_inter_dim)
+                               if config.n_shared_experts > 0 else None)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, D) -> (out (B, T, D), sequence-wise balance loss (scalar))."""
+        B, T, D = x.shape
+        flat = x.reshape(B * T, D)  # (N, D)
+        routing = self.gate(flat)
+        out = self.dispatch(flat, routing)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        aux = self.balance_loss(routing, B, T) if (self.training and self.config.seq_aux_alpha > 0) else flat.new_zeros(())
+        return out.view(B, T, D), aux
+
+    def dispatch(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Sum over each token's K experts of weight * expert(x), grouping assignments by expert."""
+        N, K = routing.indices.shape
+        flat_expert = routing.indices.flatten()  # (N*K,)
+        order = flat_expert.argsort(stable=True)
+        token_of = order // K  # which token each sorted assignment belongs to
+        weight_of = routing.weights.flatten()[order]
+        counts = torch.bincount(flat_expert, minlength=len(self.experts)).tolist()
+        out = torch.zeros_like(x)
+        start = 0
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            idx = token_of[start:start + count]
+            y = self.experts[e](x[idx]) * weight_of[start:start + count, None]
+            out.index_add_(0, idx, y)
+            start += count
+        return out
+
+    def balance_loss(self, routing: Routing, B: int, T: int) -> torch.Tensor:
+        """V3's sequence-wise balance loss: alpha * sum_i f_i P_i, averaged over sequences."""
+        cfg = self.config
+        E, K = cfg.n_routed_experts, cfg.n_activated_experts
+        probs = routing.scores / routing.scores.sum(dim=-1, keepdim=True)  # (N, E)
+        p = probs.view(B, T, E).mean(dim=1)  # (B, E)
+        chosen = torch.zeros(B * T, E, device=probs.device).scatter_(1, routing.indices, 1.0)
+        f = chosen.view(B, T, E).sum(dim=1) * (E / (K * T))  # (B, E)
+        return cfg.seq_aux_alpha * (f * p).sum(dim=-1).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks, multi-token prediction and the whole model
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, moe: bool):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attn = MLA(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn = MoE(config) if moe else MLP(config.dim, config.inter_dim)
+
+    def forward(self, x, cos, sin, mask, positions, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, positions, cache)
+        h = self.ffn_norm(x)
+        if isinstance(self.ffn, MoE):
+            y, aux = self.ffn(h)
+        else:
+            y, aux = self.ffn(h), x.new_zeros(())
+        return x + y, aux
+
+
+class MTPModule(nn.Module):
+    """Predicts token t+1+k from the depth-(k-1) hidden state at t and the embedding of t+k."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.hnorm = RMSNorm(config.dim, config.norm_eps)
+        self.enorm = RMSNorm(config.dim, config.norm_eps)
+        self.eh_proj = nn.Linear(2 * config.dim, config.dim, bias=False)
+        self.block = Block(config, moe=config.n_moe_layers > 0)
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+
+    def forward(self, h, emb, cos, sin, mask, positions, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.eh_proj(torch.cat([self.hnorm(h), self.enorm(emb)], dim=-1))
+        return self.block(x, cos, sin, mask, positions, cache)
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor      # what to backpropagate: lm + mtp_weight * mtp + aux
+    lm_loss: torch.Tensor   # next-token cross-entropy (mean over counted tokens)
+    mtp_loss: torch.Tensor  # mean over the D modules of their cross-entropies (0 if D = 0)
+    aux_loss: torch.Tensor  # sequence-wise balance loss summed over MoE layers
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(
+            Block(config, moe=(config.n_routed_experts > 0 and i >= config.n_dense_layers))
+            for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTPModule(config) for _ in range(config.n_mtp_modules))
+        freqs = torch.outer(torch.arange(config.max_seq_len, dtype=torch.float32), rope_frequencies(config))
+        self.register_buffer("rope_cos", freqs.cos(), persistent=False)  # (max_seq_len, P/2)
+        self.register_buffer("rope_sin", freqs.sin(), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=self.config.init_std)
+            elif isinstance(module, Gate):
+                nn.init.normal_(module.weight, std=self.config.init_std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    # -- positions and masks --------------------------------------------------------------------
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions.numel() and int(positions.max()) >= self.config.max_seq_len:
+            raise ValueError(f"position {int(positions.max())} exceeds max_seq_len {self.config.max_seq_len}")
+        return self.rope_cos[positions], self.rope_sin[positions]  # (B, T, P/2)
+
+    @staticmethod
+    def _mask(positions: torch.Tensor, valid: torch.Tensor | None, n_slots: int | None) -> torch.Tensor:
+        """(B, T, S) bool. Cached: slot s is visible to a query at position p iff s <= p.
+        Uncached: key t' is visible iff it is valid and its position is <= the query's."""
+        if n_slots is not None:
+            slots = torch.arange(n_slots, device=positions.device)
+            return slots[None, None, :] <= positions[:, :, None]
+        mask = positions[:, None, :] <= positions[:, :, None]
+        if valid is not None:
+            mask = mask & valid[:, None, :]
+        # A padding query that sees no key would give NaN; let it see itself.
+        return mask | torch.eye(positions.shape[1], dtype=torch.bool, device=positions.device)
+
+    def default_positions(self, tokens: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        if valid is None:
+            return torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        return (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+
+    # -- forward ----------------------------------------------------------------------------------
+    def trunk(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+              cache: KVCache | None = None, valid: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (B, T) -> (hidden before the final norm (B, T, D), summed balance loss).
+
+        `valid` (B, T) bool marks real tokens when a batch is padded (left or right); positions
+        default to the count of real tokens before each one. With a `cache`, each token's keys are
+        stored at slot `positions[b, t]` and it attends to slots 0..positions[b, t].
+        """
+        if positions is None:
+            positions = self.default_positions(tokens, valid)
+        cos, sin = self._rope(positions)
+        n_slots = None if cache is None else int(positions.max()) + 1
+        mask = self._mask(positions, valid, n_slots)
+        h = self.embed(tokens)
+        aux = h.new_zeros(())
+        for i, layer in enumerate(self.layers):
+            h, layer_aux = layer(h, cos, sin, mask, positions, None if cache is None else cache.layers[i])
+            aux = aux + layer_aux
+        return h, aux
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(h))
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) for every position."""
+        return self.logits(self.trunk(tokens, positions, cache, valid)[0])
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, with_mtp: bool = False) -> KVCache:
+        """A zeroed cache on this model's device and dtype (main layers, then MTP blocks if asked)."""
+        p = self.head.weight
+        n = len(self.layers) + (len(self.mtp) if with_mtp else 0)
+        return KVCache(self.config, n, batch_size, max_len or self.config.max_seq_len, p.dtype, p.device)
+
+    def mtp_step(self, k: int, h: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor,
+                 cache: KVCache | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Run MTP module k (0-based) on hidden states h (B, T, D) and the embeddings of the tokens
+        that follow them; returns the module's hidden state (B, T, D) (feed `logits` to predict)."""
+        cos, sin = self._rope(positions)
+        n_slots = None if cache is None else int(positions.max()) + 1
+        mask = self._mask(positions, valid, n_slots)
+        layer_cache = None if cache is None else cache.layers[len(self.layers) + k]
+        out, _ = self.mtp[k](h, self.embed(next_tokens), cos, sin, mask, positions, layer_cache)
+        return out
+
+    def mtp_logits(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mtp[k].norm(h))
+
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None = None,
+             valid: torch.Tensor | None = None) -> LossOutput:
+        """Next-token loss plus MTP and balance losses. targets[b, t] is the token after tokens[b, t];
+        loss_mask (B, T) weights which targets count (e.g. assistant tokens only in SFT)."""
+        cfg = self.config
+        h, aux = self.trunk(tokens, valid=valid)
+        mask = torch.ones_like(targets, dtype=torch.float32) if loss_mask is None else loss_mask.float()
+        lm_loss = _masked_ce(self.logits(h), targets, mask)
+        mtp_loss = h.new_zeros(())
+        positions = self.default_positions(tokens, valid)
+        T = tokens.shape[1]
+        for k in range(cfg.n_mtp_modules):
+            depth = k + 1
+            if T - depth <= 0:
+                break
+            # Module k sees positions 0..T-1-depth: its input embedding is token t+depth (targets[t+depth-1])
+            # and it predicts token t+1+depth (targets[t+depth]).
+            sub_valid = None if valid is None else valid[:, :T - depth]
+            cos, sin = self._rope(positions[:, :T - depth])
+            sub_mask = self._mask(positions[:, :T - depth], sub_valid, None)
+            h, _ = self.mtp[k](h[:, :T - depth], self.embed(targets[:, depth - 1:T - 1]), cos, sin, sub_mask,
+                               positions[:, :T - depth])
+            mtp_loss = mtp_loss + _masked_ce(self.mtp_logits(k, h), targets[:, depth:], mask[:, depth:])
+        if cfg.n_mtp_modules:
+            mtp_loss = mtp_loss / cfg.n_mtp_modules
+        total = lm_loss + cfg.mtp_loss_weight * mtp_loss + aux
+        return LossOutput(total, lm_loss, mtp_loss, aux)
+
+    # -- balancing --------------------------------------------------------------------------------
+    def moe_gates(self) -> list[Gate]:
+        return [m for m in self.modules() if isinstance(m, Gate)]
+
+    @torch.no_grad()
+    def update_expert_bias(self) -> dict[str, float]:
+        """Aux-loss-free balancing after an optimiser step; returns the max/mean load it acted on."""
+        ratios = []
+        for gate in self.moe_gates():
+            load = gate.update_bias(self.config.bias_update_speed)
+            if load.sum() > 0:
+                ratios.append(float(load.max() / load.mean()))
+        return {"expert_load_max_over_mean": max(ratios) if ratios else 0.0}
+
+
+def _masked_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    return (losses * mask.flatten()).sum() / mask.sum().clamp(min=1)

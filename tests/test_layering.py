@@ -1,0 +1,70 @@
+"""The data flows one way (STYLE.md): read every module's imports with `ast` and check who may import whom."""
+
+import ast
+import re
+from pathlib import Path
+
+import r1lab
+
+PACKAGE = Path(r1lab.__file__).parent
+
+# module (or package prefix) -> r1lab modules it must never import
+FORBIDDEN = {
+    "r1lab.config": {"r1lab."},  # describes only
+    "r1lab.model": {"r1lab.engine", "r1lab.tokenizer", "r1lab.train", "r1lab.rewards", "r1lab.eval",
+                    "r1lab.serve", "r1lab.checkpoint", "r1lab.tasks", "r1lab.cost"},
+    "r1lab.engine": {"r1lab.tokenizer", "r1lab.train", "r1lab.rewards", "r1lab.eval", "r1lab.serve", "r1lab.tasks"},
+    "r1lab.tokenizer": {"r1lab.model", "r1lab.engine", "r1lab.train", "r1lab.eval", "r1lab.serve"},
+    "r1lab.rewards": {"r1lab.model", "r1lab.engine", "r1lab.tokenizer", "r1lab.train", "r1lab.eval", "r1lab.serve"},
+    "r1lab.tasks": {"r1lab.model", "r1lab.engine", "r1lab.tokenizer", "r1lab.train", "r1lab.eval", "r1lab.serve",
+                    "r1lab.rewards"},
+    "r1lab.cost": {"r1lab.model", "r1lab.engine", "r1lab.train", "r1lab.eval", "r1lab.serve"},
+    "r1lab.eval": {"r1lab.train", "r1lab.serve"},
+    "r1lab.serve": {"r1lab.train", "r1lab.eval"},
+    "r1lab.": {"r1lab.cli"},  # nothing imports the command line
+}
+TORCH_FREE = {"r1lab.config", "r1lab.rewards", "r1lab.tasks", "r1lab.cost", "r1lab.tokenizer"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found
+
+
+def matches(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix if prefix.endswith(".") else prefix + ".") or (
+        prefix.endswith(".") and name.startswith(prefix))
+
+
+def test_imports_flow_one_way():
+    modules = {module_name(p): imports_of(p) for p in PACKAGE.rglob("*.py")}
+    assert "r1lab.model" in modules
+    violations = []
+    for name, imported in modules.items():
+        if name == "r1lab.cli":
+            continue
+        for owner, banned in FORBIDDEN.items():
+            if not matches(name, owner):
+                continue
+            for imp in imported:
+                if any(matches(imp, b) for b in banned) and not matches(imp, owner.rstrip(".")):
+                    violations.append(f"{name} imports {imp}")
+        if any(matches(name, t) for t in TORCH_FREE) and any(i == "torch" or i.startswith("torch.") for i in imported):
+            violations.append(f"{name} imports torch")
+    assert not violations, violations
+
+
+def test_no_device_strings_in_library_code():
+    device_use = re.compile(r"""(device\s*=\s*|torch\.device\(\s*|\.to\(\s*)["'](cuda|cpu|mps)|\.cuda\(\)""")
+    offenders = [str(p) for p in PACKAGE.rglob("*.py") if device_use.search(p.read_text())]
+    assert not offenders, offenders
