@@ -108,6 +108,13 @@ class KVCache:
         """Each row becomes n consecutive rows (n samples sharing one prefill)."""
         self.layers = [[t.repeat_interleave(n, dim=0) for t in layer] for layer in self.layers]
 
+    def extend(self, other: "KVCache") -> None:
+        """Append other's rows after ours (requests joining a running batch)."""
+        if other.max_len != self.max_len or other.impl != self.impl:
+            raise ValueError("caches of different length or layout cannot be joined")
+        self.layers = [[torch.cat([a, b]) for a, b in zip(mine, theirs)]
+                       for mine, theirs in zip(self.layers, other.layers)]
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer)
 

@@ -1,0 +1,353 @@
+"""The one generator: batched prefill, one-token decode steps, sampling, continuous batching.
+
+RL rollouts, evaluation, the server and the terminal chat all generate through `Engine`. It knows
+token ids and a decoder (r1lab's Transformer, or anything with the same protocol: `new_cache`,
+`decoder(tokens, positions=..., cache=...) -> logits`, a cache with `select`, `repeat_interleave`
+and `extend`). It knows no tokenizer: stop strings need a `decode` function handed in.
+
+How a batch runs:
+  * requests wait in a queue; at each step boundary waiting requests are prefilled together
+    (prompts right-padded, one prefill per prompt), the cache rows are repeated for the n samples
+    of each prompt (the prompt is not recomputed) and appended to the running batch;
+  * one decode step feeds every running row its last token at its own position; the cache slot of
+    a position is its index, so ragged rows need no padding mask and a rejected draft token is
+    simply overwritten;
+  * finished rows leave the batch when they are a `compact_fraction` of it (compacting the cache
+    costs a copy, so it is batched), until then they are fed a frozen position and ignored.
+
+Letter legend: B running rows, T tokens in a call, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterator
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 256
+    """Generated tokens at most (finish reason `length` when reached)."""
+    temperature: float = 1.0
+    """0 means greedy (argmax)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0: all)."""
+    n: int = 1
+    """Samples per prompt; they share one prefill."""
+    seed: int | None = None
+    """Same seed, same samples (each sample draws from its own generator)."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Token ids that end a sample (kept in the output), besides the engine's EOS."""
+    stop_strings: tuple[str, ...] = ()
+    """Strings that end a sample; needs the engine's `decode`. The text is cut right after the string."""
+    ignore_eos: bool = False
+    """Generate past EOS (for benchmarks of a fixed amount of work)."""
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+
+
+@dataclass
+class Completion:
+    request_id: int
+    sample_index: int
+    token_ids: list[int]
+    finish_reason: str            # "stop", "length" or "abort"
+    logprobs: list[float]         # log p(token) under the model (temperature 1, no truncation)
+    text: str | None = None       # decoded and cut at a stop string, when the engine has `decode`
+
+
+@dataclass
+class StepEvent:
+    """What one sample did in one step: new tokens, and its finish reason when it ended."""
+    request_id: int
+    sample_index: int
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str | None = None
+    text: str | None = None       # on a stop-string finish: the whole sample's text, cut after the string
+
+
+@dataclass
+class _Row:
+    request_id: int
+    sample_index: int
+    params: SamplingParams
+    prompt_len: int
+    generator: torch.Generator
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    text: str | None = None
+
+
+def _mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (SplitMix64-style mixing), so nearby seeds give unrelated streams."""
+    x = 0x9E3779B97F4A7C15
+    for p in parts:
+        x = (x ^ (p & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                  top_p: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One token per row of logits (B, V) under per-row temperature / top-k / top-p.
+
+    Rows with temperature 0 take the argmax. Random rows draw exponential noise from their own
+    generator and take argmax(p / noise), an exact sample from p that makes each row's draw
+    independent of the rest of the batch.
+    """
+    greedy = logits.argmax(dim=-1)
+    random_rows = temperature > 0
+    if not bool(random_rows.any()):
+        return greedy
+    scaled = logits / temperature.clamp(min=1e-6)[:, None]
+    if bool((top_k > 0).any()):
+        k = torch.where(top_k > 0, top_k, logits.shape[-1]).clamp(max=logits.shape[-1])
+        kth = scaled.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = scaled.softmax(dim=-1)
+    if bool((top_p < 1).any()):
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly above each token
+        drop_sorted = before >= top_p[:, None]  # the first token is never dropped
+        drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+    noise = torch.stack([torch.empty(logits.shape[-1], dtype=torch.float32).exponential_(generator=g)
+                         for g in generators]).to(probs.device)
+    drawn = (probs / noise).argmax(dim=-1)
+    return torch.where(random_rows, drawn, greedy)
+
+
+class Engine:
+    """Generation over a decoder with a latent KV cache; one instance serves many calls."""
+
+    def __init__(self, model, eos_id: int | None, decode: Callable[[list[int]], str] | None = None,
+                 max_batch_size: int = 256, max_len: int | None = None, compact_fraction: float = 0.25):
+        self.model = model
+        self.eos_id = eos_id
+        self.decode = decode
+        self.max_batch_size = max_batch_size
+        self.max_len = max_len or model.config.max_seq_len
+        self.compact_fraction = compact_fraction
+        self._ids = itertools.count()
+        self._waiting: deque[tuple[int, list[int], SamplingParams]] = deque()
+        self._rows: list[_Row] = []
+        self._cache = None
+        self._last = torch.zeros(0, dtype=torch.long)   # (B,) the token each row feeds next
+        self._pos = torch.zeros(0, dtype=torch.long)    # (B,) its position
+        self._cancelled: set[int] = set()
+
+    # -- requests ----------------------------------------------------------------------------------
+    def add_request(self, prompt: list[int], params: SamplingParams) -> int:
+        """Queue a prompt; it joins the running batch at the next step boundary. Returns its id."""
+        params.validate()
+        if not prompt:
+            raise ValueError("prompt is empty")
+        if len(prompt) >= self.max_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens leaves no room under max_len {self.max_len}")
+        if params.stop_strings and self.decode is None:
+            raise ValueError("stop_strings need an engine built with a decode function")
+        if params.seed is None:
+            params = replace(params, seed=int(torch.randint(0, 2**62, ()).item()))
+        request_id = next(self._ids)
+        self._waiting.append((request_id, list(prompt), params))
+        return request_id
+
+    def cancel(self, request_id: int) -> None:
+        """Stop a request (e.g. its client went away); its samples finish with reason `abort`."""
+        self._cancelled.add(request_id)
+
+    def has_work(self) -> bool:
+        return bool(self._waiting) or any(r.finish_reason is None for r in self._rows)
+
+    # -- the step ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[StepEvent]:
+        """Admit waiting requests (prefill), then one decode step for every running row."""
+        events: list[StepEvent] = []
+        self._apply_cancellations(events)
+        decoding = any(r.finish_reason is None for r in self._rows)
+        if decoding:
+            self._decode_step(events)
+        self._admit(events)
+        self._maybe_compact()
+        return events
+
+    def _apply_cancellations(self, events: list[StepEvent]) -> None:
+        if not self._cancelled:
+            return
+        self._waiting = deque(w for w in self._waiting if w[0] not in self._cancelled)
+        for row in self._rows:
+            if row.request_id in self._cancelled and row.finish_reason is None:
+                row.finish_reason = "abort"
+                events.append(StepEvent(row.request_id, row.sample_index, [], [], "abort"))
+        self._cancelled.clear()
+
+    def _admit(self, events: list[StepEvent]) -> None:
+        room = self.max_batch_size - sum(r.finish_reason is None for r in self._rows)
+        batch = []
+        while self._waiting and room >= self._waiting[0][2].n:
+            item = self._waiting.popleft()
+            batch.append(item)
+            room -= item[2].n
+        if not batch and self._waiting and not self._rows:
+            batch.append(self._waiting.popleft())  # one request larger than the batch still runs
+        if not batch:
+            return
+        lengths = torch.tensor([len(p) for _, p, _ in batch])
+        T = int(lengths.max())
+        tokens = torch.zeros(len(batch), T, dtype=torch.long)
+        for i, (_, prompt, _) in enumerate(batch):
+            tokens[i, :len(prompt)] = torch.tensor(prompt)
+        device = self._device()
+        cache = self.model.new_cache(len(batch), self.max_len)
+        logits = self.model(tokens.to(device), positions=torch.arange(T, device=device).expand(len(batch), T), cache=cache)
+        last_logits = logits[torch.arange(len(batch), device=device), (lengths - 1).to(device)]  # (n_req, V)
+        counts = torch.tensor([params.n for _, _, params in batch])
+        _repeat_rows(cache, counts.to(device))
+        last_logits = last_logits.repeat_interleave(counts.to(device), dim=0)
+        new_rows = []
+        for (request_id, prompt, params) in batch:
+            for i in range(params.n):
+                g = torch.Generator().manual_seed(_mix_seed(params.seed, i))
+                new_rows.append(_Row(request_id, i, params, len(prompt), g))
+        positions = lengths.repeat_interleave(counts)
+        first, logp = self._sample(last_logits, new_rows)
+        if self._cache is None or not self._rows:
+            self._cache, self._rows = cache, new_rows
+            self._last, self._pos = first, positions.to(device)
+        else:
+            self._cache.extend(cache)
+            self._rows.extend(new_rows)
+            self._last = torch.cat([self._last, first])
+            self._pos = torch.cat([self._pos, positions.to(device)])
+        self._record(new_rows, first.tolist(), logp.tolist(), events)
+
+    def _decode_step(self, events: list[StepEvent]) -> None:
+        logits = self.model(self._last[:, None], positions=self._pos[:, None], cache=self._cache)[:, -1]  # (B, V)
+        nxt, logp = self._sample(logits, self._rows)
+        running = torch.tensor([r.finish_reason is None for r in self._rows], device=self._pos.device)
+        self._pos = torch.where(running, self._pos + 1, self._pos)
+        self._last = torch.where(running, nxt, self._last)
+        live = [i for i, r in enumerate(self._rows) if r.finish_reason is None]
+        tokens, logps = nxt.tolist(), logp.tolist()
+        self._record([self._rows[i] for i in live], [tokens[i] for i in live], [logps[i] for i in live], events)
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = logits.float()
+        temperature = torch.tensor([r.params.temperature for r in rows], device=logits.device)
+        top_k = torch.tensor([r.params.top_k for r in rows], device=logits.device)
+        top_p = torch.tensor([r.params.top_p for r in rows], device=logits.device)
+        if any(r.params.ignore_eos for r in rows) and self.eos_id is not None:
+            ban = torch.tensor([r.params.ignore_eos for r in rows], device=logits.device)
+            logits[:, self.eos_id] = torch.where(ban, float("-inf"), logits[:, self.eos_id])
+        tokens = sample_tokens(logits, temperature, top_k, top_p, [r.generator for r in rows])
+        logp = logits.log_softmax(dim=-1).gather(1, tokens[:, None])[:, 0]
+        return tokens, logp
+
+    def _record(self, rows: list[_Row], tokens: list[int], logps: list[float], events: list[StepEvent]) -> None:
+        for row, tok, lp in zip(rows, tokens, logps):
+            row.tokens.append(tok)
+            row.logprobs.append(lp)
+            row.finish_reason = self._finish_reason(row, tok)
+            events.append(StepEvent(row.request_id, row.sample_index, [tok], [lp], row.finish_reason,
+                                    row.text if row.finish_reason else None))
+
+    def _finish_reason(self, row: _Row, token: int) -> str | None:
+        p = row.params
+        if (token == self.eos_id and not p.ignore_eos) or token in p.stop_token_ids:
+            return "stop"
+        if p.stop_strings:
+            text = self.decode(row.tokens)
+            cut = _stop_cut(text, p.stop_strings)
+            if cut is not None:
+                row.text = text[:cut]
+                return "stop"
+        if len(row.tokens) >= p.max_new_tokens or row.prompt_len + len(row.tokens) >= self.max_len:
+            return "length"
+        return None
+
+    def _maybe_compact(self) -> None:
+        finished = sum(r.finish_reason is not None for r in self._rows)
+        if finished and (finished == len(self._rows) or finished >= self.compact_fraction * len(self._rows)):
+            keep = [i for i, r in enumerate(self._rows) if r.finish_reason is None]
+            if keep:
+                idx = torch.tensor(keep, device=self._pos.device)
+                self._cache.select(idx)
+                self._last, self._pos = self._last[idx], self._pos[idx]
+            else:
+                self._cache = None
+            self._rows = [self._rows[i] for i in keep]
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- whole calls -----------------------------------------------------------------------------------
+    def stream(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[StepEvent]:
+        """Generate for all prompts, yielding every sample's new tokens as they come.
+
+        Request ids in the events are indices into `prompts`.
+        """
+        ids = {}
+        for index, prompt in enumerate(prompts):
+            seed = None if params.seed is None else _mix_seed(params.seed, index)
+            ids[self.add_request(prompt, replace(params, seed=seed))] = index
+        pending = set(ids)
+        finished: dict[int, int] = {rid: 0 for rid in ids}
+        while pending:
+            for event in self.step():
+                if event.request_id in ids:
+                    if event.finish_reason is not None:
+                        finished[event.request_id] += 1
+                        if finished[event.request_id] == params.n:
+                            pending.discard(event.request_id)
+                    yield replace(event, request_id=ids[event.request_id])
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """All samples of all prompts: prompt i's sample j is at index i * n + j."""
+        out: dict[tuple[int, int], Completion] = {}
+        for ev in self.stream(prompts, params):
+            c = out.setdefault((ev.request_id, ev.sample_index),
+                               Completion(ev.request_id, ev.sample_index, [], "", []))
+            c.token_ids.extend(ev.token_ids)
+            c.logprobs.extend(ev.logprobs)
+            if ev.finish_reason is not None:
+                c.finish_reason = ev.finish_reason
+                if self.decode is not None:
+                    c.text = ev.text if ev.text is not None else self.decode(c.token_ids)
+        return [out[(i, j)] for i in range(len(prompts)) for j in range(params.n)]
+
+
+def _stop_cut(text: str, stops: tuple[str, ...]) -> int | None:
+    """Index just past the earliest stop string in text, or None."""
+    best = None
+    for s in stops:
+        at = text.find(s)
+        if at >= 0 and (best is None or at + len(s) < best):
+            best = at + len(s)
+    return best
+
+
+def _repeat_rows(cache, counts: torch.Tensor) -> None:
+    """Row i of the cache becomes counts[i] consecutive rows."""
+    if bool((counts == counts[0]).all()):
+        cache.repeat_interleave(int(counts[0]))
+    else:
+        cache.select(torch.arange(len(counts), device=counts.device).repeat_interleave(counts))
