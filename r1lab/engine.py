@@ -139,8 +139,14 @@ class Engine:
     """Generation over a decoder with a latent KV cache; one instance serves many calls."""
 
     def __init__(self, model, eos_id: int | None, decode: Callable[[list[int]], str] | None = None,
-                 max_batch_size: int = 256, max_len: int | None = None, compact_fraction: float = 0.25):
+                 max_batch_size: int = 256, max_len: int | None = None, compact_fraction: float = 0.25,
+                 speculative: bool = False):
+        if speculative and not getattr(model, "mtp", None):
+            raise ValueError("speculative decoding drafts with the MTP module: the model has none (n_mtp_modules = 0)")
         self.model = model
+        self.speculative = speculative
+        self.drafted = 0   # speculative: rows that verified a draft, and how many drafts were accepted
+        self.accepted = 0
         self.eos_id = eos_id
         self.decode = decode
         self.max_batch_size = max_batch_size
@@ -152,6 +158,7 @@ class Engine:
         self._cache = None
         self._last = torch.zeros(0, dtype=torch.long)   # (B,) the token each row feeds next
         self._pos = torch.zeros(0, dtype=torch.long)    # (B,) its position
+        self._draft = torch.zeros(0, dtype=torch.long)  # (B,) speculative: the MTP guess for the token after
         self._cancelled: set[int] = set()
 
     # -- requests ----------------------------------------------------------------------------------
@@ -185,7 +192,7 @@ class Engine:
         self._apply_cancellations(events)
         decoding = any(r.finish_reason is None for r in self._rows)
         if decoding:
-            self._decode_step(events)
+            (self._speculative_step if self.speculative else self._decode_step)(events)
         self._admit(events)
         self._maybe_compact()
         return events
@@ -217,10 +224,17 @@ class Engine:
         for i, (_, prompt, _) in enumerate(batch):
             tokens[i, :len(prompt)] = torch.tensor(prompt)
         device = self._device()
-        cache = self.model.new_cache(len(batch), self.max_len)
-        logits = self.model(tokens.to(device), positions=torch.arange(T, device=device).expand(len(batch), T), cache=cache)
-        last_logits = logits[torch.arange(len(batch), device=device), (lengths - 1).to(device)]  # (n_req, V)
+        tokens, positions_T = tokens.to(device), torch.arange(T, device=device).expand(len(batch), T)
+        rows_of = torch.arange(len(batch), device=device)
         counts = torch.tensor([params.n for _, _, params in batch])
+        if self.speculative:
+            cache = self.model.new_cache(len(batch), self.max_len, with_mtp=True)
+            hidden, _ = self.model.trunk(tokens, positions=positions_T, cache=cache)  # (n_req, T, D)
+            last_logits = self.model.logits(hidden[rows_of, (lengths - 1).to(device)])
+        else:
+            cache = self.model.new_cache(len(batch), self.max_len)
+            logits = self.model(tokens, positions=positions_T, cache=cache)
+            last_logits = logits[rows_of, (lengths - 1).to(device)]  # (n_req, V)
         _repeat_rows(cache, counts.to(device))
         last_logits = last_logits.repeat_interleave(counts.to(device), dim=0)
         new_rows = []
@@ -230,14 +244,25 @@ class Engine:
                 new_rows.append(_Row(request_id, i, params, len(prompt), g))
         positions = lengths.repeat_interleave(counts)
         first, logp = self._sample(last_logits, new_rows)
+        draft = torch.zeros_like(first)
+        if self.speculative:
+            # MTP over the prompt: position t sees hidden t and the token after it (the first sample at the end).
+            rep = counts.to(device)
+            hidden, following = hidden.repeat_interleave(rep, dim=0), tokens.repeat_interleave(rep, dim=0)
+            row_lengths = lengths.to(device).repeat_interleave(rep)
+            following = torch.cat([following[:, 1:], torch.zeros_like(following[:, :1])], dim=1)
+            following[torch.arange(len(first), device=device), row_lengths - 1] = first
+            mtp_hidden = self.model.mtp_step(0, hidden, following, positions_T[:1].expand(len(first), T), cache=cache)
+            draft = self.model.mtp_logits(0, mtp_hidden[torch.arange(len(first), device=device), row_lengths - 1]).argmax(-1)
         if self._cache is None or not self._rows:
             self._cache, self._rows = cache, new_rows
-            self._last, self._pos = first, positions.to(device)
+            self._last, self._pos, self._draft = first, positions.to(device), draft
         else:
             self._cache.extend(cache)
             self._rows.extend(new_rows)
             self._last = torch.cat([self._last, first])
             self._pos = torch.cat([self._pos, positions.to(device)])
+            self._draft = torch.cat([self._draft, draft])
         self._record(new_rows, first.tolist(), logp.tolist(), events)
 
     def _decode_step(self, events: list[StepEvent]) -> None:
@@ -249,6 +274,38 @@ class Engine:
         live = [i for i, r in enumerate(self._rows) if r.finish_reason is None]
         tokens, logps = nxt.tolist(), logp.tolist()
         self._record([self._rows[i] for i in live], [tokens[i] for i in live], [logps[i] for i in live], events)
+
+    def _speculative_step(self, events: list[StepEvent]) -> None:
+        """Feed [last, draft] at [p, p+1]; sample at p+1 as usual; if that sample equals the draft, the
+        logits at p+2 are valid too and a second token comes for free. Exact for any sampling settings:
+        every emitted token is drawn from the model's own distribution given the tokens before it."""
+        live = torch.tensor([r.finish_reason is None for r in self._rows], device=self._pos.device)
+        pos2 = torch.stack([self._pos, (self._pos + 1).clamp(max=self.max_len - 1)], dim=1)  # (B, 2)
+        hidden, _ = self.model.trunk(torch.stack([self._last, self._draft], dim=1), positions=pos2, cache=self._cache)
+        logits = self.model.logits(hidden)  # (B, 2, V)
+        s0, lp0 = self._sample(logits[:, 0], self._rows)
+        s1, lp1 = self._sample(logits[:, 1], self._rows)
+        accept = (s0 == self._draft) & live
+        live_idx = [i for i, r in enumerate(self._rows) if r.finish_reason is None]
+        s0l, lp0l, s1l, lp1l, acc = s0.tolist(), lp0.tolist(), s1.tolist(), lp1.tolist(), accept.tolist()
+        self._record([self._rows[i] for i in live_idx], [s0l[i] for i in live_idx], [lp0l[i] for i in live_idx], events)
+        second = [i for i in live_idx if acc[i] and self._rows[i].finish_reason is None]
+        self._record([self._rows[i] for i in second], [s1l[i] for i in second], [lp1l[i] for i in second], events)
+        self.drafted += len(live_idx)
+        self.accepted += int(accept.sum())
+        took_two = torch.zeros_like(accept)
+        took_two[second] = True
+        # The next draft: MTP on (hidden at p, s0) and (hidden at p+1, s1); use the last accepted one.
+        mtp_hidden = self.model.mtp_step(0, hidden, torch.stack([s0, s1], dim=1), pos2, cache=self._cache)
+        drafts = self.model.mtp_logits(0, mtp_hidden).argmax(dim=-1)  # (B, 2)
+        self._draft = torch.where(took_two, drafts[:, 1], drafts[:, 0])
+        self._last = torch.where(took_two, s1, torch.where(live, s0, self._last))
+        self._pos = self._pos + live.long() + took_two.long()
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Share of speculative steps whose MTP draft was accepted."""
+        return self.accepted / self.drafted if self.drafted else 0.0
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor]:
         logits = logits.float()
@@ -291,7 +348,7 @@ class Engine:
             if keep:
                 idx = torch.tensor(keep, device=self._pos.device)
                 self._cache.select(idx)
-                self._last, self._pos = self._last[idx], self._pos[idx]
+                self._last, self._pos, self._draft = self._last[idx], self._pos[idx], self._draft[idx]
             else:
                 self._cache = None
             self._rows = [self._rows[i] for i in keep]

@@ -194,3 +194,53 @@ def test_stop_strings_need_decode_and_prompts_must_fit(model):
         Engine(model, eos_id=None).add_request(list(range(64)), SamplingParams())
     out = Engine(model, eos_id=None).generate([list(range(60))], SamplingParams(max_new_tokens=50, temperature=0))[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 4  # the cache ends at max_seq_len
+
+
+def train_on_strides(model, steps: int = 120) -> None:
+    """Teach the model (and its MTP module) sequences t, t+k, t+2k, ... so that drafts get accepted."""
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        start = torch.randint(0, 97, (16, 1), generator=g)
+        stride = torch.randint(1, 4, (16, 1), generator=g)
+        seq = (start + stride * torch.arange(24)) % 97
+        out = model.loss(seq[:, :-1], seq[:, 1:])
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    model.eval()
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_speculative_greedy_equals_plain_greedy(make_config, trained):
+    model = Transformer(make_config(init_std=0.1, n_mtp_modules=1))
+    if trained:
+        train_on_strides(model)
+    model.eval()
+    prompts = [[5, 7, 9], [40, 41, 42, 43, 44], [1, 2]]
+    params = SamplingParams(max_new_tokens=20, temperature=0, n=2)
+    plain = Engine(model, eos_id=None).generate(prompts, params)
+    engine = Engine(model, eos_id=None, speculative=True)
+    fast = engine.generate(prompts, params)
+    assert [o.token_ids for o in fast] == [o.token_ids for o in plain]
+    assert all(len(o.token_ids) == 20 and o.finish_reason == "length" for o in fast)
+    for a, b in zip(fast, plain):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+    if trained:
+        assert engine.acceptance_rate > 0.5
+
+
+def test_speculative_sampling_is_reproducible_and_stops(make_config):
+    model = Transformer(make_config(init_std=0.1, n_mtp_modules=1)).eval()
+    engine = Engine(model, eos_id=None, speculative=True)
+    params = SamplingParams(max_new_tokens=15, temperature=1.0, seed=9, n=3)
+    a = engine.generate([[1, 2, 3]], params)
+    b = engine.generate([[1, 2, 3]], params)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    assert all(len(o.token_ids) == 15 for o in a)
+
+
+def test_speculative_needs_an_mtp_module(make_config):
+    with pytest.raises(ValueError, match="MTP"):
+        Engine(Transformer(make_config(n_mtp_modules=0)), eos_id=None, speculative=True)
