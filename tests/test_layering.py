@@ -15,6 +15,8 @@ FORBIDDEN = {
                     "r1lab.serve", "r1lab.checkpoint", "r1lab.tasks", "r1lab.cost"},
     "r1lab.engine": {"r1lab.tokenizer", "r1lab.train", "r1lab.rewards", "r1lab.eval", "r1lab.serve", "r1lab.tasks"},
     "r1lab.tokenizer": {"r1lab.model", "r1lab.engine", "r1lab.train", "r1lab.eval", "r1lab.serve"},
+    "r1lab.mathcheck": {"r1lab.model", "r1lab.engine", "r1lab.tokenizer", "r1lab.train", "r1lab.eval", "r1lab.serve"},
+    "r1lab.sandbox": {"r1lab."},  # runs untrusted code: depends on nothing of ours
     "r1lab.rewards": {"r1lab.model", "r1lab.engine", "r1lab.tokenizer", "r1lab.train", "r1lab.eval", "r1lab.serve"},
     "r1lab.tasks": {"r1lab.model", "r1lab.engine", "r1lab.tokenizer", "r1lab.train", "r1lab.eval", "r1lab.serve",
                     "r1lab.rewards"},
@@ -23,7 +25,8 @@ FORBIDDEN = {
     "r1lab.serve": {"r1lab.train", "r1lab.eval"},
     "r1lab.": {"r1lab.cli"},  # nothing imports the command line
 }
-TORCH_FREE = {"r1lab.config", "r1lab.rewards", "r1lab.tasks", "r1lab.cost", "r1lab.tokenizer"}
+TORCH_FREE = {"r1lab.config", "r1lab.rewards", "r1lab.mathcheck", "r1lab.sandbox", "r1lab.tasks", "r1lab.cost",
+              "r1lab.tokenizer"}
 
 
 def module_name(path: Path) -> str:

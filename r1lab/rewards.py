@@ -1,0 +1,227 @@
+"""Rule-based rewards: plain functions `(completion, example) -> float`, shared by RL and eval.
+
+A completion is the generated text only (the caller strips an EOS token); an example is a dict
+with at least "answer" (task families add "family" and their fields; code examples carry "tests").
+  accuracy_reward             1.0 when the extracted final answer is right (mathcheck or the
+                              example's task family grader), else 0.0; never hangs (time limit)
+  format_reward               1.0 for exactly `<think>...</think> <answer>...</answer>`
+  language_consistency_reward share of the chain of thought written in the target language
+  code_reward                 share of the example's tests the extracted program passes
+  overlong_penalty            DAPO's soft length penalty, from a token count
+`score_batch` applies weighted reward functions to a batch; a function that raises (or returns
+something that is not a finite number) scores 0 and is reported, never propagated.
+
+Rewards know only text: this module imports no model code and no torch; it uses
+`r1lab.mathcheck` (answer equivalence), `r1lab.sandbox` (running code) and `r1lab.tasks`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import unicodedata
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from r1lab.mathcheck import CheckTimeout, answer_block, answers_equal, extract_answer
+from r1lab.sandbox import run_python
+from r1lab.tasks import FAMILIES
+
+log = logging.getLogger(__name__)
+
+RewardFn = Callable[[str, dict], float]
+MAX_ANSWER_CHARS = 2000  # a longer extracted answer is wrong by definition (and cheap to reject)
+LANGUAGE_SCRIPTS = {"en": "LATIN", "fr": "LATIN", "de": "LATIN", "es": "LATIN", "ru": "CYRILLIC",
+                    "zh": "CJK"}
+
+
+def accuracy_reward(completion: str, example: dict) -> float:
+    """1.0 if the final answer (extracted as in `mathcheck.extract_answer`) is right, else 0.0.
+
+    Task-family examples (`example["family"]` registered in `r1lab.tasks.FAMILIES`) are graded by
+    their family's `verify`; all others by `mathcheck.answers_equal` against `example["answer"]`.
+    A check that exceeds the time limit scores 0.0 and is logged.
+    """
+    answer = extract_answer(completion)
+    if answer is None or len(answer) > MAX_ANSWER_CHARS:
+        return 0.0
+    family = example.get("family")
+    if family in FAMILIES:
+        return float(FAMILIES[family].verify(answer, example))
+    try:
+        return float(answers_equal(answer, str(example["answer"])))
+    except CheckTimeout as exc:
+        log.warning("accuracy_reward: %s", exc)
+        return 0.0
+
+
+def format_reward(completion: str, example: dict | None = None, think_opened: bool | None = None) -> float:
+    """1.0 for the R1-Zero shape `<think>...</think><answer>...</answer>`, else 0.0.
+
+    Exactly one of each tag, in that order, with only whitespace before `<think>`, between
+    `</think>` and `<answer>`, and after `</answer>`; the answer must not be empty. When the
+    prompt already ended with `<think>` (the R1 chat template does), pass `think_opened=True` or
+    set `example["think_opened"]`; the completion must then not open another `<think>`.
+    """
+    if think_opened is None:
+        think_opened = bool((example or {}).get("think_opened", False))
+    text = "<think>" + completion if think_opened else completion
+    tags = ("<think>", "</think>", "<answer>", "</answer>")
+    if any(text.count(tag) != 1 for tag in tags):
+        return 0.0
+    starts = [text.find(tag) for tag in tags]
+    if starts != sorted(starts):
+        return 0.0
+    close_think, open_answer, close_answer = starts[1] + len("</think>"), starts[2], starts[3]
+    ok = (not text[:starts[0]].strip() and not text[close_think:open_answer].strip()
+          and not text[close_answer + len("</answer>"):].strip()
+          and bool(text[open_answer + len("<answer>"):close_answer].strip()))
+    return float(ok)
+
+
+def chain_of_thought(completion: str) -> str:
+    """The reasoning part: after `<think>` (if any) and before `</think>`, else before `<answer>`."""
+    start = completion.find("<think>")
+    text = completion[start + len("<think>"):] if start >= 0 else completion
+    for end_tag in ("</think>", "<answer>"):
+        end = text.find(end_tag)
+        if end >= 0:
+            return text[:end]
+    return text
+
+
+def _script(ch: str) -> str:
+    name = unicodedata.name(ch, "")
+    return "CJK" if name.startswith("CJK UNIFIED") else name.split(" ", 1)[0]
+
+
+def language_units(text: str) -> list[str]:
+    """The script of each language unit of `text`.
+
+    Units: every CJK ideograph is one unit; every other run of two or more letters is a word,
+    whose script is that of its first letter. LaTeX commands (`\\frac`), single letters (math
+    variables), digits, punctuation and symbols are not units.
+    """
+    text = re.sub(r"\\[A-Za-z]+", " ", text)
+    units: list[str] = []
+    word = ""
+    for ch in text + " ":
+        if ch.isalpha() and _script(ch) != "CJK":
+            word += ch
+            continue
+        if len(word) >= 2:
+            units.append(_script(word[0]))
+        word = ""
+        if ch.isalpha():
+            units.append("CJK")
+    return units
+
+
+def language_consistency_reward(completion: str, example: dict) -> float:
+    """Share of the chain of thought's units (see `language_units`) in the target script.
+
+    The target is `example.get("language", "en")`: "en" (and fr/de/es) count Latin-script words,
+    "zh" counts CJK ideographs, "ru" Cyrillic words. A chain of thought with no units scores 0.0.
+    """
+    language = example.get("language", "en")
+    if language not in LANGUAGE_SCRIPTS:
+        raise ValueError(f"language {language!r} not supported; known: {', '.join(LANGUAGE_SCRIPTS)}")
+    units = language_units(chain_of_thought(completion))
+    if not units:
+        return 0.0
+    return sum(u == LANGUAGE_SCRIPTS[language] for u in units) / len(units)
+
+
+def overlong_penalty(length_tokens: int, max_len: int, buffer: int) -> float:
+    """DAPO overlong shaping: 0 up to max_len - buffer, then linear down to -1 at max_len (and beyond)."""
+    if not 0 < buffer <= max_len:
+        raise ValueError(f"need 0 < buffer <= max_len, got buffer={buffer}, max_len={max_len}")
+    free = max_len - buffer
+    if length_tokens <= free:
+        return 0.0
+    return -min(1.0, (length_tokens - free) / buffer)
+
+
+_FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)```", re.S | re.I)
+
+
+def extract_code(completion: str) -> str | None:
+    """The program in a completion: the last fenced block of the answer part (inside `<answer>`,
+    else after `</think>`, else anywhere); without a fence, the bare `<answer>` text."""
+    block = answer_block(completion)
+    after = completion.rsplit("</think>", 1)[-1]
+    for region in (block, after, completion):
+        if region is None:
+            continue
+        fences = _FENCE.findall(region)
+        if fences:
+            return fences[-1]
+    if block is not None and block.strip():
+        return block.strip()
+    return None
+
+
+def code_reward(completion: str, example: dict) -> float:
+    """Share of `example["tests"]` the extracted program passes in the sandbox.
+
+    Tests are either strings, statements run after the program (usually `assert f(2) == 4`),
+    all in one sandboxed run; or dicts {"input": str, "output": str}, each a separate run with
+    that stdin, passing when the printed output equals "output" up to whitespace.
+    `example.get("timeout", 5.0)` is the wall-clock limit per run.
+    """
+    tests = list(example["tests"])
+    code = extract_code(completion)
+    if not tests or code is None:
+        return 0.0
+    timeout = float(example.get("timeout", 5.0))
+    passed = 0
+    asserts = [t for t in tests if isinstance(t, str)]
+    if asserts:
+        passed += run_python(code, asserts, timeout=timeout).passed
+    for case in (t for t in tests if not isinstance(t, str)):
+        result = run_python(code, stdin=str(case["input"]), timeout=timeout)
+        passed += int(result.ok and result.stdout.split() == str(case["output"]).split())
+    return passed / len(tests)
+
+
+@dataclass
+class BatchScores:
+    totals: list[float]  # weighted sum per completion
+    per_function: dict[str, list[float]]  # unweighted score of each function per completion
+    errors: list[tuple[int, str, str]] = field(default_factory=list)  # (index, function, error)
+
+
+def _name(fn: Callable) -> str:
+    return getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", repr(fn))
+
+
+def score_batch(funcs_with_weights: Sequence[tuple[RewardFn, float]], completions: Sequence[str],
+                examples: Sequence[dict]) -> BatchScores:
+    """Apply each (reward function, weight) to every (completion, example) pair.
+
+    A function that raises, or returns a non-finite or non-numeric value, scores 0 for that
+    completion; the failure is logged and listed in `errors`, and scoring goes on.
+    """
+    if len(completions) != len(examples):
+        raise ValueError(f"{len(completions)} completions but {len(examples)} examples")
+    totals = [0.0] * len(completions)
+    per_function: dict[str, list[float]] = {}
+    errors: list[tuple[int, str, str]] = []
+    for fn, weight in funcs_with_weights:
+        name = _name(fn)
+        while name in per_function:
+            name += "'"
+        scores = per_function[name] = []
+        for i, (completion, example) in enumerate(zip(completions, examples, strict=True)):
+            try:
+                score = float(fn(completion, example))
+                if not math.isfinite(score):
+                    raise ValueError(f"non-finite reward {score}")
+            except Exception as exc:  # noqa: BLE001 - a broken reward must not stop training
+                log.warning("reward %s failed on completion %d: %r", name, i, exc)
+                errors.append((i, name, repr(exc)))
+                score = 0.0
+            scores.append(score)
+            totals[i] += weight * score
+    return BatchScores(totals, per_function, errors)

@@ -1,0 +1,174 @@
+"""Multi-digit arithmetic: addition, subtraction and multiplication with carries and borrows.
+
+`difficulty` is the number of digits of each operand (1..MAX_DIFFICULTY). Subtraction keeps the
+larger operand first, so answers are never negative. The worked solution is a column scratchpad
+that works from the right and, on every line, prepends the new digit to the result so far; the last
+line holds the whole answer, so the final read-back is a copy, not a reversal:
+
+    478 + 356
+    col 1: 8 + 6 = 14, write 4 carry 1 -> 4
+    col 2: 7 + 5 + 1 = 13, write 3 carry 1 -> 34
+    col 3: 4 + 3 + 1 = 8, write 8 carry 0 -> 834
+    result: 834
+
+`solution_with_slips` writes the same scratchpad but, with probability `slip_rate` per column,
+writes a wrong digit and carries on from it, so the final answer is wrong the way real scratch
+work goes wrong. The grader is exact integer comparison.
+"""
+
+from __future__ import annotations
+
+import random
+
+from r1lab.tasks.base import check_args, generate_split, parse_int, strip_wrappers
+
+NAME = "arithmetic"
+MAX_DIFFICULTY = 6
+OPS = ("+", "-", "*")
+
+
+def _no_slip(digit: int) -> int:
+    return digit
+
+
+def _digit_slipper(rng: random.Random | None, slip_rate: float):
+    if rng is None or slip_rate <= 0:
+        return _no_slip
+
+    def slip(digit: int) -> int:
+        if rng.random() < slip_rate:
+            return (digit + rng.choice([1, 9])) % 10  # off by one, modulo 10
+        return digit
+
+    return slip
+
+
+def _finish(sofar: str) -> int:
+    return int(sofar) if sofar else 0
+
+
+def _add_lines(x: int, y: int, slip) -> tuple[list[str], int]:
+    xs, ys = str(x)[::-1], str(y)[::-1]
+    lines, sofar, carry = [f"{x} + {y}"], "", 0
+    for i in range(max(len(xs), len(ys))):
+        dx = int(xs[i]) if i < len(xs) else 0
+        dy = int(ys[i]) if i < len(ys) else 0
+        total = dx + dy + carry
+        out = total // 10
+        digit = slip(total % 10)
+        terms = f"{dx} + {dy}" + (f" + {carry}" if carry else "")
+        sofar = f"{digit}{sofar}"
+        lines.append(f"col {i + 1}: {terms} = {out * 10 + digit}, write {digit} carry {out} -> {sofar}")
+        carry = out
+    if carry:
+        sofar = f"{carry}{sofar}"
+        lines.append(f"carry {carry} -> {sofar}")
+    value = _finish(sofar)
+    lines.append(f"result: {value}")
+    return lines, value
+
+
+def _sub_lines(x: int, y: int, slip) -> tuple[list[str], int]:
+    xs, ys = str(x)[::-1], str(y)[::-1]
+    lines, sofar, borrow = [f"{x} - {y}"], "", 0
+    for i in range(len(xs)):
+        dx = int(xs[i])
+        dy = int(ys[i]) if i < len(ys) else 0
+        terms = f"{dx} - {dy}" + (f" - {borrow}" if borrow else "")
+        if dx - dy - borrow < 0:
+            digit = slip(dx + 10 - dy - borrow)
+            sofar = f"{digit}{sofar}"
+            lines.append(f"col {i + 1}: {terms} is negative, borrow: {dx + 10} - {dy + borrow} = "
+                         f"{digit}, write {digit} borrow 1 -> {sofar}")
+            borrow = 1
+        else:
+            digit = slip(dx - dy - borrow)
+            sofar = f"{digit}{sofar}"
+            lines.append(f"col {i + 1}: {terms} = {digit}, write {digit} borrow 0 -> {sofar}")
+            borrow = 0
+    value = _finish(sofar)
+    lines.append(f"result: {value}")
+    return lines, value
+
+
+def _mul_digit_lines(x: int, d: int, shift: int, index: int, slip) -> tuple[list[str], int]:
+    xs = str(x)[::-1]
+    head = f"{x} * {d}" + (f", shifted by {shift}" if shift else "")
+    if d == 0:
+        return [f"{head}: 0", f"partial {index}: 0"], 0
+    lines, sofar, carry = [head], "", 0
+    for i, ch in enumerate(xs):
+        dx = int(ch)
+        prod = dx * d + carry
+        out = prod // 10
+        digit = slip(prod % 10)
+        terms = f"{dx} * {d}" + (f" + {carry}" if carry else "")
+        sofar = f"{digit}{sofar}"
+        lines.append(f"col {i + 1}: {terms} = {out * 10 + digit}, write {digit} carry {out} -> {sofar}")
+        carry = out
+    if carry:
+        sofar = f"{carry}{sofar}"
+        lines.append(f"carry {carry} -> {sofar}")
+    value = _finish(sofar) * 10**shift
+    lines.append(f"partial {index}: {value}")
+    return lines, value
+
+
+def _mul_lines(x: int, y: int, slip) -> tuple[list[str], int]:
+    lines = [f"{x} * {y}"]
+    partials = []
+    for shift, ch in enumerate(str(y)[::-1]):
+        part_lines, part = _mul_digit_lines(x, int(ch), shift, shift + 1, slip)
+        lines += part_lines
+        partials.append(part)
+    total = partials[0]
+    for part in partials[1:]:
+        add, total = _add_lines(total, part, slip)
+        lines += add
+    if len(partials) == 1:
+        lines.append(f"result: {total}")
+    return lines, total
+
+
+def _solve(a: int, op: str, b: int, slip) -> tuple[str, int]:
+    fn = {"+": _add_lines, "-": _sub_lines, "*": _mul_lines}[op]
+    lines, value = fn(a, b, slip)
+    return "\n".join(lines), value
+
+
+def _draw(difficulty: int, ops: tuple[str, ...]):
+    lo, hi = (0 if difficulty == 1 else 10 ** (difficulty - 1)), 10**difficulty - 1
+
+    def draw(rng: random.Random) -> tuple[str, dict]:
+        op = rng.choice(ops)
+        a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+        if op == "-" and a < b:
+            a, b = b, a
+        solution, value = _solve(a, op, b, _no_slip)
+        fields = {"prompt": f"What is {a} {op} {b}?", "answer": str(value), "solution": solution,
+                  "a": a, "b": b, "op": op}
+        return f"{a}{op}{b}", fields
+
+    return draw
+
+
+def generate(n: int, seed: int, split: str = "train", difficulty: int = 1,
+             ops: tuple[str, ...] = OPS) -> list[dict]:
+    """n distinct problems `a op b` of the given split; operands have `difficulty` digits."""
+    check_args(n, split, difficulty, MAX_DIFFICULTY)
+    bad = [op for op in ops if op not in OPS]
+    if bad or not ops:
+        raise ValueError(f"ops must be a non-empty subset of {OPS}, got {ops!r}")
+    return generate_split(NAME, _draw(difficulty, tuple(ops)), n, seed, split, difficulty)
+
+
+def verify(answer_text: str, example: dict) -> bool:
+    """True when the answer is the exact integer result (commas and '.0' tolerated)."""
+    value = parse_int(strip_wrappers(answer_text))
+    return value is not None and value == int(example["answer"])
+
+
+def solution_with_slips(example: dict, rng: random.Random, slip_rate: float) -> tuple[str, str]:
+    """(worked solution, the final answer it reaches); each written digit slips with slip_rate."""
+    solution, value = _solve(example["a"], example["op"], example["b"], _digit_slipper(rng, slip_rate))
+    return solution, str(value)
