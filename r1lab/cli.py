@@ -10,10 +10,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from r1lab.checkpoint import CheckpointError
 from r1lab.config import ConfigError, Recipe, load_recipe
+from r1lab.tasks.benchmarks import BenchmarkDataError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, IsADirectoryError,
-                                                 NotADirectoryError, PermissionError)
+# Errors a user causes (bad recipe, missing or corrupt file, malformed data): one line, exit 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, BenchmarkDataError, FileNotFoundError,
+                                                 IsADirectoryError, NotADirectoryError, PermissionError)
 
 
 def _human(n: float) -> str:
