@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 from r1lab.checkpoint import CheckpointError
-from r1lab.config import ConfigError, Recipe, load_recipe
+from r1lab.config import ConfigError
+from r1lab.recipe import Recipe, load_recipe
 from r1lab.tasks.benchmarks import BenchmarkDataError
 
 # Errors a user causes (bad recipe, missing or corrupt file, malformed data): one line, exit 2.

@@ -1,9 +1,10 @@
-"""Configuration: dataclasses, model presets, TOML recipes and `--section.field=value` overrides.
+"""Configuration: the model shape (`ModelConfig`), its presets, and typed dict/CLI conversion.
 
-A recipe is a TOML file whose tables map onto nested dataclasses (`[model]` -> `ModelConfig`).
-Every value is checked against the dataclass field's type and every config validates its own
+`from_dict` and `apply_overrides` map TOML tables and `--section.field=value` strings onto nested
+dataclasses; every value is checked against the field's type and every config validates its own
 invariants, so a typo or an impossible value is one line naming the key, not a traceback deep in
-the model. This module knows nothing of torch: it only describes.
+the model. Run recipes (data, training, RL, evaluation sections) live in `r1lab.recipe`. This
+module knows nothing of torch: it only describes.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ import math
 import tomllib
 import types
 import typing
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Literal
 
 
@@ -230,6 +230,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {type(value).__name__} {value!r}")
         return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _, value_tp = typing.get_args(tp) or (str, Any)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a table, got {type(value).__name__} {value!r}")
+        return {str(k): _convert(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a table, got {type(value).__name__} {value!r}")
@@ -308,6 +313,11 @@ def _parse_cli_value(text: str, tp: Any, key: str) -> Any:
             return float(text)
         except ValueError:
             raise ConfigError(f"{key} must be a float, got {text!r}") from None
+    if origin is dict:
+        try:
+            return tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            raise ConfigError(f"{key} must be an inline table like {{a = 1}}, got {text!r}") from None
     if origin in (list, tuple):
         try:
             value = tomllib.loads(f"v = {text}")["v"]
@@ -349,53 +359,3 @@ def apply_overrides(obj: Any, overrides: list[str]) -> Any:
 def to_dict(obj: Any) -> dict:
     """A plain nested dict of a dataclass (JSON/TOML-able)."""
     return dataclasses.asdict(obj)
-
-
-# ---------------------------------------------------------------------------------------------
-# Recipes
-
-@dataclass
-class Recipe:
-    """A whole run description. Later stages (training, RL, evaluation) add their own sections."""
-
-    preset: str = "tiny"
-    """Model preset the `[model]` table starts from."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """Model shape; keys given here override the preset."""
-
-    def validate(self) -> None:
-        self.model.validate()
-
-
-def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None,
-                preset: str | None = None) -> Recipe:
-    """Read a TOML recipe (or start from a preset), apply overrides, validate.
-
-    The `[model]` table overrides the preset named by `preset = "..."` (default "tiny").
-    """
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"recipe file not found: {path}")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML: {e}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: not a text file") from None
-    preset_name = preset or data.get("preset", "tiny")
-    if not isinstance(preset_name, str):
-        raise ConfigError(f"preset must be a string, got {preset_name!r}")
-    base = to_dict(model_preset(preset_name))
-    model_table = data.get("model", {})
-    if not isinstance(model_table, dict):
-        raise ConfigError(f"model must be a table, got {model_table!r}")
-    merged = dict(data)
-    merged["preset"] = preset_name
-    merged["model"] = {**base, **model_table}
-    try:
-        recipe = from_dict(Recipe, merged)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
-    return apply_overrides(recipe, overrides) if overrides else recipe

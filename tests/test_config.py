@@ -1,6 +1,7 @@
 import pytest
 
-from r1lab.config import ConfigError, ModelConfig, apply_overrides, load_recipe, model_config_from_dict, model_preset, to_dict
+from r1lab.config import ConfigError, ModelConfig, apply_overrides, model_config_from_dict, model_preset, to_dict
+from r1lab.recipe import Recipe, load_recipe, save_recipe
 
 
 def write(tmp_path, text: str):
@@ -70,8 +71,29 @@ def test_model_config_dict_round_trip():
 
 def test_apply_overrides_returns_a_validated_copy():
     cfg = ModelConfig()
-    from r1lab.config import Recipe
     recipe = apply_overrides(Recipe(model=cfg), ["--model.n_layers=2", "model.n_dense_layers=2"])
     assert recipe.model.n_layers == 2 and cfg.n_layers == 4
     with pytest.raises(ConfigError, match="n_dense_layers"):
         apply_overrides(Recipe(model=cfg), ["--model.n_dense_layers=9"])
+
+
+def test_training_sections_typed_and_validated(tmp_path):
+    recipe = load_recipe(write(tmp_path, '[grpo]\nloss = "dapo"\neps_high = 0.28\n[grpo.reward_weights]\naccuracy = 1.0\n'
+                                          '[data.task_options]\nops = ["+"]\n'),
+                         ["--grpo.optim.lr=5e-5", "--pretrain.steps=7"])
+    assert recipe.grpo.loss == "dapo" and recipe.grpo.eps_high == 0.28
+    assert recipe.grpo.reward_weights == {"accuracy": 1.0}
+    assert recipe.data.task_options == {"ops": ["+"]}
+    assert recipe.grpo.optim.lr == 5e-5 and recipe.pretrain.steps == 7
+    with pytest.raises(ConfigError, match="grpo.reward_weights.accuracy must be a float"):
+        load_recipe(write(tmp_path, '[grpo.reward_weights]\naccuracy = "high"\n'))
+    with pytest.raises(ConfigError, match="group_size must be >= 2"):
+        load_recipe(None, ["--grpo.group_size=1"])
+    with pytest.raises(ConfigError, match="grpo.loss must be one of"):
+        load_recipe(None, ["--grpo.loss=ppo"])
+
+
+def test_saved_recipe_reloads_identically(tmp_path):
+    recipe = load_recipe(None, ["--data.task_options={ops = [\"+\", \"-\"]}", "--grpo.beta=0.001"])
+    save_recipe(recipe, tmp_path / "resolved.toml")
+    assert load_recipe(tmp_path / "resolved.toml") == recipe

@@ -1,0 +1,295 @@
+"""Run recipes: one TOML file describes the model, the data, each training stage and evaluation.
+
+    preset = "tiny"            # the model preset [model] starts from
+    [model]    ModelConfig fields (override the preset)
+    [data]     the corpus and the task family
+    [pretrain] [sft] [control] supervised stages (TrainConfig)
+    [grpo]     the RL stage (GRPOConfig)
+    [eval]     held-out evaluation (EvalConfig)
+    [cost]     prices and the peak used for MFU
+
+Every key is typed by its dataclass; `--section.field=value` on the command line overrides it.
+This module describes runs; it runs nothing and imports no torch.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from r1lab.config import ConfigError, ModelConfig, apply_overrides, from_dict, model_preset, to_dict
+
+
+@dataclass
+class DataConfig:
+    """The synthetic reasoning corpus (or the user's files) and the task family RL trains on."""
+
+    task: str = "arithmetic"
+    """Task family of the corpus, the RL prompts and the held-out evaluation."""
+    difficulty: int = 3
+    """The family's difficulty knob (for arithmetic: digits per operand)."""
+    task_options: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments of the family's `generate` (e.g. ops = ["+"] for arithmetic)."""
+    n_problems: int = 20000
+    """Problems in the synthetic pretraining corpus (train split only)."""
+    scratchpad_share: float = 0.7
+    """Share of corpus documents with a worked solution; the others answer directly."""
+    slip_rate: float = 0.0
+    """Share of slips in worked solutions (as the family's `solution_with_slips` defines it)."""
+    slip_options: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments of `solution_with_slips` (e.g. kind = "carry")."""
+    files: list[str] = field(default_factory=list)
+    """Text (.txt) or JSONL files to pretrain on instead of the synthetic corpus."""
+    text_field: str = "text"
+    """JSONL field holding a document's text."""
+    sft_files: list[str] = field(default_factory=list)
+    """JSONL conversations (`messages` with roles) for `r1lab sft`."""
+    template: Literal["r1-zero", "r1"] = "r1-zero"
+    """Prompt template of the corpus, RL and evaluation."""
+    vocab_size: int = 512
+    """Size of the byte-level BPE trained on the corpus (must fit model.vocab_size)."""
+    seq_len: int = 256
+    """Tokens per training sequence (documents are packed)."""
+    seed: int = 0
+    """Seed of the corpus (problems, slips, document order)."""
+
+    def validate(self) -> None:
+        for name in ("scratchpad_share", "slip_rate"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"data.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.n_problems < 1 or self.seq_len < 8 or self.vocab_size < 300:
+            raise ConfigError("data.n_problems must be >= 1, data.seq_len >= 8 and data.vocab_size >= 300")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay (DeepSeek-V3: betas 0.9/0.95, weight decay 0.1)."""
+
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """The cosine ends at lr * min_lr_ratio."""
+    warmup_steps: int = 50
+    """Linear warmup from 0."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on matrices (not on norms, biases or the gate bias)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    """Clip the global gradient norm (0: off)."""
+
+    def validate(self) -> None:
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
+            raise ConfigError("optim: lr must be > 0, min_lr_ratio in [0, 1], warmup_steps >= 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError("optim.beta1 and optim.beta2 must be in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    """A supervised stage: pretraining, SFT, or the control's continued pretraining."""
+
+    steps: int = 1000
+    """Optimizer steps."""
+    batch_size: int = 16
+    """Sequences per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    bf16_autocast: bool = False
+    """bfloat16 autocast for matmuls (GPUs; this CPU has no fast bfloat16)."""
+    eval_every: int = 100
+    """Held-out loss every this many steps (0: only at the end)."""
+    eval_batches: int = 4
+    """Micro-batches of held-out loss."""
+    save_every: int = 200
+    """Checkpoint every this many steps (0: only at the end)."""
+    log_every: int = 10
+    """Metrics line every this many steps."""
+    seed: int = 0
+    """Seed of initialisation and batch order."""
+    init_from: str = ""
+    """Checkpoint to start from (empty: a fresh model)."""
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError("steps, batch_size and grad_accum must be >= 1")
+        self.optim.validate()
+
+
+@dataclass
+class GRPOConfig:
+    """R1-Zero reinforcement learning: P prompts x G samples per step, rule-based rewards."""
+
+    steps: int = 100
+    """Rollout steps."""
+    prompts_per_step: int = 16
+    """P: prompts sampled per step."""
+    group_size: int = 8
+    """G: samples per prompt (one group)."""
+    max_new_tokens: int = 160
+    """Longest completion."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    loss: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
+    """grpo: std-normalised advantages, per-sequence mean; dr_grpo: no std, constant normaliser;
+    dapo: token mean over the batch (use with eps_high 0.28, dynamic_sampling, overlong_buffer)."""
+    epochs: int = 2
+    """Optimisation passes over each rollout batch (old log-probs recomputed before the first)."""
+    minibatch_size: int = 64
+    """Sequences per optimizer step within a pass."""
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    """Clip range: the ratio is clipped to [1 - eps_low, 1 + eps_high]."""
+    beta: float = 0.0
+    """k3 KL coefficient to the frozen initial policy (0: no reference model at all)."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=0, min_lr_ratio=1.0,
+                                                                   weight_decay=0.0))
+    reward_weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.5})
+    """Weights of the reward functions by name: accuracy, format, language, overlong."""
+    dynamic_sampling: bool = False
+    """DAPO: drop groups whose rewards are all equal and sample more prompts to refill the batch."""
+    max_refill_rounds: int = 3
+    """Dynamic sampling gives up refilling after this many extra rounds."""
+    overlong_buffer: int = 0
+    """DAPO overlong shaping: linear penalty over this many tokens before max_new_tokens (0: off)."""
+    eval_every: int = 0
+    """Held-out evaluation every this many steps (0: only at the end)."""
+    save_every: int = 25
+    """Checkpoint every this many steps."""
+    log_every: int = 1
+    seed: int = 0
+    init_from: str = ""
+    """The base checkpoint RL starts from."""
+
+    def validate(self) -> None:
+        if min(self.steps, self.prompts_per_step, self.group_size, self.max_new_tokens, self.epochs,
+               self.minibatch_size) < 1:
+            raise ConfigError("grpo: steps, prompts_per_step, group_size, max_new_tokens, epochs and "
+                              "minibatch_size must be >= 1")
+        if self.group_size < 2:
+            raise ConfigError("grpo.group_size must be >= 2: advantages compare samples within a group")
+        if self.eps_low < 0 or self.eps_high < 0 or self.beta < 0 or self.temperature <= 0:
+            raise ConfigError("grpo: eps_low, eps_high and beta must be >= 0 and temperature > 0")
+        if self.overlong_buffer >= self.max_new_tokens:
+            raise ConfigError("grpo.overlong_buffer must be smaller than grpo.max_new_tokens")
+        self.optim.validate()
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation with the R1 report's protocol: k samples, pass@1 = mean correctness."""
+
+    problems: int = 200
+    k: int = 4
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 160
+    seed: int = 1234
+
+
+@dataclass
+class CostConfig:
+    """Prices for the cost ledger (defaults: the V3 report's $2 per H800-hour, a cloud vCPU-hour)."""
+
+    gpu_hour_usd: float = 2.0
+    cpu_core_hour_usd: float = 0.05
+    peak_gflops: float = 0.0
+    """Matmul peak per device for MFU; 0 measures it on this machine."""
+
+
+@dataclass
+class Recipe:
+    """A whole run description."""
+
+    preset: str = "tiny"
+    """Model preset the `[model]` table starts from."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model shape; keys given here override the preset."""
+    data: DataConfig = field(default_factory=DataConfig)
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    sft: TrainConfig = field(default_factory=lambda: TrainConfig(steps=200, optim=OptimConfig(lr=3e-4, warmup_steps=10)))
+    control: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100))
+    """The honest control: continued pretraining of the base for about the RL stage's wall time."""
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        if self.data.vocab_size > self.model.vocab_size:
+            raise ConfigError(f"data.vocab_size ({self.data.vocab_size}) exceeds model.vocab_size ({self.model.vocab_size})")
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None,
+                preset: str | None = None) -> Recipe:
+    """Read a TOML recipe (or start from a preset), apply overrides, validate.
+
+    The `[model]` table overrides the preset named by `preset = "..."` (default "tiny").
+    """
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe file not found: {path}")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text file") from None
+    preset_name = preset or data.get("preset", "tiny")
+    if not isinstance(preset_name, str):
+        raise ConfigError(f"preset must be a string, got {preset_name!r}")
+    base = to_dict(model_preset(preset_name))
+    model_table = data.get("model", {})
+    if not isinstance(model_table, dict):
+        raise ConfigError(f"model must be a table, got {model_table!r}")
+    merged = dict(data)
+    merged["preset"] = preset_name
+    merged["model"] = {**base, **model_table}
+    try:
+        recipe = from_dict(Recipe, merged)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+    return apply_overrides(recipe, overrides) if overrides else recipe
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    """Write the resolved recipe as TOML (what a run actually used)."""
+    Path(path).write_text(_to_toml(to_dict(recipe)))
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else _toml_value(key)
+
+
+def _to_toml(data: dict, prefix: str = "") -> str:
+    scalars = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in data.items() if k not in _TABLES]
+    out = ""
+    if scalars:
+        out += (f"[{prefix}]\n" if prefix else "") + "\n".join(scalars) + "\n\n"
+    for key, value in data.items():
+        if key in _TABLES:
+            out += _to_toml(value, f"{prefix}.{key}" if prefix else key)
+    return out
+
+
+# Dataclass-valued fields are written as TOML tables; plain dicts (task_options, ...) inline.
+_TABLES = {"model", "data", "pretrain", "sft", "control", "grpo", "eval", "cost", "optim"}
