@@ -138,3 +138,19 @@ def test_registry_and_argument_errors():
         sorting.generate(1, seed=0, difficulty=sorting.MAX_DIFFICULTY + 1)
     with pytest.raises(ValueError, match="distinct test problems"):
         arithmetic.generate(500, seed=0, split="test", difficulty=1)
+
+
+def test_carry_slips_forget_carries_and_borrows():
+    import random
+
+    from r1lab.tasks import arithmetic
+
+    solution, answer = arithmetic.solution_with_slips({"a": 478, "b": 356, "op": "+"}, random.Random(0), 1.0, kind="carry")
+    assert answer == "724" and "carry 1" not in solution  # every carry dropped: 8+6, 7+5, 4+3 without carries
+    solution, answer = arithmetic.solution_with_slips({"a": 402, "b": 156, "op": "-"}, random.Random(0), 1.0, kind="carry")
+    assert answer == "356" and "borrow 1" not in solution
+    clean, answer = arithmetic.solution_with_slips({"a": 478, "b": 356, "op": "+"}, random.Random(0), 0.0, kind="carry")
+    assert answer == "834" and "carry 1" in clean
+    rates = [arithmetic.solution_with_slips({"a": 999, "b": 1, "op": "+"}, random.Random(s), 0.3, kind="carry")[1] == "1000"
+             for s in range(400)]
+    assert 0.25 < sum(rates) / 400 < 0.45  # three carries kept with probability 0.7^3 = 0.34

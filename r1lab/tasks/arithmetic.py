@@ -27,20 +27,27 @@ MAX_DIFFICULTY = 6
 OPS = ("+", "-", "*")
 
 
-def _no_slip(digit: int) -> int:
-    return digit
+class _Slips:
+    """Where a worked solution goes wrong: `digit` writes a digit off by one; `carry` forgets a
+    carry (or borrow) that should have moved to the next column. Each with probability `rate`."""
+
+    def __init__(self, rng: random.Random | None = None, rate: float = 0.0, kind: str = "digit"):
+        if kind not in SLIP_KINDS:
+            raise ValueError(f"slip kind must be one of {SLIP_KINDS}, got {kind!r}")
+        self.rng, self.rate, self.kind = rng, rate, kind
+
+    def _hit(self, kind: str) -> bool:
+        return self.kind == kind and self.rng is not None and self.rate > 0 and self.rng.random() < self.rate
+
+    def digit(self, digit: int) -> int:
+        return (digit + self.rng.choice([1, 9])) % 10 if self._hit("digit") else digit
+
+    def carry(self, carry: int) -> int:
+        return 0 if carry and self._hit("carry") else carry
 
 
-def _digit_slipper(rng: random.Random | None, slip_rate: float):
-    if rng is None or slip_rate <= 0:
-        return _no_slip
-
-    def slip(digit: int) -> int:
-        if rng.random() < slip_rate:
-            return (digit + rng.choice([1, 9])) % 10  # off by one, modulo 10
-        return digit
-
-    return slip
+SLIP_KINDS = ("digit", "carry")
+_NO_SLIPS = _Slips()
 
 
 def _finish(sofar: str) -> int:
@@ -55,11 +62,12 @@ def _add_lines(x: int, y: int, slip) -> tuple[list[str], int]:
         dy = int(ys[i]) if i < len(ys) else 0
         total = dx + dy + carry
         out = total // 10
-        digit = slip(total % 10)
+        digit = slip.digit(total % 10)
         terms = f"{dx} + {dy}" + (f" + {carry}" if carry else "")
         sofar = f"{digit}{sofar}"
-        lines.append(f"col {i + 1}: {terms} = {out * 10 + digit}, write {digit} carry {out} -> {sofar}")
-        carry = out
+        written = slip.carry(out)
+        lines.append(f"col {i + 1}: {terms} = {out * 10 + digit}, write {digit} carry {written} -> {sofar}")
+        carry = written
     if carry:
         sofar = f"{carry}{sofar}"
         lines.append(f"carry {carry} -> {sofar}")
@@ -76,13 +84,14 @@ def _sub_lines(x: int, y: int, slip) -> tuple[list[str], int]:
         dy = int(ys[i]) if i < len(ys) else 0
         terms = f"{dx} - {dy}" + (f" - {borrow}" if borrow else "")
         if dx - dy - borrow < 0:
-            digit = slip(dx + 10 - dy - borrow)
+            digit = slip.digit(dx + 10 - dy - borrow)
             sofar = f"{digit}{sofar}"
+            written = slip.carry(1)
             lines.append(f"col {i + 1}: {terms} is negative, borrow: {dx + 10} - {dy + borrow} = "
-                         f"{digit}, write {digit} borrow 1 -> {sofar}")
-            borrow = 1
+                         f"{digit}, write {digit} borrow {written} -> {sofar}")
+            borrow = written
         else:
-            digit = slip(dx - dy - borrow)
+            digit = slip.digit(dx - dy - borrow)
             sofar = f"{digit}{sofar}"
             lines.append(f"col {i + 1}: {terms} = {digit}, write {digit} borrow 0 -> {sofar}")
             borrow = 0
@@ -101,11 +110,12 @@ def _mul_digit_lines(x: int, d: int, shift: int, index: int, slip) -> tuple[list
         dx = int(ch)
         prod = dx * d + carry
         out = prod // 10
-        digit = slip(prod % 10)
+        digit = slip.digit(prod % 10)
         terms = f"{dx} * {d}" + (f" + {carry}" if carry else "")
         sofar = f"{digit}{sofar}"
-        lines.append(f"col {i + 1}: {terms} = {out * 10 + digit}, write {digit} carry {out} -> {sofar}")
-        carry = out
+        written = slip.carry(out)
+        lines.append(f"col {i + 1}: {terms} = {out * 10 + digit}, write {digit} carry {written} -> {sofar}")
+        carry = written
     if carry:
         sofar = f"{carry}{sofar}"
         lines.append(f"carry {carry} -> {sofar}")
@@ -144,7 +154,7 @@ def _draw(difficulty: int, ops: tuple[str, ...]):
         a, b = rng.randint(lo, hi), rng.randint(lo, hi)
         if op == "-" and a < b:
             a, b = b, a
-        solution, value = _solve(a, op, b, _no_slip)
+        solution, value = _solve(a, op, b, _NO_SLIPS)
         fields = {"prompt": f"What is {a} {op} {b}?", "answer": str(value), "solution": solution,
                   "a": a, "b": b, "op": op}
         return f"{a}{op}{b}", fields
@@ -168,7 +178,9 @@ def verify(answer_text: str, example: dict) -> bool:
     return value is not None and value == int(example["answer"])
 
 
-def solution_with_slips(example: dict, rng: random.Random, slip_rate: float) -> tuple[str, str]:
-    """(worked solution, the final answer it reaches); each written digit slips with slip_rate."""
-    solution, value = _solve(example["a"], example["op"], example["b"], _digit_slipper(rng, slip_rate))
+def solution_with_slips(example: dict, rng: random.Random, slip_rate: float,
+                        kind: str = "digit") -> tuple[str, str]:
+    """(worked solution, the final answer it reaches). kind "digit": each written digit is off by
+    one with probability slip_rate; kind "carry": each carry or borrow is forgotten with it."""
+    solution, value = _solve(example["a"], example["op"], example["b"], _Slips(rng, slip_rate, kind))
     return solution, str(value)
