@@ -117,3 +117,80 @@ def kv_cache_bytes(c: ModelConfig, bytes_per_value: int = 2) -> CacheBytes:
     naive = c.n_heads * (c.head_dim_qk + c.v_head_dim)
     mha = 2 * c.n_heads * c.v_head_dim
     return CacheBytes(mla, naive, mha, mla * c.n_layers * bytes_per_value, mha * c.n_layers * bytes_per_value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The cost ledger: what each stage of a run cost, in the V3 report's terms.
+
+@dataclass
+class StageCost:
+    stage: str
+    flops: float            # matmul FLOPs done (model FLOPs: recomputation not counted)
+    seconds: float          # wall time
+    devices: int            # GPUs, or CPU cores (torch threads) for a CPU run
+    device_kind: str        # "cpu-core" or a GPU name
+    peak_flops: float       # measured matmul peak of all devices together, FLOP/s
+    price_per_device_hour: float
+
+    @property
+    def device_hours(self) -> float:
+        return self.devices * self.seconds / 3600
+
+    @property
+    def dollars(self) -> float:
+        return self.device_hours * self.price_per_device_hour
+
+    @property
+    def mfu(self) -> float:
+        return self.flops / (self.seconds * self.peak_flops) if self.seconds > 0 and self.peak_flops > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {"stage": self.stage, "flops": self.flops, "seconds": self.seconds, "devices": self.devices,
+                "device_kind": self.device_kind, "device_hours": self.device_hours, "dollars": self.dollars,
+                "mfu": self.mfu, "peak_flops": self.peak_flops, "price_per_device_hour": self.price_per_device_hour}
+
+
+@dataclass
+class CostLedger:
+    """Stages in order; totals; a table shaped like the V3 report's (stage, device-hours, cost)."""
+
+    stages: list[StageCost]
+
+    @classmethod
+    def empty(cls) -> "CostLedger":
+        return cls([])
+
+    def add(self, stage: StageCost) -> None:
+        self.stages.append(stage)
+
+    def totals(self) -> dict:
+        flops = sum(s.flops for s in self.stages)
+        seconds = sum(s.seconds for s in self.stages)
+        weighted_peak = sum(s.peak_flops * s.seconds for s in self.stages)
+        return {"flops": flops, "seconds": seconds, "device_hours": sum(s.device_hours for s in self.stages),
+                "dollars": sum(s.dollars for s in self.stages),
+                "mfu": flops / weighted_peak if weighted_peak else 0.0}
+
+    def as_dict(self) -> dict:
+        return {"stages": [s.as_dict() for s in self.stages], "totals": self.totals()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CostLedger":
+        keys = ("stage", "flops", "seconds", "devices", "device_kind", "peak_flops", "price_per_device_hour")
+        return cls([StageCost(**{k: s[k] for k in keys}) for s in data.get("stages", [])])
+
+    def table(self) -> str:
+        kind = self.stages[0].device_kind if self.stages else "device"
+        unit = "CPU core-hours" if kind == "cpu-core" else f"{kind} GPU-hours"
+        lines = [f"| stage | wall time | {unit} | FLOPs | MFU | cost |", "|---|---|---|---|---|---|"]
+        for s in self.stages:
+            lines.append(f"| {s.stage} | {_duration(s.seconds)} | {s.device_hours:.4f} | {s.flops:.3g} | "
+                         f"{100 * s.mfu:.1f}% | ${s.dollars:.4f} |")
+        t = self.totals()
+        lines.append(f"| **total** | {_duration(t['seconds'])} | {t['device_hours']:.4f} | {t['flops']:.3g} | "
+                     f"{100 * t['mfu']:.1f}% | **${t['dollars']:.4f}** |")
+        return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"

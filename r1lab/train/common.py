@@ -1,0 +1,140 @@
+"""What every training stage shares: the optimizer and its schedule, metrics, progress, checkpoints
+with trainer state (so an interrupted run resumes exactly), and the stage's line in the cost ledger.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from r1lab.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from r1lab.cost import StageCost
+from r1lab.recipe import CostConfig, OptimConfig
+from r1lab.tokenizer import Tokenizer
+
+CHECKPOINT = "checkpoint"
+
+
+def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices (2-D parameters), not on norms."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=1e-8)
+
+
+def lr_at(step: int, total: int, optim: OptimConfig) -> float:
+    """Linear warmup to optim.lr, then cosine down to optim.lr * min_lr_ratio at `total`."""
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    progress = min(1.0, (step - optim.warmup_steps) / max(1, total - optim.warmup_steps))
+    floor = optim.lr * optim.min_lr_ratio
+    return floor + (optim.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per logged step) plus TensorBoard events when installed."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and path.exists():
+            # Rows written after the checkpoint we resume from would be duplicated: drop them.
+            rows = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", -1) <= resume_step]
+            path.write_text("".join(r + "\n" for r in rows))
+        elif path.exists():
+            path.unlink()
+        self.writer = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(path.parent / "tensorboard"))
+        except ImportError:
+            pass
+
+    def log(self, step: int, values: dict) -> None:
+        row = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in values.items()}}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Progress:
+    """A progress line: a rich bar on a terminal, plain periodic lines otherwise (CI, pipes)."""
+
+    def __init__(self, label: str, total: int, start: int = 0, quiet: bool = False):
+        self.label, self.total, self.quiet = label, total, quiet
+        self.start_time, self.start_step = time.perf_counter(), start
+        self.bar = None
+        if not quiet and sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+
+            self.bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
+            self.task = self.bar.add_task(label, total=total, completed=start, info="")
+            self.bar.start()
+
+    def update(self, step: int, info: str, force: bool = False) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, info=info)
+        elif not self.quiet and (force or step == self.total):
+            done = step - self.start_step
+            elapsed = time.perf_counter() - self.start_time
+            eta = elapsed / max(done, 1) * (self.total - step)
+            print(f"[{self.label}] {step}/{self.total} {info} eta {eta:.0f}s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def save_stage(stage_dir: Path, model, tokenizer: Tokenizer | None, optimizer, step: int, done: bool,
+               extra: dict | None = None, metadata: dict | None = None) -> None:
+    """Atomic checkpoint of a stage with everything needed to resume it exactly."""
+    state = {"step": step, "done": done, "optimizer": optimizer.state_dict(), "rng": rng_state(), **(extra or {})}
+    save_checkpoint(stage_dir / CHECKPOINT, model, tokenizer, state, metadata=metadata)
+
+
+def resume_stage(stage_dir: Path, device: torch.device | None = None):
+    """(model, tokenizer, trainer_state) of a stage's checkpoint, or None when it has none."""
+    path = stage_dir / CHECKPOINT
+    if not path.exists() and not any(stage_dir.glob(f".{CHECKPOINT}.tmp-*")):
+        return None
+    model, tokenizer, state = load_checkpoint(path, device=device)
+    return None if state is None else (model, tokenizer, state)
+
+
+def restore_rng(state: dict) -> None:
+    set_rng_state(state["rng"])
+
+
+def stage_cost(stage: str, flops: float, seconds: float, cost: CostConfig, peak_flops: float,
+               device: torch.device | None = None) -> StageCost:
+    """The ledger line of a stage run on `device` (CPU: priced per core-hour of torch's threads)."""
+    if device is not None and device.type == "cuda":
+        return StageCost(stage, flops, seconds, 1, torch.cuda.get_device_name(device), peak_flops, cost.gpu_hour_usd)
+    return StageCost(stage, flops, seconds, torch.get_num_threads(), "cpu-core", peak_flops, cost.cpu_core_hour_usd)

@@ -1,0 +1,169 @@
+"""Corpora and batches for the supervised stages.
+
+The synthetic reasoning corpus: problems from a task family's train split, each rendered with the
+run's template and answered either with a worked solution (which, like real scratch work, may
+contain slips that lead to a wrong answer) or directly. Held-out documents come from the family's
+test split, which never overlaps. Documents are tokenised once and packed into one token stream;
+the batch of step s is a function of (seed, s) only, so a resumed run reads exactly the batches an
+uninterrupted one would. SFT batches are padded conversations with a loss mask on the assistant
+turn. This module knows text, the tokenizer and the task families; it knows no model.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from r1lab.recipe import DataConfig
+from r1lab.tasks import get_family
+from r1lab.tasks.base import completion_text
+from r1lab.tokenizer import Tokenizer, render_conversation
+
+
+@dataclass
+class Document:
+    prompt: str          # the question (the template is applied when rendering)
+    completion: str      # <think>...</think>\n<answer>...</answer>
+    worked: bool         # a worked solution (scratchpad), not a direct answer
+    correct: bool        # its final answer is right (slips make some wrong)
+
+
+def task_documents(data: DataConfig, split: str = "train", n: int | None = None) -> list[Document]:
+    """Problems of the task family rendered as R1-Zero-shaped completions."""
+    family = get_family(data.task)
+    examples = family.generate(n or data.n_problems, seed=data.seed, split=split, difficulty=data.difficulty,
+                               **data.task_options)
+    rng = random.Random(f"r1lab-corpus:{data.task}:{data.seed}:{split}")
+    docs = []
+    for ex in examples:
+        if rng.random() < data.scratchpad_share:
+            solution, answer = family.solution_with_slips(ex, rng, data.slip_rate, **data.slip_options)
+            worked = True
+        else:
+            # A direct answer: the thought only restates the problem.
+            solution, answer, worked = ex["solution"].splitlines()[0], ex["answer"], False
+        docs.append(Document(ex["prompt"], completion_text(solution, answer), worked,
+                             family.verify(answer, ex)))
+    return docs
+
+
+def file_documents(paths: list[str], text_field: str = "text") -> list[str]:
+    """Plain texts from .txt files (one document per file) or JSONL files (one per line)."""
+    texts = []
+    for name in paths:
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"data file not found: {path}")
+        if path.suffix == ".jsonl":
+            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+                    raise ValueError(f"{path}:{i}: missing string field {text_field!r}")
+                texts.append(row[text_field])
+        else:
+            texts.append(path.read_text(encoding="utf-8"))
+    return texts
+
+
+def tokenizer_texts(docs: list[Document], template_text: str) -> list[str]:
+    """What the BPE is trained on: rendered documents (template included, so it compresses well)."""
+    return [template_text.format(prompt=d.prompt) + d.completion for d in docs]
+
+
+def encode_documents(tokenizer: Tokenizer, docs: list[Document], template: str) -> list[list[int]]:
+    """Each document as BOS + prompt (template) + completion + EOS."""
+    return [render_conversation(tokenizer, [{"role": "user", "content": d.prompt},
+                                            {"role": "assistant", "content": d.completion}], template)[0]
+            for d in docs]
+
+
+def encode_texts(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
+    return [[tokenizer.bos_id] + tokenizer.encode(t) + [tokenizer.eos_id] for t in texts]
+
+
+class PackedStream:
+    """Documents packed end to end; batches are random windows of seq_len + 1 tokens."""
+
+    def __init__(self, docs: list[list[int]], seq_len: int, seed: int):
+        if not docs:
+            raise ValueError("no documents to pack")
+        self.tokens = torch.tensor([t for d in docs for t in d], dtype=torch.long)
+        if len(self.tokens) <= seq_len + 1:
+            reps = (seq_len + 2) // len(self.tokens) + 1
+            self.tokens = self.tokens.repeat(reps)
+        self.seq_len, self.seed = seq_len, seed
+
+    def batch(self, step: int, micro: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """(inputs, targets, loss mask) of micro-batch `micro` of step `step`; deterministic."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 1009 + micro)
+        starts = torch.randint(0, len(self.tokens) - self.seq_len - 1, (batch_size,), generator=g)
+        windows = torch.stack([self.tokens[s:s + self.seq_len + 1] for s in starts.tolist()])
+        return windows[:, :-1], windows[:, 1:], None
+
+    def fixed_batches(self, n: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor, None]]:
+        """The same n batches every time (held-out loss)."""
+        return [self.batch(-1 - i, 0, batch_size) for i in range(n)]
+
+
+class ConversationSet:
+    """SFT data: conversations with a loss mask on the final assistant turn, padded per batch."""
+
+    def __init__(self, tokenizer: Tokenizer, conversations: list[list[dict]], template: str, seq_len: int, seed: int):
+        self.items, self.too_long = [], 0
+        for messages in conversations:
+            ids, mask = render_conversation(tokenizer, messages, template)
+            if len(ids) > seq_len + 1:  # cutting it would drop the assistant turn the loss is about
+                self.too_long += 1
+                continue
+            self.items.append((ids, mask))
+        if not self.items:
+            raise ValueError(f"no conversation fits data.seq_len={seq_len} ({self.too_long} longer ones skipped)")
+        self.pad_id, self.seed = tokenizer.pad_id, seed
+
+    @classmethod
+    def from_jsonl(cls, tokenizer: Tokenizer, paths: list[str], template: str, seq_len: int, seed: int):
+        conversations = []
+        for name in paths:
+            path = Path(name)
+            if not path.is_file():
+                raise FileNotFoundError(f"SFT file not found: {path}")
+            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+                messages = row.get("messages") if isinstance(row, dict) else None
+                if not isinstance(messages, list) or not all(
+                        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                        for m in messages):
+                    raise ValueError(f"{path}:{i}: needs 'messages', a list of {{role, content}} objects")
+                conversations.append(messages)
+        return cls(tokenizer, conversations, template, seq_len, seed)
+
+    def batch(self, step: int, micro: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        g = random.Random(self.seed * 1_000_003 + step * 1009 + micro)
+        chosen = [self.items[g.randrange(len(self.items))] for _ in range(batch_size)]
+        width = max(len(ids) for ids, _ in chosen) - 1
+        inputs = torch.full((batch_size, width), self.pad_id, dtype=torch.long)
+        targets = torch.full((batch_size, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(batch_size, width)
+        for b, (ids, m) in enumerate(chosen):
+            n = len(ids) - 1
+            inputs[b, :n] = torch.tensor(ids[:-1])
+            targets[b, :n] = torch.tensor(ids[1:])
+            mask[b, :n] = torch.tensor(m[1:], dtype=torch.float32)  # mask[t] weights the target ids[t + 1]
+        return inputs, targets, mask
+
+    def fixed_batches(self, n: int, batch_size: int):
+        return [self.batch(-1 - i, 0, batch_size) for i in range(n)]

@@ -1,0 +1,182 @@
+import json
+import re
+
+import pytest
+import torch
+
+from r1lab.cost import CostLedger, StageCost
+from r1lab.engine import Completion
+from r1lab.model import Transformer
+from r1lab.recipe import OptimConfig, load_recipe
+from r1lab.tokenizer import R1_ZERO, Tokenizer, render_conversation
+from r1lab.train import data as data_mod
+from r1lab.train.common import lr_at
+from r1lab.train.data import ConversationSet
+from r1lab.train.rl import Rollout, _optimise, rollout
+from r1lab.train.stages import rl_pool, run_grpo, run_pretrain
+
+SMALL = ["--model.dim=64", "--model.n_layers=2", "--model.n_dense_layers=1", "--model.n_heads=2", "--model.inter_dim=128",
+         "--model.moe_inter_dim=32", "--model.kv_lora_rank=32", "--model.qk_nope_head_dim=16",
+         "--model.qk_rope_head_dim=8", "--model.v_head_dim=16", "--model.n_routed_experts=4",
+         "--model.n_activated_experts=2", "--model.max_seq_len=192", "--model.original_seq_len=192",
+         "--model.vocab_size=400", "--data.vocab_size=400", "--data.n_problems=300", "--data.difficulty=2",
+         "--data.seq_len=64", "--data.task_options={ops = [\"+\"]}", "--data.slip_rate=0.3",
+         "--data.slip_options={kind = \"carry\"}", "--pretrain.batch_size=4", "--pretrain.log_every=1",
+         "--pretrain.eval_every=0", "--pretrain.eval_batches=1", "--cost.peak_gflops=100"]
+
+
+def rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    optim = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, 100, optim) == pytest.approx(0.1)
+    assert lr_at(9, 100, optim) == pytest.approx(1.0)
+    assert lr_at(10, 100, optim) == pytest.approx(1.0)
+    assert lr_at(55, 100, optim) == pytest.approx(0.55)
+    assert lr_at(100, 100, optim) == pytest.approx(0.1)
+
+
+def test_pretraining_killed_and_resumed_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    recipe = load_recipe(None, SMALL + ["--pretrain.steps=6", "--pretrain.save_every=3"])
+    run_pretrain(recipe, tmp_path / "a", 100e9, quiet=True)
+    original = data_mod.PackedStream.batch
+
+    def killed_at_step_4(self, step, micro, batch_size):
+        if step == 4:
+            raise KeyboardInterrupt
+        return original(self, step, micro, batch_size)
+
+    monkeypatch.setattr(data_mod.PackedStream, "batch", killed_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        run_pretrain(recipe, tmp_path / "b", 100e9, quiet=True)
+    monkeypatch.setattr(data_mod.PackedStream, "batch", original)
+    run_pretrain(recipe, tmp_path / "b", 100e9, quiet=True)
+    a, b = rows(tmp_path / "a" / "base" / "metrics.jsonl"), rows(tmp_path / "b" / "base" / "metrics.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(a[3:], b[3:]):
+        assert (ra["loss"], ra["grad_norm"]) == (rb["loss"], rb["grad_norm"])
+    assert a[-1]["loss"] < a[0]["loss"]
+
+
+def test_grpo_killed_and_resumed_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    grpo = ["--grpo.steps=3", "--grpo.save_every=1", "--grpo.prompts_per_step=2", "--grpo.group_size=2",
+            "--grpo.max_new_tokens=12", "--grpo.minibatch_size=4", "--pretrain.steps=2", "--grpo.optim.lr=1e-3"]
+    recipe = load_recipe(None, SMALL + grpo)
+    run_pretrain(recipe, tmp_path / "a", 100e9, quiet=True)
+    (tmp_path / "b").mkdir()
+    import shutil
+    shutil.copytree(tmp_path / "a" / "base", tmp_path / "b" / "base")
+    shutil.copytree(tmp_path / "a" / "tokenizer", tmp_path / "b" / "tokenizer")
+    run_grpo(recipe, tmp_path / "a", 100e9, quiet=True)
+    from r1lab.train import rl as rl_mod
+
+    original = rl_mod.rollout
+    calls = {"n": 0}
+
+    def killed_on_third_rollout(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(rl_mod, "rollout", killed_on_third_rollout)
+    with pytest.raises(KeyboardInterrupt):
+        run_grpo(recipe, tmp_path / "b", 100e9, quiet=True)
+    monkeypatch.setattr(rl_mod, "rollout", original)
+    run_grpo(recipe, tmp_path / "b", 100e9, quiet=True)
+    a, b = rows(tmp_path / "a" / "rl" / "metrics.jsonl"), rows(tmp_path / "b" / "rl" / "metrics.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3]
+    keys = ("reward_mean", "response_length_mean", "loss", "entropy", "grad_norm")
+    assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
+
+
+@pytest.fixture
+def tokenizer():
+    texts = [f"What is {a} + {b}? <think>\ncol 1\n</think>\n<answer>{a + b}</answer>" for a in range(10, 60) for b in range(3)]
+    return Tokenizer.train(texts, 400)
+
+
+def test_one_grpo_step_changes_every_trainable_parameter(tokenizer, make_config):
+    model = Transformer(make_config(vocab_size=400, max_seq_len=128, n_mtp_modules=1))
+    for p in model.mtp.parameters():
+        p.requires_grad_(False)
+    cfg = load_recipe(None, ["--grpo.group_size=4", "--grpo.minibatch_size=16", "--grpo.epochs=1",
+                             "--grpo.optim.lr=1e-2"]).grpo
+    g = torch.Generator().manual_seed(0)
+    prompts = [tokenizer.encode(f"What is {i} + 1?") for i in range(16)]
+    completions = [torch.randint(0, 400, (30,), generator=g).tolist() for _ in range(16)]
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.0] * 4)
+    batch = Rollout([{}] * 16, prompts, completions, [""] * 16, [False] * 16, rewards, {}, 4, 0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    from r1lab.train.grpo import grpo_loss
+    _optimise(model, None, optimizer, batch, cfg, grpo_loss, True, 1e-2, tokenizer.pad_id, step=0)
+    unchanged = [n for n, p in model.named_parameters() if p.requires_grad and torch.equal(p, before[n])]
+    assert not unchanged, unchanged
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and all(n.startswith("mtp.") and torch.equal(dict(model.named_parameters())[n], before[n]) for n in frozen)
+
+
+class ScriptedEngine:
+    """Answers prompt p of each call: even p -> G identical right answers (no signal), odd p -> mixed."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, 0
+
+    def generate(self, prompts, params):
+        self.calls += 1
+        out = []
+        for p, ids in enumerate(prompts):
+            a, b = map(int, re.search(r"What is (\d+) \+ (\d+)", self.tokenizer.decode(ids)).groups())
+            for j in range(params.n):
+                answer = a + b if (p % 2 == 0 or j == 0) else a + b + 1
+                text = f"<think>\nadd\n</think>\n<answer>{answer}</answer>"
+                out.append(Completion(p, j, self.tokenizer.encode(text), "stop", []))
+        return out
+
+
+def test_dynamic_sampling_drops_all_equal_groups_and_refills(tokenizer):
+    recipe = load_recipe(None, SMALL + ["--grpo.prompts_per_step=4", "--grpo.group_size=3", "--grpo.dynamic_sampling=true",
+                                        "--grpo.loss=dapo"])
+    pool = rl_pool(recipe, 50)
+    engine = ScriptedEngine(tokenizer)
+    batch = rollout(engine, tokenizer, pool, recipe.grpo, step=0, template=R1_ZERO)
+    assert engine.calls == 2  # 2 informative groups per call: one refill round fills the batch
+    assert len(batch.completions) == 4 * 3
+    assert batch.n_groups_sampled == 8 and batch.n_all_equal == 4
+    assert bool(torch.all(torch.tensor([len(set(batch.rewards[i:i + 3].tolist())) > 1 for i in range(0, 12, 3)])))
+    no_refill = load_recipe(None, SMALL + ["--grpo.prompts_per_step=4", "--grpo.group_size=3"]).grpo
+    plain = rollout(ScriptedEngine(tokenizer), tokenizer, pool, no_refill, step=0, template=R1_ZERO)
+    assert plain.n_groups_sampled == 4 and plain.n_all_equal == 2 and len(plain.completions) == 12
+
+
+def test_sft_masks_everything_but_the_assistant_turn(tokenizer):
+    conversations = [[{"role": "user", "content": f"What is {i} + 2?"},
+                      {"role": "assistant", "content": f"<think>\nadd\n</think>\n<answer>{i + 2}</answer>"}] for i in range(5)]
+    data = ConversationSet(tokenizer, conversations, R1_ZERO, seq_len=512, seed=0)
+    assert data.too_long == 0
+    with pytest.raises(ValueError, match="no conversation fits"):
+        ConversationSet(tokenizer, conversations, R1_ZERO, seq_len=64, seed=0)
+    inputs, targets, mask = data.batch(0, 0, 3)
+    for b in range(3):
+        kept = targets[b][mask[b] > 0].tolist()
+        text = tokenizer.decode(kept)
+        assert text.startswith("<think>") and text.endswith("</answer>" + tokenizer.decode([tokenizer.eos_id]))
+        ids, m = render_conversation(tokenizer, conversations[0], R1_ZERO)
+        assert int(mask[b].sum()) == sum(m)  # every conversation has the same shape here
+        assert "What is" not in text
+
+
+def test_cost_ledger_totals_and_table():
+    ledger = CostLedger.empty()
+    ledger.add(StageCost("pretrain", 6e12, 3600, 2, "cpu-core", 100e9, 0.05))
+    ledger.add(StageCost("rl", 1e12, 1800, 2, "cpu-core", 100e9, 0.05))
+    totals = ledger.totals()
+    assert totals["device_hours"] == pytest.approx(3.0)
+    assert totals["dollars"] == pytest.approx(0.15)
+    assert totals["mfu"] == pytest.approx(7e12 / (5400 * 100e9))
+    assert ledger.stages[0].mfu == pytest.approx(6e12 / (3600 * 100e9))
+    assert "| **total** |" in ledger.table() and "CPU core-hours" in ledger.table()
+    assert CostLedger.from_dict(ledger.as_dict()).totals() == totals
