@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from r1lab.checkpoint import CheckpointError
@@ -70,6 +71,122 @@ def cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Evaluate a model directory or an OpenAI-compatible endpoint with the R1 protocol, or compare two runs."""
+    from r1lab.eval import evaluate_checkpoint
+    from r1lab.evalapi import evaluate_endpoint_bench
+    from r1lab.evalreport import compare_results
+
+    if overrides:
+        raise ConfigError(f"eval takes no dotted overrides, got {' '.join(overrides)}")
+    if args.compare:
+        print(compare_results(*args.compare), end="")
+        return 0
+    if not args.bench or bool(args.model) == bool(args.api_base) or bool(args.api_base) != bool(args.api_model):
+        raise ConfigError("eval needs --bench and either --model DIR or --api-base URL --api-model NAME "
+                          "(or --compare A B)")
+    common = {"k": args.k, "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
+              "limit": args.limit, "seed": args.seed, "difficulty": args.difficulty, "out_dir": args.out, "ks": args.ks,
+              "resume": not args.fresh, "instruction": args.instruction, "grade": args.grade,
+              "progress": lambda done, total: print(f"r1lab eval: {done}/{total} items", file=sys.stderr)}
+    if args.model:
+        result = evaluate_checkpoint(args.model, args.bench, template=args.template, peak_gflops=args.peak_gflops,
+                                     **common)
+    else:
+        result = evaluate_endpoint_bench(args.api_base, args.api_model, args.bench, api_key=args.api_key,
+                                         concurrency=args.concurrency, **common)
+    print(result.markdown(), end="")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
+    """OpenAI-compatible API (reasoning_content) and web chat for a model directory."""
+    from r1lab.serve import ServeSettings, create_app, load_served_model
+    from r1lab.serve.server import run
+
+    if overrides:
+        raise ConfigError(f"serve takes no dotted overrides, got {' '.join(overrides)}")
+    model = load_served_model(args.model, name=args.served_model_name)
+    settings = ServeSettings(api_key=args.api_key, max_tokens_cap=args.max_tokens_cap,
+                             max_prompt_tokens=args.max_prompt_tokens, max_concurrency=args.max_concurrency,
+                             max_batch_size=args.max_batch_size)
+    print(f"r1lab: serving {model.name!r} ({model.template} template, context {model.max_len}) on "
+          f"http://{args.host}:{args.port}/ (web chat) and /v1 (API)", file=sys.stderr)
+    run(create_app(model, settings), host=args.host, port=args.port)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Terminal chat with a model directory, reasoning shown dimmed."""
+    from r1lab.chat import run_chat
+    from r1lab.serve import load_served_model
+
+    if overrides:
+        raise ConfigError(f"chat takes no dotted overrides, got {' '.join(overrides)}")
+    model = load_served_model(args.model)
+    return run_chat(model, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
+
+
+def _training_recipe(args: argparse.Namespace, overrides: list[str]):
+    return load_recipe(args.recipe, overrides)
+
+
+def _peak(recipe) -> float:
+    from r1lab.hardware import measure_matmul_peak
+
+    return (recipe.cost.peak_gflops or measure_matmul_peak()) * 1e9
+
+
+def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Next-token pretraining into <run>/base (resumes if interrupted)."""
+    from r1lab.recipe import save_recipe
+    from r1lab.train.stages import run_pretrain
+
+    recipe = _training_recipe(args, overrides)
+    args.run.mkdir(parents=True, exist_ok=True)
+    save_recipe(recipe, args.run / "recipe.toml")
+    result = run_pretrain(recipe, args.run, _peak(recipe))
+    print(f"pretrained {result.steps} steps in {result.seconds:.0f} s: {args.run / 'base' / 'checkpoint'}")
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Supervised fine-tuning on JSONL conversations into <run>/sft."""
+    from r1lab.train.stages import run_sft
+
+    recipe = _training_recipe(args, overrides)
+    result = run_sft(recipe, args.run, _peak(recipe))
+    print(f"fine-tuned {result.steps} steps in {result.seconds:.0f} s: {args.run / 'sft' / 'checkpoint'}")
+    return 0
+
+
+def cmd_grpo(args: argparse.Namespace, overrides: list[str]) -> int:
+    """R1-Zero GRPO from <run>/base (or grpo.init_from) into <run>/rl."""
+    from r1lab.train.stages import run_grpo
+
+    recipe = _training_recipe(args, overrides)
+    result = run_grpo(recipe, args.run, _peak(recipe))
+    print(f"GRPO {recipe.grpo.steps} steps in {result.seconds:.0f} s: {args.run / 'rl' / 'checkpoint'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Tokenizer, corpus, pretraining, R1-Zero GRPO, the control, evaluation, report."""
+    from r1lab.demo import demo_recipe, run_demo
+
+    recipe = demo_recipe(args.recipe, overrides, args.quick)
+    run_dir = args.run or Path("runs") / ("demo-quick" if args.quick else "demo")
+    start = time.perf_counter()
+    summary = run_demo(recipe, run_dir, quiet=args.quiet)
+    h = summary["heldout"]
+    print(f"\nr1lab demo finished in {(time.perf_counter() - start) / 60:.1f} min; report: {run_dir / 'report.md'}")
+    print(f"held-out pass@1: base {100 * h['base']['pass@1']:.1f}%, RL {100 * h['rl']['pass@1']:.1f}%, "
+          f"control {100 * h['control']['pass@1']:.1f}%; RL format rate {100 * h['rl']['format_rate']:.1f}%; "
+          f"cost ${summary['cost']['dollars']:.4f}")
+    print(f"chat with it:  r1lab chat --model {run_dir / 'rl' / 'checkpoint'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="r1lab", description="Build, train, evaluate and serve R1-style reasoning models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -81,6 +198,75 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--recipe", type=Path, help="a TOML recipe; its [model] table overrides its preset")
     info.add_argument("--context", type=int, help="sequence length for the FLOPs figures (default: the model's max_seq_len)")
     info.set_defaults(func=cmd_info)
+
+    for name, func, what in (("pretrain", cmd_pretrain, "next-token pretraining (resumable) into RUN/base"),
+                             ("sft", cmd_sft, "supervised fine-tuning on JSONL conversations into RUN/sft"),
+                             ("grpo", cmd_grpo, "R1-Zero GRPO from RUN/base into RUN/rl")):
+        p = sub.add_parser(name, help=what, description=f"{what}. Overrides: --SECTION.FIELD=VALUE.")
+        p.add_argument("--recipe", type=Path, help="TOML recipe (default: the tiny preset's defaults)")
+        p.add_argument("--run", type=Path, default=Path("runs/default"), help="run directory (default runs/default)")
+        p.set_defaults(func=func)
+
+    demo = sub.add_parser("demo", help="pretrain a tiny base, R1-Zero GRPO, the control, evaluate, report",
+                          description="From nothing to a reasoner on this machine. Overrides: --SECTION.FIELD=VALUE.")
+    demo.add_argument("--quick", action="store_true", help="a one-minute smoke version")
+    demo.add_argument("--recipe", type=Path, help="TOML recipe (default: the packaged r1-zero-tiny)")
+    demo.add_argument("--run", type=Path, help="run directory (default runs/demo)")
+    demo.add_argument("--quiet", action="store_true", help="no progress lines")
+    demo.set_defaults(func=cmd_demo)
+
+    ev = sub.add_parser("eval", help="pass@1, pass@k, cons@k, format, length and cost with the R1 protocol",
+                        description="Evaluate a model directory (--model) or an OpenAI-compatible endpoint "
+                                    "(--api-base, --api-model) on a benchmark, a task family's held-out split or a "
+                                    "JSONL file; an interrupted run resumes. --compare A B prints two runs side by side.")
+    ev.add_argument("--model", type=Path, help="an r1lab checkpoint or a local Hugging Face model directory")
+    ev.add_argument("--bench", help="math500, gsm8k, aime24, amc23, a task family (arithmetic, ...) or FILE.jsonl")
+    ev.add_argument("--k", type=int, default=4, help="samples per question (default 4; the R1 report uses 4-64)")
+    ev.add_argument("--ks", type=int, nargs="+", metavar="J", help="report pass@J for each J (default: 1 and k)")
+    ev.add_argument("--temperature", type=float, default=0.6, help="default 0.6 (R1)")
+    ev.add_argument("--top-p", type=float, default=0.95, help="default 0.95 (R1)")
+    ev.add_argument("--max-new-tokens", type=int, default=512, help="default 512")
+    ev.add_argument("--limit", type=int, help="first M items (task families: M held-out problems, default 200)")
+    ev.add_argument("--seed", type=int, default=0, help="sampling seed (and task-family problem seed), default 0")
+    ev.add_argument("--difficulty", type=int, default=1, help="task-family difficulty (default 1)")
+    ev.add_argument("--template", choices=["r1-zero", "r1"], help="default: the checkpoint metadata's, else r1")
+    ev.add_argument("--instruction", help="text appended to each question (default: R1's \\boxed{} instruction, "
+                                          "none under r1-zero); '' for none")
+    ev.add_argument("--grade", choices=["answer", "completion"], default="answer",
+                    help="grade the text after </think> (default, what an endpoint returns as content) or all of it")
+    ev.add_argument("--out", type=Path, help="output directory (default <model>/eval/<bench> or ./eval/<api-model>/<bench>)")
+    ev.add_argument("--fresh", action="store_true", help="discard the samples of an earlier run in --out")
+    ev.add_argument("--peak-gflops", type=float, help="known matmul peak for MFU (default: measured once)")
+    ev.add_argument("--api-base", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    ev.add_argument("--api-model", help="model name at the endpoint")
+    ev.add_argument("--api-key", help="API key (default: $OPENAI_API_KEY)")
+    ev.add_argument("--concurrency", type=int, default=8, help="parallel requests to the endpoint (default 8)")
+    ev.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two result dirs or results.json files")
+    ev.set_defaults(func=cmd_eval)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible API with reasoning_content, and a web chat",
+                         description="Serve a checkpoint: /v1/chat/completions, /v1/completions, /v1/models, "
+                                     "/health, and the web chat at /.")
+    srv.add_argument("--model", type=Path, required=True, help="an r1lab checkpoint or a local Hugging Face model dir")
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8000, help="default 8000")
+    srv.add_argument("--api-key", help="require Authorization: Bearer KEY on every API route")
+    srv.add_argument("--served-model-name", help="the model id clients send (default: the directory name)")
+    srv.add_argument("--max-tokens-cap", type=int, help="largest max_tokens a request may ask (default: the context)")
+    srv.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (default: the context - 1)")
+    srv.add_argument("--max-concurrency", type=int, default=64, help="requests in flight before 429 (default 64)")
+    srv.add_argument("--max-batch-size", type=int, default=256, help="samples decoded together (default 256)")
+    srv.set_defaults(func=cmd_serve)
+
+    chat = sub.add_parser("chat", help="terminal chat with a model, reasoning shown dimmed",
+                          description="Type a message per line; /reset starts over, /exit leaves. Reads stdin "
+                                      "until EOF when it is not a terminal.")
+    chat.add_argument("--model", type=Path, required=True, help="an r1lab checkpoint or a local Hugging Face model dir")
+    chat.add_argument("--temperature", type=float, default=0.6, help="default 0.6 (R1)")
+    chat.add_argument("--top-p", type=float, default=0.95, help="default 0.95 (R1)")
+    chat.add_argument("--max-tokens", type=int, help="per reply (default: what the context leaves)")
+    chat.add_argument("--seed", type=int, help="sampling seed (default: random)")
+    chat.set_defaults(func=cmd_chat)
     return parser
 
 

@@ -1,0 +1,349 @@
+"""The OpenAI-compatible HTTP API and the web chat, as a FastAPI app: `create_app(model, settings)`.
+
+Routes: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`, `GET /health`, and
+the web chat at `/` (static files under `/static`). Chat replies carry the chain of thought in
+`message.reasoning_content` (streaming: `delta.reasoning_content` chunks first, then
+`delta.content`), as DeepSeek's API does; `usage.completion_tokens_details.reasoning_tokens` counts
+the tokens spent thinking. `/v1/completions` is plain text continuation (BOS + prompt, no template,
+no tag handling).
+
+Limits and their errors (OpenAI's error JSON, never a 500 for anything a client sends):
+  400 invalid JSON, an unrenderable conversation, max_tokens over the cap, n over the limit;
+  401 missing or wrong `Authorization: Bearer KEY` when the server has an API key (every API route;
+      `/health` and the web chat's static files are public: the page asks for the key);
+  404 unknown model or route; 413 body or prompt too long; 422 a field of the wrong type or range;
+  429 more than `max_concurrency` requests in flight.
+
+Defaults differ from OpenAI's where R1 differs: temperature 0.6 and top_p 0.95 (DeepSeek's
+recommendation for R1) unless the request says otherwise; max_tokens defaults to what is left of
+the context (capped), and to 16 for `/v1/completions` as OpenAI's legacy endpoint does. Stop
+strings apply to the whole completion, reasoning included; the stop string itself is not returned.
+
+It knows HTTP: routes, limits, streaming and disconnects. Request and response objects are
+`schemas.py`'s, generation is the engine thread's (`worker.py`), text handling `assistant.py`'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from r1lab.config import ConfigError
+from r1lab.engine import SamplingParams, StepEvent
+from r1lab.serve.assistant import RAW, ServedModel, chat_prompt, make_engine, text_prompt
+from r1lab.serve.schemas import (APIError, ChatCompletionRequest, CompletionRequest, ReplyBuilder, error_body,
+                                 parse_request)
+from r1lab.serve.worker import EngineWorker, Generation, GenerationError
+
+STATIC = Path(__file__).resolve().parent / "static"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    api_key: str | None = None
+    """Require `Authorization: Bearer <api_key>` on every API route (None: open)."""
+    max_tokens_cap: int | None = None
+    """Largest max_tokens a request may ask for (None: the model's context length)."""
+    max_prompt_tokens: int | None = None
+    """Longest prompt accepted, in tokens (None: the context length minus one)."""
+    max_concurrency: int = 64
+    """Requests in flight at once; more get 429."""
+    max_n: int = 16
+    """Most choices per request."""
+    max_body_bytes: int = 4 * 1024 * 1024
+    """Largest request body; more gets 413 before any parsing."""
+    max_batch_size: int = 256
+    """The engine's running batch, in samples."""
+    temperature: float = 0.6
+    """Default sampling temperature (DeepSeek's recommendation for R1)."""
+    top_p: float = 0.95
+    """Default nucleus mass."""
+
+    def __post_init__(self):
+        for name in ("max_tokens_cap", "max_prompt_tokens", "max_concurrency", "max_n", "max_body_bytes",
+                     "max_batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"serve {name} must be >= 1, got {value}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("serve api_key must not be empty")
+
+
+class _Counter:
+    """Requests in flight. Touched only on the event loop, so no lock."""
+
+    def __init__(self):
+        self.value = 0
+
+
+def create_app(model: ServedModel, settings: ServeSettings | None = None) -> FastAPI:
+    """The app serving `model`; its engine thread starts with the app (or at the first request)."""
+    settings = settings or ServeSettings()
+    worker = EngineWorker(lambda: make_engine(model, settings.max_batch_size))
+    in_flight = _Counter()
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        worker.start()
+        yield
+        worker.stop()
+
+    app = FastAPI(title="r1lab", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.worker = worker
+    app.state.model = model
+    app.state.settings = settings
+    app.state.in_flight = in_flight
+    _install_error_handlers(app)
+
+    async def authorize(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), settings.api_key.encode()):
+            raise APIError(401, "missing or invalid API key: send Authorization: Bearer <key>",
+                           code="invalid_api_key")
+
+    api = APIRouter(dependencies=[Depends(authorize)])
+
+    def model_card() -> dict:
+        return {"id": model.name, "object": "model", "created": created, "owned_by": "r1lab",
+                "context_length": model.max_len, "max_tokens_cap": settings.max_tokens_cap or model.max_len,
+                "template": model.template}
+
+    @api.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [model_card()]}
+
+    @api.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str):
+        check_model(model_id)
+        return model_card()
+
+    def check_model(name: str) -> None:
+        if name != model.name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {model.name!r}",
+                           param="model", code="model_not_found")
+
+    def sampling(req, prompt_len: int, max_tokens: int | None, default_max: int | None) -> SamplingParams:
+        cap = settings.max_tokens_cap or model.max_len
+        if max_tokens is not None and max_tokens > cap:
+            raise APIError(400, f"max_tokens={max_tokens} is over this server's cap of {cap}",
+                           param="max_tokens", code="max_tokens_exceeded")
+        if req.n > settings.max_n:
+            raise APIError(400, f"n={req.n} is over this server's limit of {settings.max_n}", param="n",
+                           code="invalid_value")
+        limit = min(max_tokens or default_max or cap, cap, model.max_len - prompt_len)
+        return SamplingParams(
+            max_new_tokens=limit,
+            temperature=settings.temperature if req.temperature is None else req.temperature,
+            top_p=settings.top_p if req.top_p is None else req.top_p,
+            top_k=req.top_k or 0, n=req.n, seed=req.seed, stop_strings=req.stop_strings(),
+            ignore_eos=req.ignore_eos)
+
+    def check_prompt(n_tokens: int) -> None:
+        limit = min(settings.max_prompt_tokens or model.max_len - 1, model.max_len - 1)
+        if n_tokens > limit:
+            raise APIError(413, f"the prompt has {n_tokens} tokens; this server accepts at most {limit}",
+                           param="messages", code="context_length_exceeded")
+
+    def admit() -> None:
+        if in_flight.value >= settings.max_concurrency:
+            raise APIError(429, f"too many requests in flight (limit {settings.max_concurrency}); retry shortly",
+                           code="rate_limit_exceeded")
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = parse_request(ChatCompletionRequest, await _read_json(request, settings.max_body_bytes))
+        check_model(req.model)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in req.messages]
+        try:
+            prompt = await asyncio.to_thread(chat_prompt, model, messages)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages", code="invalid_value") from None
+        check_prompt(len(prompt))
+        params = sampling(req, len(prompt), req.max_completion_tokens or req.max_tokens, None)
+        admit()
+        return await respond(request, req, [prompt], params, "chat", model.template)
+
+    @api.post("/v1/completions")
+    async def completions(request: Request):
+        req = parse_request(CompletionRequest, await _read_json(request, settings.max_body_bytes))
+        check_model(req.model)
+        texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if not texts or len(texts) > settings.max_n:
+            raise APIError(400, f"prompt must be a string or a list of 1 to {settings.max_n} strings",
+                           param="prompt", code="invalid_value")
+        prompts = [await asyncio.to_thread(text_prompt, model, t) for t in texts]
+        check_prompt(max(len(p) for p in prompts))
+        params = sampling(req, max(len(p) for p in prompts), req.max_tokens, 16)
+        admit()
+        return await respond(request, req, prompts, params, "text", RAW)
+
+    async def respond(request: Request, req, prompts: list[list[int]], params: SamplingParams, kind: str,
+                      template: str | None) -> Response:
+        in_flight.value += 1
+        generations = [worker.submit(p, params) for p in prompts]
+        reply = ReplyBuilder(model, kind, template, params.stop_strings, prompts, params.n)
+        finished = False
+
+        def release() -> None:
+            nonlocal finished
+            if not finished:
+                finished = True
+                in_flight.value -= 1
+                for g in generations:
+                    worker.cancel(g)
+
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+            async def sse() -> AsyncIterator[str]:
+                try:
+                    if opening := "".join(_sse(chunk) for chunk in reply.opening()):
+                        yield opening
+                    async for prompt_index, events in _merged(generations):
+                        if text := "".join(_sse(chunk) for chunk in reply.events(prompt_index, events)):
+                            yield text
+                    if include_usage:
+                        yield _sse(reply.usage_chunk())
+                except GenerationError as e:
+                    yield _sse(error_body(str(e)))
+                finally:
+                    release()
+                yield "data: [DONE]\n\n"
+
+            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            return StreamingResponse(sse(), media_type="text/event-stream", headers=headers,
+                                     background=BackgroundTask(release))
+
+        async def collect() -> None:
+            async for prompt_index, events in _merged(generations):
+                for _ in reply.events(prompt_index, events):
+                    pass
+
+        try:
+            work = asyncio.ensure_future(collect())
+            gone = asyncio.ensure_future(_disconnected(request))
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            gone.cancel()
+            if not work.done():  # the client left: stop generating for it
+                work.cancel()
+                return Response(status_code=499)
+            try:
+                work.result()
+            except GenerationError as e:
+                return JSONResponse(error_body(str(e)), status_code=500)
+            return JSONResponse(reply.whole())
+        finally:
+            release()
+
+    @app.get("/health")
+    async def health():
+        ok = worker.alive or not worker.started
+        body = {"status": "ok" if ok else "engine thread stopped", "model": model.name,
+                "in_flight": in_flight.value, "requests": worker.stats.requests,
+                "max_batch": worker.stats.max_batch}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.include_router(api)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def _sse(obj: dict) -> str:
+    return "data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n\n"
+
+
+async def _merged(generations: list[Generation]) -> AsyncIterator[tuple[int, list[StepEvent]]]:
+    """(prompt index, events) from several generations as they arrive."""
+    if len(generations) == 1:
+        async for events in generations[0]:
+            yield 0, events
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, generation: Generation) -> None:
+        try:
+            async for events in generation:
+                queue.put_nowait((index, events))
+            queue.put_nowait((index, None))
+        except GenerationError as e:
+            queue.put_nowait((index, e))
+
+    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(generations)]
+    try:
+        open_ = len(tasks)
+        while open_:
+            index, item = await queue.get()
+            if item is None:
+                open_ -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _read_json(request: Request, limit: int) -> object:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body is {declared} bytes; the limit is {limit}", code="request_too_large")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise APIError(413, f"the request body is over the limit of {limit} bytes", code="request_too_large")
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        headers = {"Retry-After": "1"} if e.status == 429 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        message = f"{request.method} {request.url.path}: {e.detail}"
+        return JSONResponse(APIError(e.status_code, message, code=str(e.status_code)).body(),
+                            status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError):
+        return JSONResponse(APIError(422, str(e.errors()[:1]), code="invalid_value").body(), status_code=422)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception):
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}"), status_code=500)

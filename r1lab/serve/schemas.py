@@ -1,0 +1,209 @@
+"""The wire format of the OpenAI-compatible API: request bodies as strict pydantic models, the
+response objects (built as plain dicts, chunk by chunk), and the error JSON.
+
+Validation is strict (JSON types as written: "0.7" is not a number) and unknown fields are
+ignored, as OpenAI clients send many optional ones (`user`, `presence_penalty`, ...) that r1lab
+does not use. Two extensions beyond OpenAI's fields, named as vLLM names them: `top_k`, and
+`ignore_eos` (generate past the end-of-sequence token, for benchmarks of a fixed amount of work).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from r1lab.engine import StepEvent
+from r1lab.serve.assistant import CONTENT, SampleDecoder, ServedModel
+
+
+class APIError(Exception):
+    """An error the client caused (or a limit it hit), sent as OpenAI's error JSON."""
+
+    TYPES: ClassVar[dict[int, str]] = {
+        400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+        405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
+        429: "rate_limit_error", 503: "server_error"}
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict:
+        return error_body(self.message, self.TYPES.get(self.status, "server_error"), self.param, self.code)
+
+
+def error_body(message: str, type: str = "server_error", param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    n: int = Field(1, ge=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if len(stops) > 4:
+            raise APIError(400, "at most 4 stop sequences are allowed", param="stop", code="invalid_value")
+        if any(not s for s in stops):
+            raise APIError(400, "stop sequences must be non-empty", param="stop", code="invalid_value")
+        return stops
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+
+
+def parse_request(model: type[_Strict], data: object) -> _Strict:
+    """Validate a decoded JSON body; a violation is a 422 naming the first offending field."""
+    if not isinstance(data, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}",
+                       code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        field = str(first["loc"][0]) if first["loc"] else None
+        code = "invalid_type" if first["type"].endswith("_type") else "invalid_value"
+        raise APIError(422, f"{loc or 'body'}: {first['msg']}", param=field, code=code) from None
+
+
+class ReplyBuilder:
+    """OpenAI response objects built from engine events: stream chunks as they come, the whole reply at the end.
+
+    Choice `p * n + s` is sample s of prompt p, as OpenAI numbers them.
+    """
+
+    def __init__(self, model: ServedModel, kind: str, template: str | None, stops: tuple[str, ...],
+                 prompts: list[list[int]], n: int):
+        self.kind, self.model, self.n = kind, model, n
+        self.prompt_tokens = sum(len(p) for p in prompts)
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.samples = [SampleDecoder(model.tokenizer, template, stops) for _ in range(len(prompts) * n)]
+        self.finish: list[str | None] = [None] * len(self.samples)
+
+    def _chunk(self, choices: list[dict], **extra) -> dict:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model.name,
+                "choices": choices, **extra}
+
+    def _choice(self, index: int, pieces: list[tuple[str, str]] | None, finish: str | None) -> dict:
+        if self.kind == "chat":
+            delta = {}
+            for kind, text in pieces or ():
+                key = "content" if kind == CONTENT else "reasoning_content"
+                delta[key] = delta.get(key, "") + text
+            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        text = "".join(t for _, t in pieces or ())
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+
+    def opening(self) -> list[dict]:
+        if self.kind != "chat":
+            return []
+        return [self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}]) for i in range(len(self.samples))]
+
+    def events(self, prompt_index: int, events: list[StepEvent]) -> list[dict]:
+        """Stream chunks for events of one prompt (one or more engine steps): per choice, its new text
+        in order (one chunk per run of reasoning or answer), then its finish chunk if it ended."""
+        pieces: dict[int, list[tuple[str, str]]] = {}
+        ended: list[int] = []
+        for ev in events:
+            index = prompt_index * self.n + ev.sample_index
+            sample, out = self.samples[index], pieces.setdefault(index, [])
+            for token in ev.token_ids:
+                out += sample.push(token)
+            if ev.finish_reason is not None:
+                out += sample.finish()
+                self.finish[index] = "stop" if sample.parser.stopped else ev.finish_reason
+                ended.append(index)
+        chunks = []
+        for index, out in pieces.items():
+            chunks += [self._chunk([self._choice(index, run, None)]) for run in _runs(out)]
+            if index in ended:
+                chunks.append(self._chunk([self._choice(index, [], self.finish[index])]))
+        return chunks
+
+    def usage(self) -> dict:
+        completion = sum(s.tokens for s in self.samples)
+        usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                 "total_tokens": self.prompt_tokens + completion}
+        if self.kind == "chat":
+            usage["completion_tokens_details"] = {"reasoning_tokens": sum(s.reasoning_tokens for s in self.samples)}
+        return usage
+
+    def usage_chunk(self) -> dict:
+        return self._chunk([], usage=self.usage())
+
+    def whole(self) -> dict:
+        choices = []
+        for i, sample in enumerate(self.samples):
+            if self.kind == "chat":
+                message = {"role": "assistant", "content": sample.content_text,
+                           "reasoning_content": sample.reasoning_text}
+                choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": self.finish[i]})
+            else:
+                choices.append({"index": i, "text": sample.content_text, "logprobs": None,
+                                "finish_reason": self.finish[i]})
+        obj = "chat.completion" if self.kind == "chat" else "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model.name,
+                "choices": choices, "usage": self.usage()}
+
+
+def _runs(pieces: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    """Split pieces where their kind changes, so one chunk never mixes reasoning and answer."""
+    runs: list[list[tuple[str, str]]] = []
+    for piece in pieces:
+        if runs and runs[-1][-1][0] == piece[0]:
+            runs[-1].append(piece)
+        else:
+            runs.append([piece])
+    return runs

@@ -1,0 +1,215 @@
+"""The engine thread: one thread owns the `Engine`; asyncio request handlers talk to it by messages.
+
+The engine is not thread-safe and a decode step blocks for milliseconds, so it cannot run on the
+event loop. `EngineWorker` runs this loop on its own thread:
+
+    take every queued command (add a request, cancel one) and apply it to the engine;
+    if the engine has work: one `engine.step()`, then hand each request its events;
+    else sleep until a command arrives.
+
+Requests that arrive while a step runs are added before the next step, so they join the running
+batch at the step boundary (continuous batching): sixteen clients share one decode batch rather
+than queueing behind each other. Events go back to the loop that submitted the request with
+`loop.call_soon_threadsafe`, one call per request per step. A cancelled request (its client left)
+is cancelled in the engine at the next boundary; its later events are dropped.
+
+If a step raises, every request in flight receives the error and the engine is rebuilt from its
+factory, so one bad step does not take the server down.
+
+It knows the engine and asyncio; it does not know HTTP, text or templates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from r1lab.engine import Engine, SamplingParams, StepEvent
+
+
+class GenerationError(RuntimeError):
+    """The engine failed while generating this request (or refused it)."""
+
+
+@dataclass
+class WorkerStats:
+    steps: int = 0
+    requests: int = 0
+    cancelled: int = 0
+    tokens: int = 0
+    max_batch: int = 0
+    """Most samples that received a token in one step (the decode batch, as the engine ran it)."""
+    failures: int = 0
+
+
+class Generation:
+    """One request's events, delivered on the event loop that submitted it.
+
+    `async for events in generation` yields lists of `StepEvent` (the events of every engine step
+    delivered since the last iteration) until every sample has finished; it raises
+    `GenerationError` if the engine failed.
+    """
+
+    def __init__(self, prompt: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop):
+        self.prompt = prompt
+        self.params = params
+        self.request_id: int | None = None   # set by the engine thread
+        self._loop = loop
+        self._items: deque = deque()   # lists of events, or an exception; touched only on the loop
+        self._ready = asyncio.Event()
+        self._open = params.n
+        self.done = False
+
+    def _deliver(self, item) -> None:  # on the loop
+        self._items.append(item)
+        self._ready.set()
+
+    def _post(self, item) -> bool:  # on the engine thread
+        try:
+            self._loop.call_soon_threadsafe(self._deliver, item)
+            return True
+        except RuntimeError:  # the loop is closed: nobody is listening
+            return False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> list[StepEvent]:
+        if self.done:
+            raise StopAsyncIteration
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        item = self._items.popleft()
+        if isinstance(item, BaseException):
+            self.done = True
+            raise item
+        # A client that fell behind takes every step waiting for it at once (fewer, larger writes).
+        while self._items and not isinstance(self._items[0], BaseException):
+            item = item + self._items.popleft()
+        self._open -= sum(ev.finish_reason is not None for ev in item)
+        if self._open <= 0:
+            self.done = True
+        return item
+
+
+class EngineWorker:
+    """Owns an engine on a background thread; `submit` and `cancel` are called from event loops."""
+
+    def __init__(self, make_engine: Callable[[], Engine], name: str = "r1lab-engine"):
+        self._make_engine = make_engine
+        self.engine = make_engine()
+        self.stats = WorkerStats()
+        self._name = name
+        self._inbox: deque = deque()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._routes: dict[int, list] = {}  # engine request id -> [generation, samples still open]
+        self._start_lock = threading.Lock()
+        self.started = False
+
+    # -- the event-loop side -----------------------------------------------------------------------
+    def start(self) -> None:
+        with self._start_lock:
+            if self._thread is None:
+                self.started = True
+                self._stopping = False
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, prompt: list[int], params: SamplingParams) -> Generation:
+        """Queue a request for the next step boundary; iterate the result for its events."""
+        self.start()
+        generation = Generation(prompt, params, asyncio.get_running_loop())
+        self._inbox.append(("add", generation))
+        self._wake.set()
+        return generation
+
+    def cancel(self, generation: Generation) -> None:
+        """Stop a request (its client went away). Safe to call after it finished."""
+        if not generation.done:
+            generation.done = True
+            self._inbox.append(("cancel", generation))
+            self._wake.set()
+
+    # -- the engine thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopping:
+            try:
+                self._apply_commands()
+                if self.engine.has_work():
+                    self._dispatch(self.engine.step())
+                else:
+                    self._wake.wait()
+                    self._wake.clear()
+            except Exception as e:  # noqa: BLE001 - a failure fails the requests in flight, not the server
+                self._fail_all(e)
+        self._fail_all(GenerationError("the server is shutting down"), rebuild=False)
+
+    def _apply_commands(self) -> None:
+        while self._inbox:
+            kind, generation = self._inbox.popleft()
+            if kind == "add":
+                if generation.done:  # cancelled before it reached the engine
+                    continue
+                try:
+                    generation.request_id = self.engine.add_request(generation.prompt, generation.params)
+                except ValueError as e:
+                    generation._post(GenerationError(str(e)))
+                    continue
+                self._routes[generation.request_id] = [generation, generation.params.n]
+                self.stats.requests += 1
+            elif generation.request_id in self._routes:
+                self.engine.cancel(generation.request_id)
+                del self._routes[generation.request_id]
+                self.stats.cancelled += 1
+
+    def _dispatch(self, events: list[StepEvent]) -> None:
+        self.stats.steps += 1
+        by_request: dict[int, list[StepEvent]] = {}
+        fed = 0
+        for ev in events:
+            if ev.token_ids:
+                fed += 1
+                self.stats.tokens += len(ev.token_ids)
+            by_request.setdefault(ev.request_id, []).append(ev)
+        self.stats.max_batch = max(self.stats.max_batch, fed)
+        for request_id, evs in by_request.items():
+            route = self._routes.get(request_id)
+            if route is None:  # cancelled: its abort events have no listener
+                continue
+            route[1] -= sum(ev.finish_reason is not None for ev in evs)
+            if route[1] <= 0:
+                del self._routes[request_id]
+            if not route[0]._post(evs) and request_id in self._routes:
+                self.engine.cancel(request_id)
+                del self._routes[request_id]
+
+    def _fail_all(self, error: BaseException, rebuild: bool = True) -> None:
+        self.stats.failures += rebuild
+        failure = error if isinstance(error, GenerationError) else GenerationError(
+            f"generation failed: {type(error).__name__}: {error}")
+        for generation, _ in self._routes.values():
+            generation._post(failure)
+        self._routes.clear()
+        while self._inbox:
+            kind, generation = self._inbox.popleft()
+            if kind == "add" and not generation.done:
+                generation._post(failure)
+        if rebuild:
+            self.engine = self._make_engine()
