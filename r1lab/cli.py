@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, default=512, help="default 512")
     ev.add_argument("--limit", type=int, help="first M items (task families: M held-out problems, default 200)")
     ev.add_argument("--seed", type=int, default=0, help="sampling seed (and task-family problem seed), default 0")
-    ev.add_argument("--difficulty", type=int, default=1, help="task-family difficulty (default 1)")
+    ev.add_argument("--difficulty", type=int, help="task-family difficulty (default: the checkpoint's own task's, else 1)")
     ev.add_argument("--template", choices=["r1-zero", "r1"], help="default: the checkpoint metadata's, else r1")
     ev.add_argument("--instruction", help="text appended to each question (default: R1's \\boxed{} instruction, "
                                           "none under r1-zero); '' for none")

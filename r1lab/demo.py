@@ -59,7 +59,7 @@ def evaluate_stage(recipe: Recipe, run_dir: Path, stage: str, examples: list[dic
     e = recipe.eval
     engine = Engine(model, eos_id=tokenizer.eos_id, max_batch_size=256)
     params = SamplingParams(max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p, seed=e.seed)
-    result = evaluate(engine, tokenizer, examples, k=e.k, params=params, template=recipe.data.template,
+    result = evaluate(engine, tokenizer, examples, k=e.k, params=params, template=recipe.data.template, instruction="",
                       out_dir=run_dir / "eval" / stage, peak_gflops=peak_gflops,
                       settings={"model": str(run_dir / stage), "bench": recipe.data.task, "difficulty": recipe.data.difficulty})
     texts = [c["text"] for item in result.items for c in item["completions"]]

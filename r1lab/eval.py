@@ -115,23 +115,25 @@ def majority_vote(answers: Sequence[str | None]) -> Vote:
 
 # ------------------------------------------------------------------------------------- data
 def load_examples(bench: str, limit: int | None = None, seed: int = 0, difficulty: int = 1,
-                  data_dir: str | os.PathLike | None = None) -> list[dict]:
+                  data_dir: str | os.PathLike | None = None, task_options: dict | None = None) -> list[dict]:
     """Examples of a benchmark (math500, gsm8k, aime24, amc23), a task family or a JSONL file.
 
     A task family gives its held-out split: `generate(limit or 200, seed, "test", difficulty)`; with
     no limit, a small held-out space (arithmetic at difficulty 1) gives all of its problems.
     Benchmarks and files give their first `limit` rows (`seed` and `difficulty` do not apply).
+    `task_options` go to the family's `generate` (e.g. the operators a model was trained on).
     """
+    options = task_options or {}
     if limit is not None and limit < 1:
         raise EvalError(f"limit must be >= 1, got {limit}")
     if bench in FAMILIES:
         family = get_family(bench)
         try:
-            return family.generate(limit or FAMILY_DEFAULT_LIMIT, seed, "test", difficulty)
+            return family.generate(limit or FAMILY_DEFAULT_LIMIT, seed, "test", difficulty, **options)
         except ValueError as e:  # too few held-out problems at this difficulty, or a bad difficulty
             found = re.search(r"only (\d+) distinct", str(e))
             if limit is None and found and int(found.group(1)) > 0:  # no limit asked: take all there are
-                return family.generate(int(found.group(1)), seed, "test", difficulty)
+                return family.generate(int(found.group(1)), seed, "test", difficulty, **options)
             raise EvalError(f"bench {bench!r}: {e}") from None
     if bench.lower() in BENCHMARKS or Path(bench).is_file():
         return load_benchmark(bench, limit, data_dir=data_dir)
@@ -155,6 +157,13 @@ def default_instruction(template: str) -> str:
     """R1's recommended math instruction for the chat template; none for R1-Zero, whose prompt
     already asks for <answer> tags."""
     return "" if template == R1_ZERO else MATH_INSTRUCTION
+
+
+def _metadata(model_dir: Path) -> dict:
+    try:
+        return read_metadata(model_dir)
+    except Exception:  # noqa: BLE001 - a Hugging Face directory has no r1lab metadata
+        return {}
 
 
 def model_template(model_dir: str | os.PathLike) -> str:
@@ -446,20 +455,29 @@ def evaluate(engine: Engine, tokenizer: Tokenizer, examples: list[dict], *, k: i
 def evaluate_checkpoint(model_dir: str | os.PathLike, bench: str, *, k: int = DEFAULT_K,
                         temperature: float = R1_TEMPERATURE, top_p: float = R1_TOP_P,
                         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, limit: int | None = None, seed: int = 0,
-                        difficulty: int = 1, out_dir: str | os.PathLike | None = None, template: str | None = None,
-                        batch_size: int = 256, **options: Any) -> EvalResult:
+                        difficulty: int | None = None, out_dir: str | os.PathLike | None = None,
+                        template: str | None = None, batch_size: int = 256, **options: Any) -> EvalResult:
     """`r1lab eval --model DIR`: load an r1lab checkpoint or Hugging Face directory and evaluate it.
 
     The template comes from the checkpoint metadata unless given; results go to `out_dir`, by
     default `<model_dir>/eval/<bench>`. `options` go to `evaluate` (ks, resume, instruction, ...).
+    When the bench is the task family the checkpoint was trained on (metadata "task"), its
+    difficulty (unless given) and task options come from the metadata too, so the held-out set is
+    the one the training run evaluated.
     """
     model_dir = Path(model_dir)
-    examples = load_examples(bench, limit, seed, difficulty)
+    meta = _metadata(model_dir)
+    own_task = bench in FAMILIES and meta.get("task") == bench
+    if difficulty is None:
+        difficulty = int(meta.get("difficulty", 1)) if own_task else 1
+    examples = load_examples(bench, limit, seed, difficulty, task_options=meta.get("task_options") if own_task else None)
     template = template or model_template(model_dir)
     decoder, tokenizer = load_causal_lm(model_dir)
     if tokenizer is None:
         raise EvalError(f"{model_dir}: has no tokenizer.json; evaluation needs the model's tokenizer")
     instruction = options.get("instruction")
+    if instruction is None and own_task:
+        instruction = meta.get("instruction")  # how the training run prompted its own task
     instruction = default_instruction(template) if instruction is None else instruction
     longest = max(len(render_prompt(tokenizer, question_text(ex, instruction), template)) for ex in examples)
     max_len = min(decoder.config.max_seq_len, longest + max_new_tokens)  # a smaller KV cache to allocate

@@ -212,9 +212,10 @@ def evaluate_endpoint(api_base: str, api_model: str, examples: list[dict], *, k:
 
 
 def evaluate_endpoint_bench(api_base: str, api_model: str, bench: str, *, limit: int | None = None,
-                            seed: int = 0, difficulty: int = 1, out_dir: str | os.PathLike | None = None,
+                            seed: int = 0, difficulty: int | None = None, out_dir: str | os.PathLike | None = None,
                             **options: Any) -> EvalResult:
     """`r1lab eval --api-base URL --api-model NAME --bench B`: results default to ./eval/<model>/<bench>."""
+    difficulty = 1 if difficulty is None else difficulty
     examples = load_examples(bench, limit, seed, difficulty)
     label = bench_label(bench, difficulty)
     safe_model = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in api_model)

@@ -32,7 +32,8 @@ HELDOUT_DOCS = 200
 def run_metadata(recipe: Recipe) -> dict:
     """What a checkpoint says about how to prompt and evaluate it."""
     d = recipe.data
-    return {"template": d.template, "task": d.task, "difficulty": d.difficulty, "task_options": d.task_options}
+    return {"template": d.template, "task": d.task, "difficulty": d.difficulty, "task_options": d.task_options,
+            "instruction": ""}  # the task's prompt is the whole question: no extra instruction
 
 
 def prepare_tokenizer(recipe: Recipe, run_dir: Path) -> Tokenizer:
