@@ -128,8 +128,18 @@ def resume_stage(stage_dir: Path, device: torch.device | None = None):
     return None if state is None else (model, tokenizer, state)
 
 
-def restore_rng(state: dict) -> None:
+def resume_into(stage_dir: Path, model, optimizer) -> tuple[int, float, float] | None:
+    """Load a stage's checkpoint into `model` and `optimizer` and restore the RNG states.
+
+    Returns (step, seconds, flops) reached so far, or None when the stage has no checkpoint."""
+    resumed = resume_stage(stage_dir, next(model.parameters()).device)
+    if resumed is None:
+        return None
+    saved, _, state = resumed
+    model.load_state_dict(saved.state_dict())
+    optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"])
+    return state["step"], state["seconds"], state["flops"]
 
 
 def stage_cost(stage: str, flops: float, seconds: float, cost: CostConfig, peak_flops: float,

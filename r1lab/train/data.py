@@ -51,6 +51,18 @@ def task_documents(data: DataConfig, split: str = "train", n: int | None = None)
     return docs
 
 
+def read_jsonl(path: Path) -> list[tuple[int, object]]:
+    """(line number, parsed value) for each non-blank line; bad JSON is an error naming the line."""
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append((i, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+    return rows
+
+
 def file_documents(paths: list[str], text_field: str = "text") -> list[str]:
     """Plain texts from .txt files (one document per file) or JSONL files (one per line)."""
     texts = []
@@ -59,13 +71,7 @@ def file_documents(paths: list[str], text_field: str = "text") -> list[str]:
         if not path.is_file():
             raise FileNotFoundError(f"data file not found: {path}")
         if path.suffix == ".jsonl":
-            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            for i, row in read_jsonl(path):
                 if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
                     raise ValueError(f"{path}:{i}: missing string field {text_field!r}")
                 texts.append(row[text_field])
@@ -136,13 +142,7 @@ class ConversationSet:
             path = Path(name)
             if not path.is_file():
                 raise FileNotFoundError(f"SFT file not found: {path}")
-            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            for i, row in read_jsonl(path):
                 messages = row.get("messages") if isinstance(row, dict) else None
                 if not isinstance(messages, list) or not all(
                         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)

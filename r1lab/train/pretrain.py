@@ -19,8 +19,7 @@ from r1lab.cost import StageCost, train_flops_per_token
 from r1lab.model import Transformer
 from r1lab.recipe import CostConfig, TrainConfig
 from r1lab.tokenizer import Tokenizer
-from r1lab.train.common import (MetricsLog, Progress, lr_at, make_optimizer, restore_rng, resume_stage, save_stage,
-                                set_lr, stage_cost)
+from r1lab.train.common import MetricsLog, Progress, lr_at, make_optimizer, resume_into, save_stage, set_lr, stage_cost
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # inputs, targets, loss mask (None: all)
 
@@ -55,16 +54,10 @@ def train_supervised(model: Transformer, tokenizer: Tokenizer | None, batch_fn: 
     """
     stage_dir.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
-    start, seconds_before, flops_before = 0, 0.0, 0.0
-    resumed = resume_stage(stage_dir, device)
     optimizer = make_optimizer(model, cfg.optim)
-    if resumed is not None:
-        saved_model, _, state = resumed
-        model.load_state_dict(saved_model.state_dict())
-        optimizer.load_state_dict(state["optimizer"])
-        restore_rng(state)
-        start, seconds_before, flops_before = state["step"], state["seconds"], state["flops"]
-    elif optimizer_state is not None:
+    resumed = resume_into(stage_dir, model, optimizer)
+    start, seconds_before, flops_before = resumed or (0, 0.0, 0.0)
+    if resumed is None and optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     log = MetricsLog(stage_dir / "metrics.jsonl", resume_step=start if resumed is not None else None)
     progress = Progress(stage, cfg.steps, start, quiet)

@@ -25,8 +25,7 @@ from r1lab.model import Transformer
 from r1lab.recipe import CostConfig, GRPOConfig
 from r1lab.rewards import accuracy_reward, format_reward, language_consistency_reward, overlong_penalty, score_batch
 from r1lab.tokenizer import ANSWER_CLOSE, R1, Tokenizer, render_prompt
-from r1lab.train.common import (MetricsLog, Progress, lr_at, make_optimizer, restore_rng, resume_stage, save_stage, set_lr,
-                                stage_cost)
+from r1lab.train.common import MetricsLog, Progress, lr_at, make_optimizer, resume_into, save_stage, set_lr, stage_cost
 from r1lab.train.grpo import LOSSES, group_advantages, keep_informative_groups
 
 REWARDS = {"accuracy": accuracy_reward, "format": format_reward, "language": language_consistency_reward}
@@ -161,14 +160,8 @@ def train_grpo(model: Transformer, tokenizer: Tokenizer, pool: list[dict], cfg: 
     for p in model.mtp.parameters():  # the policy is the main model; RL does not train the MTP drafter
         p.requires_grad_(False)
     optimizer = make_optimizer(model, cfg.optim)
-    start, seconds, flops = 0, 0.0, 0.0
-    resumed = resume_stage(stage_dir, device)
-    if resumed is not None:
-        saved, _, state = resumed
-        model.load_state_dict(saved.state_dict())
-        optimizer.load_state_dict(state["optimizer"])
-        restore_rng(state)
-        start, seconds, flops = state["step"], state["seconds"], state["flops"]
+    resumed = resume_into(stage_dir, model, optimizer)
+    start, seconds, flops = resumed or (0, 0.0, 0.0)
     if cfg.beta > 0 and reference is None:
         raise ValueError("grpo.beta > 0 needs a reference model")
     engine = Engine(model, eos_id=tokenizer.eos_id, max_batch_size=cfg.prompts_per_step * cfg.group_size,
