@@ -16,22 +16,45 @@ import torch
 
 
 def measure_matmul_peak(dtype: torch.dtype = torch.float32, sizes: tuple[int, ...] = (1024, 2048),
-                        samples: int = 5, device: torch.device | None = None) -> float:
-    """Median GFLOP/s of square matmuls (the best of the sizes): what MFU divides by."""
+                        samples: int = 7, min_sample_seconds: float = 0.05, device: torch.device | None = None) -> float:
+    """Median GFLOP/s of square matmuls at the best of `sizes`: what MFU divides by.
+
+    Each size is warmed up (thread pool, caches, clock ramp) and timed in samples of enough
+    repetitions to last `min_sample_seconds`, so one slow call does not set the figure.
+    """
     best = 0.0
     for n in sizes:
         a = torch.randn(n, n, dtype=dtype, device=device)
         b = torch.randn(n, n, dtype=dtype, device=device)
-        torch.mm(a, b)  # warm-up: thread pool, caches
+        reps = _reps_for(a, b, min_sample_seconds)
         rates = []
         for _ in range(samples):
             start = time.perf_counter()
-            torch.mm(a, b)
-            if a.device.type != "cpu":
-                torch.accelerator.synchronize()
-            rates.append(2 * n ** 3 / (time.perf_counter() - start) / 1e9)
+            for _ in range(reps):
+                torch.mm(a, b)
+            _sync(a)
+            rates.append(2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9)
         best = max(best, statistics.median(rates))
     return best
+
+
+def _sync(t: torch.Tensor) -> None:
+    if t.device.type != "cpu":
+        torch.accelerator.synchronize()
+
+
+def _reps_for(a: torch.Tensor, b: torch.Tensor, seconds: float) -> int:
+    """Warm up, and find how many matmuls take about `seconds`."""
+    reps, elapsed = 1, 0.0
+    while elapsed < seconds:
+        start = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b)
+        _sync(a)
+        elapsed = time.perf_counter() - start
+        if elapsed < seconds:
+            reps *= 2
+    return reps
 
 
 def cpu_name() -> str:
