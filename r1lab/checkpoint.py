@@ -198,14 +198,18 @@ def load_checkpoint(path: str | Path, device: torch.device | None = None
         if tokenizer.vocab_size > config.vocab_size:
             raise CheckpointError(f"{root / TOKENIZER_FILE}: {tokenizer.vocab_size} ids exceed "
                                   f"model.vocab_size={config.vocab_size} in {CONFIG_FILE}")
-    with torch.random.fork_rng(devices=[]):
-        if device is None:
-            model = Transformer(config)
-        else:
-            with torch.device(device):
-                model = Transformer(config)
+    model = new_model(config, device)
     _load_weights(root, model, doc["tied_weights"])
     return model, tokenizer, _read_trainer_state(root)
+
+
+def new_model(config: ModelConfig, device: torch.device | None = None) -> Transformer:
+    """An untrained Transformer on `device`, built without touching the global RNG (weights follow)."""
+    with torch.random.fork_rng(devices=[]):
+        if device is None:
+            return Transformer(config)
+        with torch.device(device):
+            return Transformer(config)
 
 
 def load_model_config(path: str | Path) -> ModelConfig:

@@ -46,7 +46,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from r1lab.checkpoint import CheckpointError, load_checkpoint
+from r1lab.checkpoint import CheckpointError, load_checkpoint, new_model
 from r1lab.config import ConfigError, ModelConfig, model_config_from_dict
 from r1lab.model import Transformer
 from r1lab.tokenizer import TOKENIZER_FILE, Tokenizer
@@ -346,12 +346,7 @@ def import_hf(hf_dir: str | Path, device: torch.device | None = None) -> Transfo
     except ConfigError as e:
         raise ConfigError(f"{root / CONFIG_FILE}: {e}") from None
     stored = _stored_names(root)
-    with torch.random.fork_rng(devices=[]):
-        if device is None:
-            model = Transformer(cfg)
-        else:
-            with torch.device(device):
-                model = Transformer(cfg)
+    model = new_model(cfg, device)
     expected = model.state_dict()
 
     # r1lab name -> (stored name, how to cut the stored tensor: None, or (expert, half) of a fused one)

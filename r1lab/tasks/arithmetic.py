@@ -54,23 +54,32 @@ def _finish(sofar: str) -> int:
     return int(sofar) if sofar else 0
 
 
+def _column(lines: list[str], i: int, terms: str, total: int, sofar: str, slip: _Slips) -> tuple[str, int]:
+    """Write column i's line (digit and carry, either may slip); return (result so far, carry)."""
+    out = total // 10
+    digit = slip.digit(total % 10)
+    sofar = f"{digit}{sofar}"
+    written = slip.carry(out)
+    lines.append(f"col {i + 1}: {terms} = {out * 10 + digit}, write {digit} carry {written} -> {sofar}")
+    return sofar, written
+
+
+def _last_carry(lines: list[str], carry: int, sofar: str) -> str:
+    if carry:
+        sofar = f"{carry}{sofar}"
+        lines.append(f"carry {carry} -> {sofar}")
+    return sofar
+
+
 def _add_lines(x: int, y: int, slip) -> tuple[list[str], int]:
     xs, ys = str(x)[::-1], str(y)[::-1]
     lines, sofar, carry = [f"{x} + {y}"], "", 0
     for i in range(max(len(xs), len(ys))):
         dx = int(xs[i]) if i < len(xs) else 0
         dy = int(ys[i]) if i < len(ys) else 0
-        total = dx + dy + carry
-        out = total // 10
-        digit = slip.digit(total % 10)
         terms = f"{dx} + {dy}" + (f" + {carry}" if carry else "")
-        sofar = f"{digit}{sofar}"
-        written = slip.carry(out)
-        lines.append(f"col {i + 1}: {terms} = {out * 10 + digit}, write {digit} carry {written} -> {sofar}")
-        carry = written
-    if carry:
-        sofar = f"{carry}{sofar}"
-        lines.append(f"carry {carry} -> {sofar}")
+        sofar, carry = _column(lines, i, terms, dx + dy + carry, sofar, slip)
+    sofar = _last_carry(lines, carry, sofar)
     value = _finish(sofar)
     lines.append(f"result: {value}")
     return lines, value
@@ -108,17 +117,9 @@ def _mul_digit_lines(x: int, d: int, shift: int, index: int, slip) -> tuple[list
     lines, sofar, carry = [head], "", 0
     for i, ch in enumerate(xs):
         dx = int(ch)
-        prod = dx * d + carry
-        out = prod // 10
-        digit = slip.digit(prod % 10)
         terms = f"{dx} * {d}" + (f" + {carry}" if carry else "")
-        sofar = f"{digit}{sofar}"
-        written = slip.carry(out)
-        lines.append(f"col {i + 1}: {terms} = {out * 10 + digit}, write {digit} carry {written} -> {sofar}")
-        carry = written
-    if carry:
-        sofar = f"{carry}{sofar}"
-        lines.append(f"carry {carry} -> {sofar}")
+        sofar, carry = _column(lines, i, terms, dx * d + carry, sofar, slip)
+    sofar = _last_carry(lines, carry, sofar)
     value = _finish(sofar) * 10**shift
     lines.append(f"partial {index}: {value}")
     return lines, value
