@@ -2,8 +2,8 @@
 
 RL rollouts, evaluation, the server and the terminal chat all generate through `Engine`. It knows
 token ids and a decoder (r1lab's Transformer, or anything with the same protocol: `new_cache`,
-`decoder(tokens, positions=..., cache=...) -> logits`, a cache with `select`, `repeat_interleave`
-and `extend`). It knows no tokenizer: stop strings need a `decode` function handed in.
+`decoder(tokens, positions=..., cache=..., n_slots=...) -> logits` where n_slots bounds the cache
+slots a step reads, a cache with `select`, `repeat_interleave` and `extend`). It knows no tokenizer: stop strings need a `decode` function handed in.
 
 How a batch runs:
   * requests wait in a queue; at each step boundary waiting requests are prefilled together
@@ -21,6 +21,7 @@ Letter legend: B running rows, T tokens in a call, V vocabulary.
 from __future__ import annotations
 
 import itertools
+import random
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
@@ -41,7 +42,7 @@ class SamplingParams:
     n: int = 1
     """Samples per prompt; they share one prefill."""
     seed: int | None = None
-    """Same seed, same samples (each sample draws from its own generator)."""
+    """Same seed, same samples (each sample draws from its own random stream)."""
     stop_token_ids: tuple[int, ...] = ()
     """Token ids that end a sample (kept in the output), besides the engine's EOS."""
     stop_strings: tuple[str, ...] = ()
@@ -89,7 +90,7 @@ class _Row:
     sample_index: int
     params: SamplingParams
     prompt_len: int
-    generator: torch.Generator
+    rng: random.Random  # this sample's own stream: one uniform per sampled token
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
@@ -106,12 +107,12 @@ def _mix_seed(*parts: int) -> int:
 
 
 def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                  top_p: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+                  top_p: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """One token per row of logits (B, V) under per-row temperature / top-k / top-p.
 
-    Rows with temperature 0 take the argmax. Random rows draw exponential noise from their own
-    generator and take argmax(p / noise), an exact sample from p that makes each row's draw
-    independent of the rest of the batch.
+    Rows with temperature 0 take the argmax. Random rows invert their cumulative distribution at
+    their own uniform u in (0, 1] (B,): the first token whose cumulative mass reaches u times the
+    total, an exact sample that makes each row's draw depend on nothing but its logits and its u.
     """
     greedy = logits.argmax(dim=-1)
     random_rows = temperature > 0
@@ -129,9 +130,9 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
         drop_sorted = before >= top_p[:, None]  # the first token is never dropped
         drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
-    noise = torch.stack([torch.empty(logits.shape[-1], dtype=torch.float32).exponential_(generator=g)
-                         for g in generators]).to(probs.device)
-    drawn = (probs / noise).argmax(dim=-1)
+    cdf = probs.double().cumsum(dim=-1)  # (B, V); a token of probability 0 adds no width
+    target = uniforms.to(cdf)[:, None] * cdf[:, -1:]  # in (0, total]: some token always reaches it
+    drawn = torch.searchsorted(cdf, target)[:, 0].clamp(max=logits.shape[-1] - 1)
     return torch.where(random_rows, drawn, greedy)
 
 
@@ -140,10 +141,18 @@ class Engine:
 
     def __init__(self, model, eos_id: int | None, decode: Callable[[list[int]], str] | None = None,
                  max_batch_size: int = 256, max_len: int | None = None, compact_fraction: float = 0.25,
-                 speculative: bool = False):
+                 speculative: bool = False, compile: bool = False):
+        """`compile`: run the one-token decode step through `torch.compile` (inductor, dynamic shapes,
+        C++ wrapper). The first steps at a new batch shape compile for tens of seconds; later steps
+        are much cheaper (see benchmarks/bench_generate.py). Prefill and speculative steps stay eager."""
         if speculative and not getattr(model, "mtp", None):
             raise ValueError("speculative decoding drafts with the MTP module: the model has none (n_mtp_modules = 0)")
+        if max_len is not None and max_len > model.config.max_seq_len:
+            raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
         self.model = model
+        self._decoder = (torch.compile(model, dynamic=True, options={"cpp_wrapper": True}) if compile else model)
+        self._settings_key: tuple[int, ...] = ()
+        self._settings: tuple[torch.Tensor, ...] = ()
         self.speculative = speculative
         self.drafted = 0   # speculative: rows that verified a draft, and how many drafts were accepted
         self.accepted = 0
@@ -240,8 +249,7 @@ class Engine:
         new_rows = []
         for (request_id, prompt, params) in batch:
             for i in range(params.n):
-                g = torch.Generator().manual_seed(_mix_seed(params.seed, i))
-                new_rows.append(_Row(request_id, i, params, len(prompt), g))
+                new_rows.append(_Row(request_id, i, params, len(prompt), random.Random(_mix_seed(params.seed, i))))
         positions = lengths.repeat_interleave(counts)
         first, logp = self._sample(last_logits, new_rows)
         draft = torch.zeros_like(first)
@@ -265,8 +273,14 @@ class Engine:
             self._draft = torch.cat([self._draft, draft])
         self._record(new_rows, first.tolist(), logp.tolist(), events)
 
+    def _n_slots(self, ahead: int = 0) -> int:
+        """Cache slots the next step reads: every row feeds position prompt_len + len(tokens) - 1 or
+        less (finished rows are frozen), plus `ahead` draft positions."""
+        return min(max(r.prompt_len + len(r.tokens) for r in self._rows) + ahead, self.max_len)
+
     def _decode_step(self, events: list[StepEvent]) -> None:
-        logits = self.model(self._last[:, None], positions=self._pos[:, None], cache=self._cache)[:, -1]  # (B, V)
+        logits = self._decoder(self._last[:, None], positions=self._pos[:, None], cache=self._cache,
+                               n_slots=self._n_slots())[:, -1]  # (B, V)
         nxt, logp = self._sample(logits, self._rows)
         running = torch.tensor([r.finish_reason is None for r in self._rows], device=self._pos.device)
         self._pos = torch.where(running, self._pos + 1, self._pos)
@@ -281,7 +295,8 @@ class Engine:
         every emitted token is drawn from the model's own distribution given the tokens before it."""
         live = torch.tensor([r.finish_reason is None for r in self._rows], device=self._pos.device)
         pos2 = torch.stack([self._pos, (self._pos + 1).clamp(max=self.max_len - 1)], dim=1)  # (B, 2)
-        hidden, _ = self.model.trunk(torch.stack([self._last, self._draft], dim=1), positions=pos2, cache=self._cache)
+        hidden, _ = self.model.trunk(torch.stack([self._last, self._draft], dim=1), positions=pos2, cache=self._cache,
+                                     n_slots=self._n_slots(ahead=1))
         logits = self.model.logits(hidden)  # (B, 2, V)
         s0, lp0 = self._sample(logits[:, 0], self._rows)
         s1, lp1 = self._sample(logits[:, 1], self._rows)
@@ -309,13 +324,19 @@ class Engine:
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor]:
         logits = logits.float()
-        temperature = torch.tensor([r.params.temperature for r in rows], device=logits.device)
-        top_k = torch.tensor([r.params.top_k for r in rows], device=logits.device)
-        top_p = torch.tensor([r.params.top_p for r in rows], device=logits.device)
-        if any(r.params.ignore_eos for r in rows) and self.eos_id is not None:
-            ban = torch.tensor([r.params.ignore_eos for r in rows], device=logits.device)
+        key = tuple(map(id, rows))
+        if key != self._settings_key:  # the rows' settings as tensors, rebuilt only when the rows change
+            device = logits.device
+            self._settings_key = key
+            self._settings = (torch.tensor([r.params.temperature for r in rows], device=device),
+                              torch.tensor([r.params.top_k for r in rows], device=device),
+                              torch.tensor([r.params.top_p for r in rows], device=device),
+                              torch.tensor([r.params.ignore_eos for r in rows], device=device))
+        temperature, top_k, top_p, ban = self._settings
+        if self.eos_id is not None and any(r.params.ignore_eos for r in rows):
             logits[:, self.eos_id] = torch.where(ban, float("-inf"), logits[:, self.eos_id])
-        tokens = sample_tokens(logits, temperature, top_k, top_p, [r.generator for r in rows])
+        uniforms = torch.tensor([1.0 - r.rng.random() for r in rows], dtype=torch.float64)  # (0, 1]
+        tokens = sample_tokens(logits, temperature, top_k, top_p, uniforms)
         logp = logits.log_softmax(dim=-1).gather(1, tokens[:, None])[:, 0]
         return tokens, logp
 

@@ -543,8 +543,10 @@ class HFDecoder(nn.Module):
         return HFCache(DynamicCache(), batch_size, max_len or self.max_seq_len, device)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: HFCache | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab); the same contract as `Transformer.forward`.
+                cache: HFCache | None = None, valid: torch.Tensor | None = None,
+                n_slots: int | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab); the same contract as `Transformer.forward` (`n_slots`, a hint for
+        r1lab's slot cache, means nothing to this one).
 
         With a cache, token (b, t) attends to the still-valid cached slots of row b at positions
         <= positions[b, t] and to this call's tokens at positions <= its own. Without one, keys

@@ -79,8 +79,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache:
     """Preallocated per-layer cache, slot s holding the token at position s of each row.
 
-    `absorb`: the normalised latent c_kv (B, S, R) and the shared RoPE key (B, S, P) per layer:
-    R + P values per token per layer. `naive`: full per-head keys (B, S, H, C+P) and values
+    `absorb`: the normalised latent c_kv and the shared RoPE key side by side, (B, S, R + P) per
+    layer: R + P values per token per layer. `naive`: full per-head keys (B, S, H, C+P) and values
     (B, S, H, V). Rows can be selected (finished sequences leave) or repeated (n samples share a
     prefill) between steps.
     """
@@ -90,7 +90,7 @@ class KVCache:
         self.impl = config.attn_impl
         self.max_len = max_len
         if self.impl == "absorb":
-            shapes = [(batch_size, max_len, config.kv_lora_rank), (batch_size, max_len, config.qk_rope_head_dim)]
+            shapes = [(batch_size, max_len, config.kv_lora_rank + config.qk_rope_head_dim)]
         else:
             shapes = [(batch_size, max_len, config.n_heads, config.head_dim_qk),
                       (batch_size, max_len, config.n_heads, config.v_head_dim)]
@@ -179,19 +179,18 @@ class MLA(nn.Module):
                 attn_mask=mask[:, None], scale=self.scale)  # (B, H, T, V)
             out = out.transpose(1, 2)  # (B, T, H, V)
         else:
-            # Absorb wkv_b's key slice into the query: attention runs over the latent directly.
+            # Absorb wkv_b's key slice into the query: attention runs over the latent directly, every
+            # head against one shared key [c_kv, k_pe] (MQA-shaped), the latent c_kv as the value.
             q_lat = torch.einsum("bthc,hcr->bthr", q_nope, wkv_b[:, :C])  # (B, T, H, R)
+            keys = torch.cat([c_kv, k_pe], dim=-1)  # (B, T, R+P)
             if cache is not None:
-                _write(cache[0], positions, c_kv)
-                _write(cache[1], positions, k_pe)
-                c_kv, k_pe = cache[0][:, :S], cache[1][:, :S]  # (B, S, R), (B, S, P)
-            # All heads share one key: an MQA-shaped product over the (B, T*H) queries.
-            scores = (torch.bmm(q_lat.reshape(B, T * H, R), c_kv.transpose(1, 2))
-                      + torch.bmm(q_pe.reshape(B, T * H, P), k_pe.transpose(1, 2)))  # (B, T*H, S)
-            scores = scores.view(B, T, H, S).float() * self.scale
-            scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
-            probs = scores.softmax(dim=-1).type_as(x)
-            out_lat = torch.bmm(probs.view(B, T * H, S), c_kv).view(B, T, H, R)
+                _write(cache[0], positions, keys)
+                keys = cache[0][:, :S]  # (B, S, R+P)
+            query = torch.cat([q_lat, q_pe], dim=-1).view(B, T * H, R + P)
+            scores = torch.baddbmm(query.new_empty(()), query, keys.transpose(1, 2), beta=0, alpha=self.scale)
+            scores = scores.view(B, T, H, S).masked_fill(~mask[:, :, None], float("-inf"))  # (B, T, H, S)
+            probs = scores.float().softmax(dim=-1).type_as(x)
+            out_lat = torch.bmm(probs.view(B, T * H, S), keys[..., :R]).view(B, T, H, R)
             out = torch.einsum("bthr,hvr->bthv", out_lat, wkv_b[:, C:])  # (B, T, H, V)
         return self.wo(out.reshape(B, T, H * V))
 
@@ -267,6 +266,82 @@ class Gate(nn.Module):
         return load
 
 
+class Experts(nn.Module):
+    """E routed SwiGLU experts held as stacked weights, laid out for batched products:
+    w1, w3 (E, D, I) and w2 (E, I, D), so expert e computes (silu(x @ w1[e]) * (x @ w3[e])) @ w2[e].
+
+    Checkpoints keep DeepSeek's per-expert names and (out, in) shapes: the state dict shows
+    `{e}.w1.weight` = w1[e].T etc., and loading accepts them (hooks below).
+    """
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        self.w3 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        for weight in (self.w1, self.w2, self.w3):  # nn.Linear's default bound, 1/sqrt(fan_in)
+            nn.init.uniform_(weight, -weight.shape[1] ** -0.5, weight.shape[1] ** -0.5)
+        self.register_state_dict_post_hook(_experts_to_deepseek_names)
+        self.register_load_state_dict_pre_hook(_experts_from_deepseek_names)
+
+    def __len__(self) -> int:
+        return self.w1.shape[0]
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e alone on x (..., D)."""
+        return (F.silu(x @ self.w1[e]) * (x @ self.w3[e])) @ self.w2[e]
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Sum over each token's K experts of weight * expert(x), assignments grouped by expert.
+
+        The assignments are sorted by expert and packed into an (E, C, D) block, C the largest
+        expert load, so all experts run as three batched products; when the loads are so uneven
+        that padding would more than double the work, each expert runs on its own tokens instead.
+        """
+        N, K = routing.indices.shape
+        E = len(self)
+        flat_expert = routing.indices.flatten()  # (N*K,)
+        order = flat_expert.argsort(stable=True)
+        token_of = order // K  # which token each sorted assignment belongs to
+        weight_of = routing.weights.flatten()[order][:, None]
+        counts = torch.bincount(flat_expert, minlength=E)
+        C = int(counts.max())
+        out = torch.zeros_like(x)
+        if E * C <= 2 * N * K:
+            sorted_expert = flat_expert[order]
+            starts = counts.cumsum(0) - counts
+            slot = sorted_expert * C + torch.arange(N * K, device=x.device) - starts[sorted_expert]
+            packed = x.new_zeros(E * C, x.shape[1]).index_copy_(0, slot, x[token_of]).view(E, C, -1)
+            hidden = F.silu(torch.bmm(packed, self.w1)) * torch.bmm(packed, self.w3)  # (E, C, I)
+            y = torch.bmm(hidden, self.w2).flatten(0, 1)[slot]  # (N*K, D) in sorted order
+            return out.index_add_(0, token_of, y * weight_of)
+        start = 0
+        for e, count in enumerate(counts.tolist()):
+            if count:
+                idx = token_of[start:start + count]
+                out.index_add_(0, idx, self.expert(e, x[idx]) * weight_of[start:start + count])
+                start += count
+        return out
+
+
+_EXPERT_WEIGHTS = ("w1", "w2", "w3")
+
+
+def _experts_to_deepseek_names(module, state_dict, prefix, local_metadata) -> None:
+    for name in _EXPERT_WEIGHTS:
+        stacked = state_dict.pop(prefix + name)
+        for e in range(stacked.shape[0]):
+            state_dict[f"{prefix}{e}.{name}.weight"] = stacked[e].t()
+
+
+def _experts_from_deepseek_names(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                                 unexpected_keys, error_msgs) -> None:
+    for name in _EXPERT_WEIGHTS:
+        keys = [f"{prefix}{e}.{name}.weight" for e in range(len(module))]
+        if all(k in state_dict for k in keys):
+            state_dict[prefix + name] = torch.stack([state_dict.pop(k).t() for k in keys])
+
+
 class MoE(nn.Module):
     """Shared experts plus top-k routed experts; tokens are dispatched by sorting, not looping."""
 
@@ -274,7 +349,7 @@ class MoE(nn.Module):
         super().__init__()
         self.config = config
         self.gate = Gate(config)
-        self.experts = nn.ModuleList(MLP(config.dim, config.moe_inter_dim) for _ in range(config.n_routed_experts))
+        self.experts = Experts(config.n_routed_experts, config.dim, config.moe_inter_dim)
         self.shared_experts = (MLP(config.dim, config.n_shared_experts * config.moe_inter_dim)
                                if config.n_shared_experts > 0 else None)
 
@@ -283,30 +358,11 @@ class MoE(nn.Module):
         B, T, D = x.shape
         flat = x.reshape(B * T, D)  # (N, D)
         routing = self.gate(flat)
-        out = self.dispatch(flat, routing)
+        out = self.experts(flat, routing)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         aux = self.balance_loss(routing, B, T) if (self.training and self.config.seq_aux_alpha > 0) else flat.new_zeros(())
         return out.view(B, T, D), aux
-
-    def dispatch(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """Sum over each token's K experts of weight * expert(x), grouping assignments by expert."""
-        N, K = routing.indices.shape
-        flat_expert = routing.indices.flatten()  # (N*K,)
-        order = flat_expert.argsort(stable=True)
-        token_of = order // K  # which token each sorted assignment belongs to
-        weight_of = routing.weights.flatten()[order]
-        counts = torch.bincount(flat_expert, minlength=len(self.experts)).tolist()
-        out = torch.zeros_like(x)
-        start = 0
-        for e, count in enumerate(counts):
-            if count == 0:
-                continue
-            idx = token_of[start:start + count]
-            y = self.experts[e](x[idx]) * weight_of[start:start + count, None]
-            out.index_add_(0, idx, y)
-            start += count
-        return out
 
     def balance_loss(self, routing: Routing, B: int, T: int) -> torch.Tensor:
         """V3's sequence-wise balance loss: alpha * sum_i f_i P_i, averaged over sequences."""
@@ -387,12 +443,18 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, std=self.config.init_std)
             elif isinstance(module, Gate):
                 nn.init.normal_(module.weight, std=self.config.init_std)
+            elif isinstance(module, Experts):
+                for weight in (module.w1, module.w2, module.w3):
+                    nn.init.normal_(weight, std=self.config.init_std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
     # -- positions and masks --------------------------------------------------------------------
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if positions.numel() and int(positions.max()) >= self.config.max_seq_len:
+        # The check reads a value back from the tensor; a compiled decode step skips it (the engine
+        # bounds positions by max_len <= max_seq_len).
+        if (not torch.compiler.is_compiling() and positions.numel()
+                and int(positions.max()) >= self.config.max_seq_len):
             raise ValueError(f"position {int(positions.max())} exceeds max_seq_len {self.config.max_seq_len}")
         return self.rope_cos[positions], self.rope_sin[positions]  # (B, T, P/2)
 
@@ -416,18 +478,22 @@ class Transformer(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------
     def trunk(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-              cache: KVCache | None = None, valid: torch.Tensor | None = None
+              cache: KVCache | None = None, valid: torch.Tensor | None = None, n_slots: int | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens (B, T) -> (hidden before the final norm (B, T, D), summed balance loss).
 
         `valid` (B, T) bool marks real tokens when a batch is padded (left or right); positions
         default to the count of real tokens before each one. With a `cache`, each token's keys are
-        stored at slot `positions[b, t]` and it attends to slots 0..positions[b, t].
+        stored at slot `positions[b, t]` and it attends to slots 0..positions[b, t]; attention reads
+        slots [0, n_slots), n_slots defaulting to the largest position + 1 (a caller that knows it
+        passes it and saves reading the positions back).
         """
         if positions is None:
             positions = self.default_positions(tokens, valid)
         cos, sin = self._rope(positions)
-        n_slots = None if cache is None else int(positions.max()) + 1
+        if cache is not None and n_slots is None:
+            n_slots = int(positions.max()) + 1
+        n_slots = None if cache is None else n_slots
         mask = self._mask(positions, valid, n_slots)
         h = self.embed(tokens)
         aux = h.new_zeros(())
@@ -440,9 +506,10 @@ class Transformer(nn.Module):
         return self.head(self.norm(h))
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, valid: torch.Tensor | None = None,
+                n_slots: int | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for every position."""
-        return self.logits(self.trunk(tokens, positions, cache, valid)[0])
+        return self.logits(self.trunk(tokens, positions, cache, valid, n_slots)[0])
 
     def new_cache(self, batch_size: int, max_len: int | None = None, with_mtp: bool = False) -> KVCache:
         """A zeroed cache on this model's device and dtype (main layers, then MTP blocks if asked)."""

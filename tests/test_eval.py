@@ -110,7 +110,7 @@ class ScriptedDecoder(nn.Module):
     def new_cache(self, batch_size, max_len=None):
         return ScriptCache(batch_size, max_len or self.config.max_seq_len)
 
-    def forward(self, tokens, positions=None, cache=None):
+    def forward(self, tokens, positions=None, cache=None, n_slots=None):
         B, T = tokens.shape
         cache.tokens[torch.arange(B)[:, None].expand(B, T), positions] = tokens
         logits = torch.zeros(B, T, self.config.vocab_size)

@@ -94,12 +94,17 @@ def test_cache_select_and_repeat(config):
             torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=0)
 
 
-def test_vectorised_moe_equals_per_token_loop(make_config):
+@pytest.mark.parametrize("loads", ["balanced", "skewed"])
+def test_vectorised_moe_equals_per_token_loop(make_config, loads):
+    # balanced: the packed (E, C, D) batched products; skewed (one expert takes every token): the
+    # per-expert path, as padding to the largest load would more than double the work.
     cfg = make_config(n_routed_experts=8, n_activated_experts=3, n_expert_groups=4, n_limited_groups=2,
                       route_scale=2.5)
     moe = MoE(cfg).eval()
     torch.nn.init.normal_(moe.gate.weight, std=0.5)
     moe.gate.expert_bias.normal_(std=0.1)
+    if loads == "skewed":
+        moe.gate.expert_bias[5] = 100.0
     x = torch.randn(2, 11, cfg.dim)
     with torch.no_grad():
         out, _ = moe(x)
@@ -110,7 +115,7 @@ def test_vectorised_moe_equals_per_token_loop(make_config):
             y = moe.shared_experts(flat[n])
             for k in range(cfg.n_activated_experts):
                 e = int(routing.indices[n, k])
-                y = y + routing.weights[n, k] * moe.experts[e](flat[n])
+                y = y + routing.weights[n, k] * moe.experts.expert(e, flat[n])
             expected.append(y)
     torch.testing.assert_close(out.reshape(-1, cfg.dim), torch.stack(expected), atol=1e-5, rtol=0)
 
@@ -259,3 +264,18 @@ def test_dense_model_without_experts(make_config):
 def test_invalid_config_is_rejected_at_construction():
     with pytest.raises(ValueError, match="n_activated_experts"):
         Transformer(ModelConfig(n_routed_experts=4, n_activated_experts=5))
+
+
+def test_expert_weights_keep_deepseek_names_in_the_state_dict(make_config):
+    cfg = make_config(n_routed_experts=4, n_activated_experts=2)
+    moe = MoE(cfg)
+    state = moe.state_dict()
+    assert "experts.w1" not in state
+    for e in range(4):
+        torch.testing.assert_close(state[f"experts.{e}.w1.weight"], moe.experts.w1[e].t())
+        assert state[f"experts.{e}.w2.weight"].shape == (cfg.dim, cfg.moe_inter_dim)  # (out, in) like nn.Linear
+    other = MoE(cfg)
+    other.load_state_dict(state)
+    x = torch.randn(1, 5, cfg.dim)
+    with torch.no_grad():
+        torch.testing.assert_close(other(x)[0], moe(x)[0])

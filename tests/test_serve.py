@@ -99,7 +99,7 @@ class ScriptedDecoder(torch.nn.Module):
     def new_cache(self, batch_size: int, max_len: int | None = None) -> ScriptCache:
         return ScriptCache(batch_size, max_len or self.config.max_seq_len)
 
-    def forward(self, tokens, positions=None, cache=None):
+    def forward(self, tokens, positions=None, cache=None, n_slots=None):
         B, T = tokens.shape
         if self.delay:
             time.sleep(self.delay)
