@@ -65,12 +65,14 @@ def softmax_scale(config: ModelConfig) -> float:
     return scale
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of the last dim. x (B, T, [H,] P); cos/sin broadcastable to (..., P/2)."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # (..., P/2, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of the last dim: x (B, T, [H,] P) read as P/2 complex numbers, times
+    `rotation` = cos + i sin, complex, broadcastable to (..., P/2)."""
+    x32 = x.float()
+    if x32.storage_offset() % 2 or any(s % 2 for s in x32.stride()[:-1]):
+        x32 = x32.contiguous()  # complex views need pairs aligned in memory
+    rotated = torch.view_as_complex(x32.unflatten(-1, (-1, 2))) * rotation
+    return torch.view_as_real(rotated).flatten(-2).type_as(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,11 +120,15 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer)
 
+    def write_index(self, positions: torch.Tensor) -> torch.Tensor:
+        """Flat slot ids (B*T,) of positions (B, T) in every layer's (B*S, ...) view: b * S + position."""
+        rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
+        return (positions + rows * self.max_len).flatten()
 
-def _write(buf: torch.Tensor, positions: torch.Tensor, new: torch.Tensor) -> None:
-    """buf (B, S, ...) [b, positions[b, t]] = new[b, t]."""
-    rows = torch.arange(buf.shape[0], device=buf.device)[:, None].expand_as(positions)
-    buf[rows, positions] = new.to(buf.dtype)
+
+def _write(buf: torch.Tensor, write_at: torch.Tensor, new: torch.Tensor) -> None:
+    """buf (B, S, ...) viewed as (B*S, ...): rows write_at (B*T,) = new (B, T, ...)."""
+    buf.view(-1, *buf.shape[2:]).index_copy_(0, write_at, new.flatten(0, 1).to(buf.dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,12 +152,12 @@ class MLA(nn.Module):
         self.wo = nn.Linear(H * V, config.dim, bias=False)
         self.scale = softmax_scale(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                positions: torch.Tensor, cache: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """x (B, T, D); cos/sin (B, T, P/2); mask (B, T, S) bool, True = may attend.
+    def forward(self, x: torch.Tensor, rotation: torch.Tensor, mask: torch.Tensor,
+                write_at: torch.Tensor | None = None, cache: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """x (B, T, D); rotation (B, T, P/2) complex RoPE factors; mask (B, T, S) bool, True = may attend.
 
         Without a cache the keys are the T tokens of x (S = T). With a cache, the new keys are
-        written at slots `positions` and attention runs over slots [0, S).
+        written at the flat slots `write_at` (`KVCache.write_index`) and attention runs over slots [0, S).
         """
         cfg = self.config
         B, T, _ = x.shape
@@ -159,10 +165,10 @@ class MLA(nn.Module):
         q = self.wq(x) if cfg.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
         q = q.view(B, T, H, C + P)
         q_nope, q_pe = q.split([C, P], dim=-1)  # (B, T, H, C), (B, T, H, P)
-        q_pe = apply_rope(q_pe, cos[:, :, None], sin[:, :, None])
+        q_pe = apply_rope(q_pe, rotation[:, :, None])
         kv_a = self.wkv_a(x)
         c_kv, k_pe = kv_a.split([R, P], dim=-1)  # (B, T, R), (B, T, P)
-        k_pe = apply_rope(k_pe, cos, sin)  # one RoPE key shared by all heads
+        k_pe = apply_rope(k_pe, rotation)  # one RoPE key shared by all heads
         c_kv = self.kv_norm(c_kv)
         S = mask.shape[-1]
         wkv_b = self.wkv_b.weight.view(H, C + V, R)
@@ -171,8 +177,8 @@ class MLA(nn.Module):
             k_nope, v = kv.split([C, V], dim=-1)
             k = torch.cat([k_nope, k_pe[:, :, None].expand(B, T, H, P)], dim=-1)  # (B, T, H, C+P)
             if cache is not None:
-                _write(cache[0], positions, k)
-                _write(cache[1], positions, v)
+                _write(cache[0], write_at, k)
+                _write(cache[1], write_at, v)
                 k, v = cache[0][:, :S], cache[1][:, :S]  # (B, S, H, C+P), (B, S, H, V)
             out = F.scaled_dot_product_attention(
                 torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -184,11 +190,11 @@ class MLA(nn.Module):
             q_lat = torch.einsum("bthc,hcr->bthr", q_nope, wkv_b[:, :C])  # (B, T, H, R)
             keys = torch.cat([c_kv, k_pe], dim=-1)  # (B, T, R+P)
             if cache is not None:
-                _write(cache[0], positions, keys)
+                _write(cache[0], write_at, keys)
                 keys = cache[0][:, :S]  # (B, S, R+P)
             query = torch.cat([q_lat, q_pe], dim=-1).view(B, T * H, R + P)
             scores = torch.baddbmm(query.new_empty(()), query, keys.transpose(1, 2), beta=0, alpha=self.scale)
-            scores = scores.view(B, T, H, S).masked_fill(~mask[:, :, None], float("-inf"))  # (B, T, H, S)
+            scores = torch.where(mask[:, :, None], scores.view(B, T, H, S), float("-inf"))  # (B, T, H, S)
             probs = scores.float().softmax(dim=-1).type_as(x)
             out_lat = torch.bmm(probs.view(B, T * H, S), keys[..., :R]).view(B, T, H, R)
             out = torch.einsum("bthr,hvr->bthv", out_lat, wkv_b[:, C:])  # (B, T, H, V)
@@ -386,8 +392,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn = MoE(config) if moe else MLP(config.dim, config.inter_dim)
 
-    def forward(self, x, cos, sin, mask, positions, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, positions, cache)
+    def forward(self, x, rotation, mask, write_at=None, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.attn(self.attn_norm(x), rotation, mask, write_at, cache)
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoE):
             y, aux = self.ffn(h)
@@ -407,9 +413,9 @@ class MTPModule(nn.Module):
         self.block = Block(config, moe=config.n_moe_layers > 0)
         self.norm = RMSNorm(config.dim, config.norm_eps)
 
-    def forward(self, h, emb, cos, sin, mask, positions, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, h, emb, rotation, mask, write_at=None, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.eh_proj(torch.cat([self.hnorm(h), self.enorm(emb)], dim=-1))
-        return self.block(x, cos, sin, mask, positions, cache)
+        return self.block(x, rotation, mask, write_at, cache)
 
 
 @dataclass
@@ -433,8 +439,9 @@ class Transformer(nn.Module):
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.mtp = nn.ModuleList(MTPModule(config) for _ in range(config.n_mtp_modules))
         freqs = torch.outer(torch.arange(config.max_seq_len, dtype=torch.float32), rope_frequencies(config))
-        self.register_buffer("rope_cos", freqs.cos(), persistent=False)  # (max_seq_len, P/2)
-        self.register_buffer("rope_sin", freqs.sin(), persistent=False)
+        # (cos, sin) per position and pair, (max_seq_len, P/2, 2): real, so `.to(dtype)` treats it like
+        # the weights (a complex buffer would be cast to a real dtype, losing sin).
+        self.register_buffer("rope", torch.stack([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -450,13 +457,13 @@ class Transformer(nn.Module):
                 nn.init.ones_(module.weight)
 
     # -- positions and masks --------------------------------------------------------------------
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope(self, positions: torch.Tensor) -> torch.Tensor:
         # The check reads a value back from the tensor; a compiled decode step skips it (the engine
         # bounds positions by max_len <= max_seq_len).
         if (not torch.compiler.is_compiling() and positions.numel()
                 and int(positions.max()) >= self.config.max_seq_len):
             raise ValueError(f"position {int(positions.max())} exceeds max_seq_len {self.config.max_seq_len}")
-        return self.rope_cos[positions], self.rope_sin[positions]  # (B, T, P/2)
+        return torch.view_as_complex(self.rope[positions].float())  # (B, T, P/2) complex
 
     @staticmethod
     def _mask(positions: torch.Tensor, valid: torch.Tensor | None, n_slots: int | None) -> torch.Tensor:
@@ -490,15 +497,16 @@ class Transformer(nn.Module):
         """
         if positions is None:
             positions = self.default_positions(tokens, valid)
-        cos, sin = self._rope(positions)
+        rotation = self._rope(positions)
         if cache is not None and n_slots is None:
             n_slots = int(positions.max()) + 1
         n_slots = None if cache is None else n_slots
         mask = self._mask(positions, valid, n_slots)
+        write_at = None if cache is None else cache.write_index(positions)
         h = self.embed(tokens)
         aux = h.new_zeros(())
         for i, layer in enumerate(self.layers):
-            h, layer_aux = layer(h, cos, sin, mask, positions, None if cache is None else cache.layers[i])
+            h, layer_aux = layer(h, rotation, mask, write_at, None if cache is None else cache.layers[i])
             aux = aux + layer_aux
         return h, aux
 
@@ -521,11 +529,12 @@ class Transformer(nn.Module):
                  cache: KVCache | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Run MTP module k (0-based) on hidden states h (B, T, D) and the embeddings of the tokens
         that follow them; returns the module's hidden state (B, T, D) (feed `logits` to predict)."""
-        cos, sin = self._rope(positions)
+        rotation = self._rope(positions)
         n_slots = None if cache is None else int(positions.max()) + 1
         mask = self._mask(positions, valid, n_slots)
         layer_cache = None if cache is None else cache.layers[len(self.layers) + k]
-        out, _ = self.mtp[k](h, self.embed(next_tokens), cos, sin, mask, positions, layer_cache)
+        write_at = None if cache is None else cache.write_index(positions)
+        out, _ = self.mtp[k](h, self.embed(next_tokens), rotation, mask, write_at, layer_cache)
         return out
 
     def mtp_logits(self, k: int, h: torch.Tensor) -> torch.Tensor:
@@ -549,10 +558,9 @@ class Transformer(nn.Module):
             # Module k sees positions 0..T-1-depth: its input embedding is token t+depth (targets[t+depth-1])
             # and it predicts token t+1+depth (targets[t+depth]).
             sub_valid = None if valid is None else valid[:, :T - depth]
-            cos, sin = self._rope(positions[:, :T - depth])
+            rotation = self._rope(positions[:, :T - depth])
             sub_mask = self._mask(positions[:, :T - depth], sub_valid, None)
-            h, _ = self.mtp[k](h[:, :T - depth], self.embed(targets[:, depth - 1:T - 1]), cos, sin, sub_mask,
-                               positions[:, :T - depth])
+            h, _ = self.mtp[k](h[:, :T - depth], self.embed(targets[:, depth - 1:T - 1]), rotation, sub_mask)
             mtp_loss = mtp_loss + _masked_ce(self.mtp_logits(k, h), targets[:, depth:], mask[:, depth:])
         if cfg.n_mtp_modules:
             mtp_loss = mtp_loss / cfg.n_mtp_modules

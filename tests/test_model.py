@@ -242,8 +242,7 @@ def test_rope_is_relative(make_config):
     q, k = torch.randn(8), torch.randn(8)
 
     def rot(x, p):
-        ang = p * freqs
-        return apply_rope(x, ang.cos(), ang.sin())
+        return apply_rope(x, torch.polar(torch.ones_like(freqs), p * freqs))
 
     assert torch.dot(rot(q, 5), rot(k, 2)).item() == pytest.approx(torch.dot(rot(q, 13), rot(k, 10)).item(), abs=1e-5)
 
