@@ -69,7 +69,7 @@ def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of the last dim: x (B, T, [H,] P) read as P/2 complex numbers, times
     `rotation` = cos + i sin, complex, broadcastable to (..., P/2)."""
     x32 = x.float()
-    if x32.storage_offset() % 2 or any(s % 2 for s in x32.stride()[:-1]):
+    if torch.compiler.is_compiling() or x32.storage_offset() % 2 or any(s % 2 for s in x32.stride()[:-1]):
         x32 = x32.contiguous()  # complex views need pairs aligned in memory
     rotated = torch.view_as_complex(x32.unflatten(-1, (-1, 2))) * rotation
     return torch.view_as_real(rotated).flatten(-2).type_as(x)
@@ -235,6 +235,7 @@ class Gate(nn.Module):
         super().__init__()
         self.config = config
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.dim))
+        nn.init.normal_(self.weight, std=config.init_std)
         self.register_buffer("expert_bias", torch.zeros(config.n_routed_experts))
         self.register_buffer("expert_load", torch.zeros(config.n_routed_experts), persistent=False)
 
@@ -298,36 +299,57 @@ class Experts(nn.Module):
         return (F.silu(x @ self.w1[e]) * (x @ self.w3[e])) @ self.w2[e]
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """Sum over each token's K experts of weight * expert(x), assignments grouped by expert.
+        """x (N, D) -> (N, D): the sum over each token's K experts of weight * expert(x)."""
+        # A compiled (inference) graph calls the dispatch as one opaque op: its data-dependent
+        # shapes would otherwise break the graph.
+        run = _routed_experts_op if torch.compiler.is_compiling() else routed_experts
+        return run(x, routing.indices, routing.weights, self.w1, self.w2, self.w3)
 
-        The assignments are sorted by expert and packed into an (E, C, D) block, C the largest
-        expert load, so all experts run as three batched products; when the loads are so uneven
-        that padding would more than double the work, each expert runs on its own tokens instead.
-        """
-        N, K = routing.indices.shape
-        E = len(self)
-        flat_expert = routing.indices.flatten()  # (N*K,)
-        order = flat_expert.argsort(stable=True)
-        token_of = order // K  # which token each sorted assignment belongs to
-        weight_of = routing.weights.flatten()[order][:, None]
-        counts = torch.bincount(flat_expert, minlength=E)
-        C = int(counts.max())
-        out = torch.zeros_like(x)
-        if E * C <= 2 * N * K:
-            sorted_expert = flat_expert[order]
-            starts = counts.cumsum(0) - counts
-            slot = sorted_expert * C + torch.arange(N * K, device=x.device) - starts[sorted_expert]
-            packed = x.new_zeros(E * C, x.shape[1]).index_copy_(0, slot, x[token_of]).view(E, C, -1)
-            hidden = F.silu(torch.bmm(packed, self.w1)) * torch.bmm(packed, self.w3)  # (E, C, I)
-            y = torch.bmm(hidden, self.w2).flatten(0, 1)[slot]  # (N*K, D) in sorted order
-            return out.index_add_(0, token_of, y * weight_of)
-        start = 0
-        for e, count in enumerate(counts.tolist()):
-            if count:
-                idx = token_of[start:start + count]
-                out.index_add_(0, idx, self.expert(e, x[idx]) * weight_of[start:start + count])
-                start += count
-        return out
+
+def routed_experts(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor,
+                   w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """x (N, D), routing indices/weights (N, K), stacked expert weights -> (N, D).
+
+    The assignments are sorted by expert and packed into an (E, C, D) block, C the largest expert
+    load, so all experts run as three batched products; when the loads are so uneven that padding
+    would more than double the work, each expert runs on its own tokens instead.
+    """
+    N, K = indices.shape
+    E = w1.shape[0]
+    flat_expert = indices.flatten()  # (N*K,)
+    order = flat_expert.argsort(stable=True)
+    token_of = order // K  # which token each sorted assignment belongs to
+    weight_of = weights.flatten()[order][:, None]
+    counts = torch.bincount(flat_expert, minlength=E)
+    C = int(counts.max())
+    out = torch.zeros_like(x)
+    if E * C <= 2 * N * K:
+        sorted_expert = flat_expert[order]
+        starts = counts.cumsum(0) - counts
+        slot = sorted_expert * C + torch.arange(N * K, device=x.device) - starts[sorted_expert]
+        packed = x.new_zeros(E * C, x.shape[1]).index_copy_(0, slot, x[token_of]).view(E, C, -1)
+        hidden = F.silu(torch.bmm(packed, w1)) * torch.bmm(packed, w3)  # (E, C, I)
+        y = torch.bmm(hidden, w2).flatten(0, 1)[slot]  # (N*K, D) in sorted order
+        return out.index_add_(0, token_of, y * weight_of)
+    start = 0
+    for e, count in enumerate(counts.tolist()):
+        if count:
+            idx = token_of[start:start + count]
+            y = (F.silu(x[idx] @ w1[e]) * (x[idx] @ w3[e])) @ w2[e]
+            out.index_add_(0, idx, y * weight_of[start:start + count])
+            start += count
+    return out
+
+
+@torch.library.custom_op("r1lab::routed_experts", mutates_args=())
+def _routed_experts_op(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor,
+                       w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    return routed_experts(x, indices, weights, w1, w2, w3)
+
+
+@_routed_experts_op.register_fake
+def _(x, indices, weights, w1, w2, w3):
+    return torch.empty_like(x)
 
 
 _EXPERT_WEIGHTS = ("w1", "w2", "w3")
