@@ -4,11 +4,12 @@
 (b) a dense r1lab config against the baseline's dense Qwen2 (hidden 256, 4 layers, intermediate
     1024, vocab 382) with the same FLOPs per token (within a few percent, printed).
 Random weights, 29-token prompts, exactly `--new-tokens` generated per sequence (EOS is banned on
-both sides), sampling at temperature 1. Median of `--runs` timed runs after a warm-up, the two
-sides interleaved so that machine noise hits both. The decode step's achieved GFLOP/s is set
-against this machine's fp32 matmul peak, measured in the same run.
+both sides), sampling at temperature 1. r1lab runs twice: eager, and with the decode step compiled
+(`Engine(compile=True)`; its one-off compile time is reported). Median of `--runs` timed runs after
+a warm-up, all sides interleaved so that machine noise hits each. The decode step's achieved
+GFLOP/s is set against this machine's fp32 matmul peak, measured in the same run.
 
-    python benchmarks/bench_generate.py [--batches 1 8 64] [--new-tokens 128] [--runs 3] [--no-append]
+    python benchmarks/bench_generate.py [--batches 1 8 64] [--new-tokens 128] [--runs 5] [--no-compile] [--no-append]
 """
 
 from __future__ import annotations
@@ -80,27 +81,37 @@ def time_r1lab(engine: Engine, prompts: torch.Tensor, new_tokens: int, seed: int
 
 
 def run_pair(name: str, ours: Transformer, theirs, batches: list[int], new_tokens: int, runs: int,
-             peak: float, rows: list[str]) -> None:
+             peak: float, compile: bool, rows: list[str]) -> None:
     cfg = ours.config
-    engine = Engine(ours, eos_id=1)
+    engines = {"eager": Engine(ours, eos_id=1)}
+    if compile:
+        engines["compiled"] = Engine(ours, eos_id=1, compile=True)
     flops_ours = generate_flops_per_token(cfg, PROMPT_LEN + new_tokens / 2)
     g = torch.Generator().manual_seed(0)
     for batch in batches:
         prompts = torch.randint(2, cfg.vocab_size, (batch, PROMPT_LEN), generator=g)
-        time_r1lab(engine, prompts, 4, seed=0)
+        warmup = {}
+        for label, engine in engines.items():  # the first call at a new shape compiles
+            warmup[label] = time_r1lab(engine, prompts, 4, seed=0)
         time_hf(theirs, prompts, 4)
-        ours_t, hf_t, prefill_t = [], [], []
+        ours_t = {label: [] for label in engines}
+        prefill_t, hf_t = [], []
         for r in range(runs):
-            ours_t.append(time_r1lab(engine, prompts, new_tokens, seed=r))
+            for label, engine in engines.items():
+                ours_t[label].append(time_r1lab(engine, prompts, new_tokens, seed=r))
             hf_t.append(time_hf(theirs, prompts, new_tokens))
-            prefill_t.append(time_r1lab(engine, prompts, 1, seed=r))
-        ours_s, hf_s, prefill_s = statistics.median(ours_t), statistics.median(hf_t), statistics.median(prefill_t)
-        decode_s = max(ours_s - prefill_s, 1e-9)
-        decode_gflops = flops_ours * batch * (new_tokens - 1) / decode_s / 1e9
-        ours_tps, hf_tps = batch * new_tokens / ours_s, batch * new_tokens / hf_s
-        rows.append(f"| {name} | {batch} | {ours_tps:,.0f} | {hf_tps:,.0f} | **{ours_tps / hf_tps:.2f}x** | "
-                    f"{1000 * decode_s / (new_tokens - 1):.2f} | {decode_gflops:.1f} | {100 * decode_gflops / peak:.0f}% |")
-        print(rows[-1], flush=True)
+            prefill_t.append(time_r1lab(engines["eager"], prompts, 1, seed=r))
+        hf_s, prefill_s = statistics.median(hf_t), statistics.median(prefill_t)
+        hf_tps = batch * new_tokens / hf_s
+        for label in engines:
+            ours_s = statistics.median(ours_t[label])
+            decode_s = max(ours_s - prefill_s, 1e-9)
+            decode_gflops = flops_ours * batch * (new_tokens - 1) / decode_s / 1e9
+            ours_tps = batch * new_tokens / ours_s
+            first = f"{warmup[label]:.0f} s" if label == "compiled" else "-"
+            rows.append(f"| {name} | {label} | {batch} | {ours_tps:,.0f} | {hf_tps:,.0f} | **{ours_tps / hf_tps:.2f}x** | "
+                        f"{1000 * decode_s / (new_tokens - 1):.2f} | {decode_gflops:.1f} | {100 * decode_gflops / peak:.0f}% | {first} |")
+            print(rows[-1], flush=True)
 
 
 def speculative_rows(new_tokens: int, rows: list[str]) -> None:
@@ -141,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled decode step (saves minutes)")
     parser.add_argument("--no-append", action="store_true", help="print only, do not touch RESULTS.md")
     args = parser.parse_args(argv)
 
@@ -153,18 +165,23 @@ def main(argv: list[str] | None = None) -> None:
     deepseek, qwen = hf_models(moe_cfg)
     flops_dense = generate_flops_per_token(DENSE, 0)
     flops_qwen = hf_flops_per_token(qwen)
-    header = ["| pair | batch | r1lab tok/s | HF tok/s | ratio | r1lab ms/decode step | decode GFLOP/s | of peak |",
-              "|---|---|---|---|---|---|---|---|"]
+    header = ["| pair | r1lab decode | batch | r1lab tok/s | HF tok/s | ratio | r1lab ms/decode step | decode GFLOP/s "
+              "| of peak | first call (compile) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(header))
     rows: list[str] = []
-    run_pair("(a) tiny MoE vs HF DeepseekV3", tiny, deepseek, args.batches, args.new_tokens, args.runs, peak, rows)
-    run_pair("(b) dense vs HF Qwen2", dense, qwen, args.batches, args.new_tokens, args.runs, peak, rows)
+    compile = not args.no_compile
+    run_pair("(a) tiny MoE vs HF DeepseekV3", tiny, deepseek, args.batches, args.new_tokens, args.runs, peak, compile, rows)
+    run_pair("(b) dense vs HF Qwen2", dense, qwen, args.batches, args.new_tokens, args.runs, peak, compile, rows)
+    peak_after = measure_matmul_peak()
+    print(f"fp32 matmul peak again after the runs: {peak_after:.1f} GFLOP/s")
     spec_header = ["| batch | plain tok/s | MTP speculative tok/s | speed-up | draft acceptance |", "|---|---|---|---|---|"]
     print("\n" + "\n".join(spec_header))
     spec: list[str] = []
     speculative_rows(args.new_tokens, spec)
 
-    body = (f"fp32 matmul peak measured in this run: {peak:.1f} GFLOP/s. Prompts {PROMPT_LEN} tokens, "
+    body = (f"fp32 matmul peak measured in this run: {peak:.1f} GFLOP/s before the runs (used below), "
+            f"{peak_after:.1f} after. Prompts {PROMPT_LEN} tokens, "
             f"{args.new_tokens} new tokens, sampling at temperature 1, median of {args.runs} runs.\n"
             f"Matmul FLOPs per token (no attention): r1lab dense {flops_dense / 1e6:.2f}M vs Qwen2 {flops_qwen / 1e6:.2f}M; "
             f"r1lab tiny MoE {generate_flops_per_token(moe_cfg, 0) / 1e6:.2f}M active.\n\n"

@@ -109,7 +109,7 @@ def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
     model = load_served_model(args.model, name=args.served_model_name)
     settings = ServeSettings(api_key=args.api_key, max_tokens_cap=args.max_tokens_cap,
                              max_prompt_tokens=args.max_prompt_tokens, max_concurrency=args.max_concurrency,
-                             max_batch_size=args.max_batch_size)
+                             max_batch_size=args.max_batch_size, compile=args.compile)
     print(f"r1lab: serving {model.name!r} ({model.template} template, context {model.max_len}) on "
           f"http://{args.host}:{args.port}/ (web chat) and /v1 (API)", file=sys.stderr)
     run(create_app(model, settings), host=args.host, port=args.port)
@@ -256,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (default: the context - 1)")
     srv.add_argument("--max-concurrency", type=int, default=64, help="requests in flight before 429 (default 64)")
     srv.add_argument("--max-batch-size", type=int, default=256, help="samples decoded together (default 256)")
+    srv.add_argument("--compile", action="store_true",
+                     help="compile the decode step with torch.compile: about 2x faster small-batch decoding "
+                          "after a one-off compile of tens of seconds per batch shape")
     srv.set_defaults(func=cmd_serve)
 
     chat = sub.add_parser("chat", help="terminal chat with a model, reasoning shown dimmed",

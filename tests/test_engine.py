@@ -254,3 +254,16 @@ def test_speculative_sampling_is_reproducible_and_stops(make_config):
 def test_speculative_needs_an_mtp_module(make_config):
     with pytest.raises(ValueError, match="MTP"):
         Engine(Transformer(make_config(n_mtp_modules=0)), eos_id=None, speculative=True)
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_eager_tokens(make_config):
+    # MoE on (the routed experts are one opaque op in the graph); ragged prompts; 30-40 s of compiling.
+    model = Transformer(make_config(init_std=0.1)).eval()
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16]]
+    params = SamplingParams(max_new_tokens=12, temperature=0)
+    eager = Engine(model, eos_id=None).generate(prompts, params)
+    compiled = Engine(model, eos_id=None, compile=True).generate(prompts, params)
+    assert [o.token_ids for o in compiled] == [o.token_ids for o in eager]
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)

@@ -67,6 +67,9 @@ class ServeSettings:
     """Largest request body; more gets 413 before any parsing."""
     max_batch_size: int = 256
     """The engine's running batch, in samples."""
+    compile: bool = False
+    """Compile the engine's decode step (`Engine(compile=True)`): the first requests at each batch
+    shape wait while it compiles (tens of seconds), later steps are cheaper, most at small batches."""
     temperature: float = 0.6
     """Default sampling temperature (DeepSeek's recommendation for R1)."""
     top_p: float = 0.95
@@ -92,7 +95,7 @@ class _Counter:
 def create_app(model: ServedModel, settings: ServeSettings | None = None) -> FastAPI:
     """The app serving `model`; its engine thread starts with the app (or at the first request)."""
     settings = settings or ServeSettings()
-    worker = EngineWorker(lambda: make_engine(model, settings.max_batch_size))
+    worker = EngineWorker(lambda: make_engine(model, settings.max_batch_size, compile=settings.compile))
     in_flight = _Counter()
     created = int(time.time())
 

@@ -63,10 +63,10 @@ def load_served_model(path: str | Path, name: str | None = None, device=None) ->
     return ServedModel(decoder, tokenizer, template, name or path.resolve().name)
 
 
-def make_engine(model: ServedModel, max_batch_size: int = 256) -> Engine:
+def make_engine(model: ServedModel, max_batch_size: int = 256, compile: bool = False) -> Engine:
     tok = model.tokenizer
     return Engine(model.decoder, tok.eos_id, decode=lambda ids: tok.decode(ids, skip_special=True),
-                  max_batch_size=max_batch_size, max_len=model.max_len)
+                  max_batch_size=max_batch_size, max_len=model.max_len, compile=compile)
 
 
 def chat_prompt(model: ServedModel, messages: Sequence[Mapping[str, str]]) -> list[int]:
