@@ -396,7 +396,8 @@ class Engine:
                         finished[event.request_id] += 1
                         if finished[event.request_id] == params.n:
                             pending.discard(event.request_id)
-                    yield replace(event, request_id=ids[event.request_id])
+                    event.request_id = ids[event.request_id]  # events are fresh per step: ours to relabel
+                    yield event
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         """All samples of all prompts: prompt i's sample j is at index i * n + j."""

@@ -310,12 +310,20 @@ def routed_experts(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
                    w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
     """x (N, D), routing indices/weights (N, K), stacked expert weights -> (N, D).
 
-    The assignments are sorted by expert and packed into an (E, C, D) block, C the largest expert
-    load, so all experts run as three batched products; when the loads are so uneven that padding
-    would more than double the work, each expert runs on its own tokens instead.
+    With no more assignments than experts (decoding a few sequences), each assignment gathers its
+    expert's weights and runs as one batched product: only the chosen experts' weights are read.
+    Otherwise the assignments are sorted by expert and packed into an (E, C, D) block, C the largest
+    expert load, so all experts run as three batched products; when the loads are so uneven that
+    padding would more than double the work, each expert runs on its own tokens instead.
     """
     N, K = indices.shape
     E = w1.shape[0]
+    if N * K <= E:
+        chosen = indices.flatten()  # (N*K,)
+        xs = x.repeat_interleave(K, dim=0)[:, None]  # (N*K, 1, D)
+        hidden = F.silu(torch.bmm(xs, w1[chosen])) * torch.bmm(xs, w3[chosen])  # (N*K, 1, I)
+        y = torch.bmm(hidden, w2[chosen]).view(N, K, -1)  # (N, K, D)
+        return (y * weights[..., None]).sum(dim=1)
     flat_expert = indices.flatten()  # (N*K,)
     order = flat_expert.argsort(stable=True)
     token_of = order // K  # which token each sorted assignment belongs to

@@ -94,10 +94,11 @@ def test_cache_select_and_repeat(config):
             torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("loads", ["balanced", "skewed"])
+@pytest.mark.parametrize("loads", ["balanced", "skewed", "few tokens"])
 def test_vectorised_moe_equals_per_token_loop(make_config, loads):
     # balanced: the packed (E, C, D) batched products; skewed (one expert takes every token): the
-    # per-expert path, as padding to the largest load would more than double the work.
+    # per-expert path, as padding to the largest load would more than double the work; few tokens
+    # (no more assignments than experts): gathered expert weights.
     cfg = make_config(n_routed_experts=8, n_activated_experts=3, n_expert_groups=4, n_limited_groups=2,
                       route_scale=2.5)
     moe = MoE(cfg).eval()
@@ -105,7 +106,7 @@ def test_vectorised_moe_equals_per_token_loop(make_config, loads):
     moe.gate.expert_bias.normal_(std=0.1)
     if loads == "skewed":
         moe.gate.expert_bias[5] = 100.0
-    x = torch.randn(2, 11, cfg.dim)
+    x = torch.randn(2, 1 if loads == "few tokens" else 11, cfg.dim)
     with torch.no_grad():
         out, _ = moe(x)
         flat = x.reshape(-1, cfg.dim)
