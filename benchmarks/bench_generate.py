@@ -126,7 +126,7 @@ def format_row(r: dict, peak: float) -> str:
             f"{100 * r['gflops'] / peak:.0f}% | {r['first']} |")
 
 
-def speculative_rows(new_tokens: int, rows: list[str]) -> None:
+def speculative_rows(new_tokens: int, runs: int, compile: bool, rows: list[str]) -> None:
     """MTP self-speculative decoding on a tiny model trained briefly on a learnable pattern."""
     cfg = model_preset("tiny")
     model = Transformer(cfg)
@@ -141,23 +141,24 @@ def speculative_rows(new_tokens: int, rows: list[str]) -> None:
         loss.backward()
         opt.step()
     model.eval()
-    for batch in (1, 8):
-        prompts = [[(s + k * 3) % cfg.vocab_size for k in range(8)] for s in range(batch)]
-        params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
-        times = {}
-        for spec in (False, True):
-            engine = Engine(model, eos_id=None, speculative=spec)
-            engine.generate(prompts, SamplingParams(max_new_tokens=4, temperature=0))
-            samples = []
-            for _ in range(3):
-                start = time.perf_counter()
-                engine.generate(prompts, params)
-                samples.append(time.perf_counter() - start)
-            times[spec] = statistics.median(samples)
-            rate = engine.acceptance_rate
-        rows.append(f"| {batch} | {batch * new_tokens / times[False]:,.0f} | {batch * new_tokens / times[True]:,.0f} | "
-                    f"{times[False] / times[True]:.2f}x | {100 * rate:.0f}% |")
-        print(rows[-1], flush=True)
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
+    for compiled in (False, True) if compile else (False,):
+        engines = {spec: Engine(model, eos_id=None, speculative=spec, compile=compiled) for spec in (False, True)}
+        for batch in (1, 8):
+            prompts = [[(s + k * 3) % cfg.vocab_size for k in range(8)] for s in range(batch)]
+            times: dict[bool, list[float]] = {False: [], True: []}
+            for engine in engines.values():  # warm-up (and, compiled, the compile at this batch shape)
+                engine.generate(prompts, SamplingParams(max_new_tokens=4, temperature=0))
+            engines[True].drafted = engines[True].accepted = 0
+            for _ in range(runs):
+                for spec, engine in engines.items():
+                    start = time.perf_counter()
+                    engine.generate(prompts, params)
+                    times[spec].append(time.perf_counter() - start)
+            plain, spec = statistics.median(times[False]), statistics.median(times[True])
+            rows.append(f"| {'compiled' if compiled else 'eager'} | {batch} | {batch * new_tokens / plain:,.0f} | "
+                        f"{batch * new_tokens / spec:,.0f} | {plain / spec:.2f}x | {100 * engines[True].acceptance_rate:.0f}% |")
+            print(rows[-1], flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -192,10 +193,11 @@ def main(argv: list[str] | None = None) -> None:
     peak_used = max(peak, peak_after)  # the machine's speed drifts; the larger reading is the stricter bar
     rows = [format_row(r, peak_used) for r in records]
     print("\n" + "\n".join(header + rows))
-    spec_header = ["| batch | plain tok/s | MTP speculative tok/s | speed-up | draft acceptance |", "|---|---|---|---|---|"]
+    spec_header = ["| decode | batch | plain tok/s | MTP speculative tok/s | speed-up | draft acceptance |",
+                   "|---|---|---|---|---|---|"]
     print("\n" + "\n".join(spec_header))
     spec: list[str] = []
-    speculative_rows(args.new_tokens, spec)
+    speculative_rows(args.new_tokens, args.runs, compile, spec)
 
     body = (f"fp32 matmul peak measured in this run: {peak:.1f} GFLOP/s before the runs, {peak_after:.1f} after "
             f"(\"of peak\" uses the larger). Compile times are "

@@ -20,6 +20,7 @@ Letter legend: B running rows, T tokens in a call, V vocabulary.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import random
 from collections import deque
@@ -142,15 +143,19 @@ class Engine:
     def __init__(self, model, eos_id: int | None, decode: Callable[[list[int]], str] | None = None,
                  max_batch_size: int = 256, max_len: int | None = None, compact_fraction: float = 0.25,
                  speculative: bool = False, compile: bool = False):
-        """`compile`: run the one-token decode step through `torch.compile` (inductor, dynamic shapes,
-        C++ wrapper). The first steps at a new batch shape compile for tens of seconds; later steps
-        are much cheaper (see benchmarks/bench_generate.py). Prefill and speculative steps stay eager."""
+        """`compile`: run the decode step (with `speculative`: its verify and draft halves) through
+        `torch.compile` (inductor, dynamic shapes, C++ wrapper). The first steps at a new batch shape
+        compile for tens of seconds; later steps are much cheaper (see benchmarks/bench_generate.py).
+        Prefill stays eager."""
         if speculative and not getattr(model, "mtp", None):
             raise ValueError("speculative decoding drafts with the MTP module: the model has none (n_mtp_modules = 0)")
         if max_len is not None and max_len > model.config.max_seq_len:
             raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
         self.model = model
-        self._decoder = (torch.compile(model, dynamic=True, options={"cpp_wrapper": True}) if compile else model)
+        compiled = (lambda fn: torch.compile(fn, dynamic=True, options={"cpp_wrapper": True})) if compile else (lambda fn: fn)
+        self._decoder = compiled(model)
+        self._verify = compiled(functools.partial(_verify, model)) if speculative else None
+        self._draft_next = compiled(functools.partial(_draft_next, model)) if speculative else None
         self._settings_key: tuple[int, ...] = ()
         self._settings: tuple[torch.Tensor, ...] = ()
         self.speculative = speculative
@@ -295,9 +300,8 @@ class Engine:
         every emitted token is drawn from the model's own distribution given the tokens before it."""
         live = torch.tensor([r.finish_reason is None for r in self._rows], device=self._pos.device)
         pos2 = torch.stack([self._pos, (self._pos + 1).clamp(max=self.max_len - 1)], dim=1)  # (B, 2)
-        hidden, _ = self.model.trunk(torch.stack([self._last, self._draft], dim=1), positions=pos2, cache=self._cache,
-                                     n_slots=self._n_slots(ahead=1))
-        logits = self.model.logits(hidden)  # (B, 2, V)
+        n_slots = self._n_slots(ahead=1)
+        hidden, logits = self._verify(torch.stack([self._last, self._draft], dim=1), pos2, self._cache, n_slots)
         s0, lp0 = self._sample(logits[:, 0], self._rows)
         s1, lp1 = self._sample(logits[:, 1], self._rows)
         accept = (s0 == self._draft) & live
@@ -311,8 +315,7 @@ class Engine:
         took_two = torch.zeros_like(accept)
         took_two[second] = True
         # The next draft: MTP on (hidden at p, s0) and (hidden at p+1, s1); use the last accepted one.
-        mtp_hidden = self.model.mtp_step(0, hidden, torch.stack([s0, s1], dim=1), pos2, cache=self._cache)
-        drafts = self.model.mtp_logits(0, mtp_hidden).argmax(dim=-1)  # (B, 2)
+        drafts = self._draft_next(hidden, torch.stack([s0, s1], dim=1), pos2, self._cache, n_slots)  # (B, 2)
         self._draft = torch.where(took_two, drafts[:, 1], drafts[:, 0])
         self._last = torch.where(took_two, s1, torch.where(live, s0, self._last))
         self._pos = self._pos + live.long() + took_two.long()
@@ -412,6 +415,20 @@ class Engine:
                 if self.decode is not None:
                     c.text = ev.text if ev.text is not None else self.decode(c.token_ids)
         return [out[(i, j)] for i in range(len(prompts)) for j in range(params.n)]
+
+
+def _verify(model, tokens: torch.Tensor, positions: torch.Tensor, cache, n_slots: int):
+    """Speculative step, first half: the trunk over [last, draft] -> (hidden (B, 2, D), logits (B, 2, V))."""
+    hidden, _ = model.trunk(tokens, positions=positions, cache=cache, n_slots=n_slots)
+    return hidden, model.logits(hidden)
+
+
+def _draft_next(model, hidden: torch.Tensor, following: torch.Tensor, positions: torch.Tensor, cache,
+                n_slots: int) -> torch.Tensor:
+    """Speculative step, second half: the MTP module's greedy guesses (B, 2) for the token after each
+    of the two sampled ones."""
+    mtp_hidden = model.mtp_step(0, hidden, following, positions, cache=cache, n_slots=n_slots)
+    return model.mtp_logits(0, mtp_hidden).argmax(dim=-1)
 
 
 def _stop_cut(text: str, stops: tuple[str, ...]) -> int | None:

@@ -556,11 +556,15 @@ class Transformer(nn.Module):
         return KVCache(self.config, n, batch_size, max_len or self.config.max_seq_len, p.dtype, p.device)
 
     def mtp_step(self, k: int, h: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor,
-                 cache: KVCache | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+                 cache: KVCache | None = None, valid: torch.Tensor | None = None,
+                 n_slots: int | None = None) -> torch.Tensor:
         """Run MTP module k (0-based) on hidden states h (B, T, D) and the embeddings of the tokens
-        that follow them; returns the module's hidden state (B, T, D) (feed `logits` to predict)."""
+        that follow them; returns the module's hidden state (B, T, D) (feed `logits` to predict).
+        `n_slots` as in `trunk`."""
         rotation = self._rope(positions)
-        n_slots = None if cache is None else int(positions.max()) + 1
+        if cache is not None and n_slots is None:
+            n_slots = int(positions.max()) + 1
+        n_slots = None if cache is None else n_slots
         mask = self._mask(positions, valid, n_slots)
         layer_cache = None if cache is None else cache.layers[len(self.layers) + k]
         write_at = None if cache is None else cache.write_index(positions)

@@ -274,3 +274,17 @@ def test_compiled_decode_step_gives_the_eager_tokens(make_config):
                 for p in model.parameters():
                     p.add_(torch.randn_like(p) * 0.05)
             assert eager_engine.generate(prompts, params)[0].token_ids != eager[0].token_ids
+
+
+@pytest.mark.slow
+def test_compiled_speculative_greedy_equals_plain_greedy(make_config):
+    model = Transformer(make_config(init_std=0.1, n_mtp_modules=1))
+    train_on_strides(model)
+    model.eval()
+    prompts = [[5, 7, 9], [40, 41, 42, 43, 44], [1, 2]]
+    params = SamplingParams(max_new_tokens=20, temperature=0, n=2)
+    plain = Engine(model, eos_id=None).generate(prompts, params)
+    engine = Engine(model, eos_id=None, speculative=True, compile=True)
+    fast = engine.generate(prompts, params)
+    assert [o.token_ids for o in fast] == [o.token_ids for o in plain]
+    assert engine.acceptance_rate > 0.5
