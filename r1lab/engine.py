@@ -3,7 +3,8 @@
 RL rollouts, evaluation, the server and the terminal chat all generate through `Engine`. It knows
 token ids and a decoder (r1lab's Transformer, or anything with the same protocol: `new_cache`,
 `decoder(tokens, positions=..., cache=..., n_slots=...) -> logits` where n_slots bounds the cache
-slots a step reads, a cache with `select`, `repeat_interleave` and `extend`). It knows no tokenizer: stop strings need a `decode` function handed in.
+slots a step reads, a cache with `select`, `repeat_interleave` and `extend`). It knows no
+tokenizer: stop strings need a `decode` function handed in.
 
 How a batch runs:
   * requests wait in a queue; at each step boundary waiting requests are prefilled together
@@ -157,7 +158,7 @@ class Engine:
         self._verify = compiled(functools.partial(_verify, model)) if speculative else None
         self._draft_next = compiled(functools.partial(_draft_next, model)) if speculative else None
         self._settings_key: tuple[int, ...] = ()
-        self._settings: tuple[torch.Tensor, ...] = ()
+        self._settings: tuple = ()
         self.speculative = speculative
         self.drafted = 0   # speculative: rows that verified a draft, and how many drafts were accepted
         self.accepted = 0
@@ -331,12 +332,13 @@ class Engine:
         if key != self._settings_key:  # the rows' settings as tensors, rebuilt only when the rows change
             device = logits.device
             self._settings_key = key
+            ban = torch.tensor([r.params.ignore_eos for r in rows], device=device)
             self._settings = (torch.tensor([r.params.temperature for r in rows], device=device),
                               torch.tensor([r.params.top_k for r in rows], device=device),
                               torch.tensor([r.params.top_p for r in rows], device=device),
-                              torch.tensor([r.params.ignore_eos for r in rows], device=device))
-        temperature, top_k, top_p, ban = self._settings
-        if self.eos_id is not None and any(r.params.ignore_eos for r in rows):
+                              ban, self.eos_id is not None and bool(ban.any()))
+        temperature, top_k, top_p, ban, banning = self._settings
+        if banning:
             logits[:, self.eos_id] = torch.where(ban, float("-inf"), logits[:, self.eos_id])
         uniforms = torch.tensor([1.0 - r.rng.random() for r in rows], dtype=torch.float64)  # (0, 1]
         tokens = sample_tokens(logits, temperature, top_k, top_p, uniforms)

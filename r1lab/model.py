@@ -296,7 +296,7 @@ class Experts(nn.Module):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e alone on x (..., D)."""
-        return (F.silu(x @ self.w1[e]) * (x @ self.w3[e])) @ self.w2[e]
+        return _swiglu(x, self.w1[e], self.w2[e], self.w3[e])
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """x (N, D) -> (N, D): the sum over each token's K experts of weight * expert(x)."""
@@ -304,6 +304,11 @@ class Experts(nn.Module):
         # shapes would otherwise break the graph.
         run = _routed_experts_op if torch.compiler.is_compiling() else routed_experts
         return run(x, routing.indices, routing.weights, self.w1, self.w2, self.w3)
+
+
+def _swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """(silu(x @ w1) * (x @ w3)) @ w2 for one expert (x (N, D)) or a batch of them (x (G, N, D), w (G, ...))."""
+    return (F.silu(x @ w1) * (x @ w3)) @ w2
 
 
 def routed_experts(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor,
@@ -321,8 +326,7 @@ def routed_experts(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
     if N * K <= E:
         chosen = indices.flatten()  # (N*K,)
         xs = x.repeat_interleave(K, dim=0)[:, None]  # (N*K, 1, D)
-        hidden = F.silu(torch.bmm(xs, w1[chosen])) * torch.bmm(xs, w3[chosen])  # (N*K, 1, I)
-        y = torch.bmm(hidden, w2[chosen]).view(N, K, -1)  # (N, K, D)
+        y = _swiglu(xs, w1[chosen], w2[chosen], w3[chosen]).view(N, K, -1)  # (N, K, D)
         return (y * weights[..., None]).sum(dim=1)
     flat_expert = indices.flatten()  # (N*K,)
     order = flat_expert.argsort(stable=True)
@@ -336,14 +340,13 @@ def routed_experts(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
         starts = counts.cumsum(0) - counts
         slot = sorted_expert * C + torch.arange(N * K, device=x.device) - starts[sorted_expert]
         packed = x.new_zeros(E * C, x.shape[1]).index_copy_(0, slot, x[token_of]).view(E, C, -1)
-        hidden = F.silu(torch.bmm(packed, w1)) * torch.bmm(packed, w3)  # (E, C, I)
-        y = torch.bmm(hidden, w2).flatten(0, 1)[slot]  # (N*K, D) in sorted order
+        y = _swiglu(packed, w1, w2, w3).flatten(0, 1)[slot]  # (N*K, D) in sorted order
         return out.index_add_(0, token_of, y * weight_of)
     start = 0
     for e, count in enumerate(counts.tolist()):
         if count:
             idx = token_of[start:start + count]
-            y = (F.silu(x[idx] @ w1[e]) * (x[idx] @ w3[e])) @ w2[e]
+            y = _swiglu(x[idx], w1[e], w2[e], w3[e])
             out.index_add_(0, idx, y * weight_of[start:start + count])
             start += count
     return out
