@@ -66,13 +66,15 @@ def softmax_scale(config: ModelConfig) -> float:
 
 
 def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of the last dim: x (B, T, [H,] P) read as P/2 complex numbers, times
-    `rotation` = cos + i sin, complex, broadcastable to (..., P/2)."""
-    x32 = x.float()
-    if torch.compiler.is_compiling() or x32.storage_offset() % 2 or any(s % 2 for s in x32.stride()[:-1]):
-        x32 = x32.contiguous()  # complex views need pairs aligned in memory
-    rotated = torch.view_as_complex(x32.unflatten(-1, (-1, 2))) * rotation
-    return torch.view_as_real(rotated).flatten(-2).type_as(x)
+    """Rotate interleaved pairs of the last dim: x (B, T, [H,] P) read as P/2 pairs (a, b), each
+    turned by its angle; `rotation` (..., P/2, 2) holds (cos, sin), broadcastable to x's pairs.
+
+    The complex product (a + ib)(cos + i sin) written in real arithmetic (the same four products and
+    two sums), so a compiled graph fuses it with its neighbours instead of calling complex kernels."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    a, b = pairs[..., 0], pairs[..., 1]
+    cos, sin = rotation[..., 0], rotation[..., 1]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).type_as(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +156,7 @@ class MLA(nn.Module):
 
     def forward(self, x: torch.Tensor, rotation: torch.Tensor, mask: torch.Tensor,
                 write_at: torch.Tensor | None = None, cache: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """x (B, T, D); rotation (B, T, P/2) complex RoPE factors; mask (B, T, S) bool, True = may attend.
+        """x (B, T, D); rotation (B, T, P/2, 2) RoPE (cos, sin); mask (B, T, S) bool, True = may attend.
 
         Without a cache the keys are the T tokens of x (S = T). With a cache, the new keys are
         written at the flat slots `write_at` (`KVCache.write_index`) and attention runs over slots [0, S).
@@ -165,7 +167,7 @@ class MLA(nn.Module):
         q = self.wq(x) if cfg.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
         q = q.view(B, T, H, C + P)
         q_nope, q_pe = q.split([C, P], dim=-1)  # (B, T, H, C), (B, T, H, P)
-        q_pe = apply_rope(q_pe, rotation[:, :, None])
+        q_pe = apply_rope(q_pe, rotation[:, :, None])  # one rotation for every head
         kv_a = self.wkv_a(x)
         c_kv, k_pe = kv_a.split([R, P], dim=-1)  # (B, T, R), (B, T, P)
         k_pe = apply_rope(k_pe, rotation)  # one RoPE key shared by all heads
@@ -496,7 +498,7 @@ class Transformer(nn.Module):
         if (not torch.compiler.is_compiling() and positions.numel()
                 and int(positions.max()) >= self.config.max_seq_len):
             raise ValueError(f"position {int(positions.max())} exceeds max_seq_len {self.config.max_seq_len}")
-        return torch.view_as_complex(self.rope[positions].float())  # (B, T, P/2) complex
+        return self.rope[positions].float()  # (B, T, P/2, 2): cos, sin
 
     @staticmethod
     def _mask(positions: torch.Tensor, valid: torch.Tensor | None, n_slots: int | None) -> torch.Tensor:

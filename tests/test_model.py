@@ -243,9 +243,20 @@ def test_rope_is_relative(make_config):
     q, k = torch.randn(8), torch.randn(8)
 
     def rot(x, p):
-        return apply_rope(x, torch.polar(torch.ones_like(freqs), p * freqs))
+        return apply_rope(x, torch.stack([(p * freqs).cos(), (p * freqs).sin()], dim=-1))
 
     assert torch.dot(rot(q, 5), rot(k, 2)).item() == pytest.approx(torch.dot(rot(q, 13), rot(k, 10)).item(), abs=1e-5)
+    assert torch.dot(rot(q, 5), rot(k, 2)).item() != pytest.approx(torch.dot(rot(q, 5), rot(k, 4)).item(), abs=1e-3)
+
+
+def test_rope_is_the_complex_product(make_config):
+    """Each interleaved pair (a, b) becomes (a + ib)(cos + i sin)."""
+    freqs = rope_frequencies(make_config())
+    x, angles = torch.randn(3, 5, 2 * len(freqs)), torch.rand(3, 5, len(freqs)) * 40
+    cos, sin = angles.cos(), angles.sin()
+    expected = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * torch.complex(cos, sin))
+    rotated = apply_rope(x, torch.stack([cos, sin], dim=-1))
+    torch.testing.assert_close(rotated, expected.flatten(-2), rtol=1e-6, atol=1e-6)
 
 
 def test_position_past_max_seq_len_is_an_error(config):
