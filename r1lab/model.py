@@ -23,6 +23,29 @@ from torch import nn
 from r1lab.config import ModelConfig
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., in) @ weight (out, in)^T.
+
+    In a compiled graph fed a single token (batch-1 decoding) this is a matrix-vector product, bound
+    by reading the weight once: written as a broadcast product summed over `in`, the compiler emits
+    one streaming reduction that reads weights about 3x faster than the BLAS call on this CPU class
+    (benchmarks/bench_generate.py). Everywhere else (eager, or several tokens) it is `F.linear`.
+    """
+    if torch.compiler.is_compiling() and x.numel() == x.shape[-1]:
+        return (x.unsqueeze(-2) * weight).sum(dim=-1)
+    return F.linear(x, weight)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` without bias whose product is `linear` (same parameters, same checkpoint names)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -143,15 +166,15 @@ class MLA(nn.Module):
         H, C, P, V, R = (config.n_heads, config.qk_nope_head_dim, config.qk_rope_head_dim,
                          config.v_head_dim, config.kv_lora_rank)
         if config.q_lora_rank == 0:
-            self.wq = nn.Linear(config.dim, H * (C + P), bias=False)
+            self.wq = Linear(config.dim, H * (C + P))
         else:
-            self.wq_a = nn.Linear(config.dim, config.q_lora_rank, bias=False)
+            self.wq_a = Linear(config.dim, config.q_lora_rank)
             self.q_norm = RMSNorm(config.q_lora_rank, config.norm_eps)
-            self.wq_b = nn.Linear(config.q_lora_rank, H * (C + P), bias=False)
-        self.wkv_a = nn.Linear(config.dim, R + P, bias=False)
+            self.wq_b = Linear(config.q_lora_rank, H * (C + P))
+        self.wkv_a = Linear(config.dim, R + P)
         self.kv_norm = RMSNorm(R, config.norm_eps)
-        self.wkv_b = nn.Linear(R, H * (C + V), bias=False)
-        self.wo = nn.Linear(H * V, config.dim, bias=False)
+        self.wkv_b = Linear(R, H * (C + V))
+        self.wo = Linear(H * V, config.dim)
         self.scale = softmax_scale(config)
 
     def forward(self, x: torch.Tensor, rotation: torch.Tensor, mask: torch.Tensor,
@@ -211,9 +234,9 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, inter_dim: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, inter_dim, bias=False)
-        self.w2 = nn.Linear(inter_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, inter_dim, bias=False)
+        self.w1 = Linear(dim, inter_dim)
+        self.w2 = Linear(inter_dim, dim)
+        self.w3 = Linear(dim, inter_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -243,7 +266,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:
         cfg = self.config
-        logits = F.linear(x, self.weight).float()  # (N, E)
+        logits = linear(x, self.weight).float()  # (N, E)
         scores = logits.softmax(dim=-1) if cfg.score_func == "softmax" else logits.sigmoid()
         biased = scores + self.expert_bias.float()
         if cfg.n_expert_groups > 1:
@@ -302,10 +325,13 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """x (N, D) -> (N, D): the sum over each token's K experts of weight * expert(x)."""
-        # A compiled (inference) graph calls the dispatch as one opaque op: its data-dependent
-        # shapes would otherwise break the graph.
-        run = _routed_experts_op if torch.compiler.is_compiling() else routed_experts
-        return run(x, routing.indices, routing.weights, self.w1, self.w2, self.w3)
+        if not torch.compiler.is_compiling():
+            return routed_experts(x, routing.indices, routing.weights, self.w1, self.w2, self.w3)
+        if x.shape[0] == 1:  # one token (batch-1 decoding): static shapes, the compiler fuses it all
+            return _one_token_experts(x, routing.indices, routing.weights, self.w1, self.w2, self.w3)
+        # Several tokens: the dispatch is one opaque op, whose data-dependent shapes would otherwise
+        # break the graph.
+        return _routed_experts_op(x, routing.indices, routing.weights, self.w1, self.w2, self.w3)
 
 
 def _swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
@@ -352,6 +378,17 @@ def routed_experts(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
             out.index_add_(0, idx, y * weight_of[start:start + count])
             start += count
     return out
+
+
+def _one_token_experts(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor,
+                       w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """`routed_experts` for x (1, D), as broadcast products summed over the reduced dim: in a
+    compiled graph each chosen expert's weights are read in place, once (see `linear`)."""
+    chosen = indices[0]  # (K,)
+    xs = x[0][None, :, None]  # (1, D, 1)
+    h = F.silu((xs * w1[chosen]).sum(dim=1)) * (xs * w3[chosen]).sum(dim=1)  # (K, I)
+    y = (h[:, :, None] * w2[chosen]).sum(dim=1)  # (K, D)
+    return (y * weights[0][:, None]).sum(dim=0, keepdim=True)
 
 
 @torch.library.custom_op("r1lab::routed_experts", mutates_args=())
@@ -444,7 +481,7 @@ class MTPModule(nn.Module):
         super().__init__()
         self.hnorm = RMSNorm(config.dim, config.norm_eps)
         self.enorm = RMSNorm(config.dim, config.norm_eps)
-        self.eh_proj = nn.Linear(2 * config.dim, config.dim, bias=False)
+        self.eh_proj = Linear(2 * config.dim, config.dim)
         self.block = Block(config, moe=config.n_moe_layers > 0)
         self.norm = RMSNorm(config.dim, config.norm_eps)
 
@@ -471,7 +508,7 @@ class Transformer(nn.Module):
             Block(config, moe=(config.n_routed_experts > 0 and i >= config.n_dense_layers))
             for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.head = Linear(config.dim, config.vocab_size)
         self.mtp = nn.ModuleList(MTPModule(config) for _ in range(config.n_mtp_modules))
         freqs = torch.outer(torch.arange(config.max_seq_len, dtype=torch.float32), rope_frequencies(config))
         # (cos, sin) per position and pair, (max_seq_len, P/2, 2): real, so `.to(dtype)` treats it like

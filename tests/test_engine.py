@@ -258,22 +258,25 @@ def test_speculative_needs_an_mtp_module(make_config):
 
 @pytest.mark.slow
 def test_compiled_decode_step_gives_the_eager_tokens(make_config):
-    # MoE on (the routed experts are one opaque op in the graph); ragged prompts; 30-40 s of compiling.
+    # MoE on (the routed experts are one opaque op in the graph, or fused reductions for one token);
+    # ragged prompts and a single prompt (batch 1 has its own graph); 60-80 s of compiling.
     model = Transformer(make_config(init_std=0.1)).eval()
-    prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16]]
+    batches = [[[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16]], [[3, 1, 4, 1, 5]]]
     params = SamplingParams(max_new_tokens=12, temperature=0)
     eager_engine, compiled_engine = Engine(model, eos_id=None), Engine(model, eos_id=None, compile=True)
+    before = [o.token_ids for o in eager_engine.generate(batches[0], params)]
     for update in range(2):
-        eager = eager_engine.generate(prompts, params)
-        compiled = compiled_engine.generate(prompts, params)
-        assert [o.token_ids for o in compiled] == [o.token_ids for o in eager]
-        for a, b in zip(compiled, eager):
-            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
+        for prompts in batches:
+            eager = eager_engine.generate(prompts, params)
+            compiled = compiled_engine.generate(prompts, params)
+            assert [o.token_ids for o in compiled] == [o.token_ids for o in eager]
+            for a, b in zip(compiled, eager):
+                torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
         if update == 0:  # an optimiser step changes the weights in place: the compiled step must see it
             with torch.no_grad():
                 for p in model.parameters():
                     p.add_(torch.randn_like(p) * 0.05)
-            assert eager_engine.generate(prompts, params)[0].token_ids != eager[0].token_ids
+            assert [o.token_ids for o in eager_engine.generate(batches[0], params)] != before
 
 
 @pytest.mark.slow

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from r1lab.config import ModelConfig
-from r1lab.model import MoE, Transformer, apply_rope, rope_frequencies, softmax_scale
+from r1lab.model import (MoE, Transformer, _one_token_experts, apply_rope, linear, rope_frequencies, routed_experts,
+                         softmax_scale)
 
 
 def twin(model: Transformer, **changes) -> Transformer:
@@ -275,6 +276,25 @@ def test_dense_model_without_experts(make_config):
 def test_invalid_config_is_rejected_at_construction():
     with pytest.raises(ValueError, match="n_activated_experts"):
         Transformer(ModelConfig(n_routed_experts=4, n_activated_experts=5))
+
+
+def test_one_token_expert_path_equals_the_dispatch(make_config):
+    # The form a compiled batch-1 decoding step uses (reductions the compiler fuses), run eagerly.
+    cfg = make_config(n_routed_experts=8, n_activated_experts=3)
+    moe = MoE(cfg).eval()
+    x = torch.randn(1, cfg.dim)
+    with torch.no_grad():
+        routing = moe.gate(x)
+        args = (x, routing.indices, routing.weights, moe.experts.w1, moe.experts.w2, moe.experts.w3)
+        torch.testing.assert_close(_one_token_experts(*args), routed_experts(*args), atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_one_token_linear_equals_f_linear():
+    weight, x = torch.randn(48, 32), torch.randn(1, 1, 32)
+    compiled = torch.compile(linear, dynamic=False)
+    torch.testing.assert_close(compiled(x, weight), torch.nn.functional.linear(x, weight), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compiled(x.expand(3, 2, 32), weight),  # several tokens: the BLAS path
+                               torch.nn.functional.linear(x.expand(3, 2, 32), weight), atol=1e-5, rtol=1e-5)
 
 
 def test_expert_weights_keep_deepseek_names_in_the_state_dict(make_config):
