@@ -23,15 +23,21 @@ from torch import nn
 from r1lab.config import ModelConfig
 
 
+# In a compiled graph, products over at most this many token rows run as fused reductions (`linear`).
+STREAMING_ROWS = 4
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (..., in) @ weight (out, in)^T.
 
-    In a compiled graph fed a single token (batch-1 decoding) this is a matrix-vector product, bound
-    by reading the weight once: written as a broadcast product summed over `in`, the compiler emits
-    one streaming reduction that reads weights about 3x faster than the BLAS call on this CPU class
-    (benchmarks/bench_generate.py). Everywhere else (eager, or several tokens) it is `F.linear`.
+    In a compiled graph fed at most `STREAMING_ROWS` tokens (decoding a few sequences, a speculative
+    verify step at batch 1) the product is bound by reading the weight: written as a broadcast product
+    summed over `in`, the compiler emits one streaming reduction that reads the weight 2.5-4x faster
+    than the BLAS call on this CPU class (benchmarks/bench_generate.py). The row count is a shape, so
+    the compiled graph is specialised on which side of the threshold it is. Everywhere else (eager,
+    more rows) it is `F.linear`.
     """
-    if torch.compiler.is_compiling() and x.numel() == x.shape[-1]:
+    if torch.compiler.is_compiling() and x.numel() <= STREAMING_ROWS * x.shape[-1]:
         return (x.unsqueeze(-2) * weight).sum(dim=-1)
     return F.linear(x, weight)
 
@@ -327,8 +333,8 @@ class Experts(nn.Module):
         """x (N, D) -> (N, D): the sum over each token's K experts of weight * expert(x)."""
         if not torch.compiler.is_compiling():
             return routed_experts(x, routing.indices, routing.weights, self.w1, self.w2, self.w3)
-        if x.shape[0] == 1:  # one token (batch-1 decoding): static shapes, the compiler fuses it all
-            return _one_token_experts(x, routing.indices, routing.weights, self.w1, self.w2, self.w3)
+        if x.shape[0] <= STREAMING_ROWS:  # a few tokens: static shapes, the compiler fuses it all
+            return _few_token_experts(x, routing.indices, routing.weights, self.w1, self.w2, self.w3)
         # Several tokens: the dispatch is one opaque op, whose data-dependent shapes would otherwise
         # break the graph.
         return _routed_experts_op(x, routing.indices, routing.weights, self.w1, self.w2, self.w3)
@@ -380,15 +386,14 @@ def routed_experts(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
     return out
 
 
-def _one_token_experts(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor,
+def _few_token_experts(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor,
                        w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
-    """`routed_experts` for x (1, D), as broadcast products summed over the reduced dim: in a
-    compiled graph each chosen expert's weights are read in place, once (see `linear`)."""
-    chosen = indices[0]  # (K,)
-    xs = x[0][None, :, None]  # (1, D, 1)
-    h = F.silu((xs * w1[chosen]).sum(dim=1)) * (xs * w3[chosen]).sum(dim=1)  # (K, I)
-    y = (h[:, :, None] * w2[chosen]).sum(dim=1)  # (K, D)
-    return (y * weights[0][:, None]).sum(dim=0, keepdim=True)
+    """`routed_experts` for a few tokens x (N, D), as broadcast products summed over the reduced dim:
+    in a compiled graph each chosen expert's weights are read in place (see `linear`)."""
+    xs = x[:, None, :, None]  # (N, 1, D, 1)
+    h = F.silu((xs * w1[indices]).sum(dim=2)) * (xs * w3[indices]).sum(dim=2)  # (N, K, I)
+    y = (h[..., None] * w2[indices]).sum(dim=2)  # (N, K, D)
+    return (y * weights[..., None]).sum(dim=1)
 
 
 @torch.library.custom_op("r1lab::routed_experts", mutates_args=())

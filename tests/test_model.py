@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from r1lab.config import ModelConfig
-from r1lab.model import (MoE, Transformer, _one_token_experts, apply_rope, linear, rope_frequencies, routed_experts,
+from r1lab.model import (MoE, Transformer, _few_token_experts, apply_rope, linear, rope_frequencies, routed_experts,
                          softmax_scale)
 
 
@@ -278,15 +278,16 @@ def test_invalid_config_is_rejected_at_construction():
         Transformer(ModelConfig(n_routed_experts=4, n_activated_experts=5))
 
 
-def test_one_token_expert_path_equals_the_dispatch(make_config):
-    # The form a compiled batch-1 decoding step uses (reductions the compiler fuses), run eagerly.
+@pytest.mark.parametrize("n_tokens", [1, 3])
+def test_few_token_expert_path_equals_the_dispatch(make_config, n_tokens):
+    # The form a compiled step over a few tokens uses (reductions the compiler fuses), run eagerly.
     cfg = make_config(n_routed_experts=8, n_activated_experts=3)
     moe = MoE(cfg).eval()
-    x = torch.randn(1, cfg.dim)
+    x = torch.randn(n_tokens, cfg.dim)
     with torch.no_grad():
         routing = moe.gate(x)
         args = (x, routing.indices, routing.weights, moe.experts.w1, moe.experts.w2, moe.experts.w3)
-        torch.testing.assert_close(_one_token_experts(*args), routed_experts(*args), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(_few_token_experts(*args), routed_experts(*args), atol=1e-5, rtol=1e-5)
 
 
 def test_compiled_one_token_linear_equals_f_linear():
