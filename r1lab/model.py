@@ -23,19 +23,21 @@ from torch import nn
 from r1lab.config import ModelConfig
 
 
-# In a compiled graph, products over at most this many token rows run as fused reductions (`linear`).
-STREAMING_ROWS = 4
+# In a compiled graph, products over at most this many token rows run as fused reductions (`linear`);
+# routed experts do when each expert's weights would be read at most this many times on average.
+STREAMING_ROWS = 8
+STREAMING_EXPERT_READS = 16
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (..., in) @ weight (out, in)^T.
 
     In a compiled graph fed at most `STREAMING_ROWS` tokens (decoding a few sequences, a speculative
-    verify step at batch 1) the product is bound by reading the weight: written as a broadcast product
-    summed over `in`, the compiler emits one streaming reduction that reads the weight 2.5-4x faster
-    than the BLAS call on this CPU class (benchmarks/bench_generate.py). The row count is a shape, so
-    the compiled graph is specialised on which side of the threshold it is. Everywhere else (eager,
-    more rows) it is `F.linear`.
+    verify step at small batch) the product is bound by reading the weight: written as a broadcast
+    product summed over `in`, the compiler emits one streaming reduction that reads the weight 1.4-4x
+    faster than the BLAS call on this CPU class (1 to 8 rows; slower from 16 rows on). The row count
+    is a shape, so the compiled graph is specialised on which side of the threshold it is. Everywhere
+    else (eager, more rows) it is `F.linear`.
     """
     if torch.compiler.is_compiling() and x.numel() <= STREAMING_ROWS * x.shape[-1]:
         return (x.unsqueeze(-2) * weight).sum(dim=-1)
@@ -333,7 +335,8 @@ class Experts(nn.Module):
         """x (N, D) -> (N, D): the sum over each token's K experts of weight * expert(x)."""
         if not torch.compiler.is_compiling():
             return routed_experts(x, routing.indices, routing.weights, self.w1, self.w2, self.w3)
-        if x.shape[0] <= STREAMING_ROWS:  # a few tokens: static shapes, the compiler fuses it all
+        N, K = routing.indices.shape
+        if N * K <= STREAMING_EXPERT_READS * len(self):  # few tokens: static shapes, all fused
             return _few_token_experts(x, routing.indices, routing.weights, self.w1, self.w2, self.w3)
         # Several tokens: the dispatch is one opaque op, whose data-dependent shapes would otherwise
         # break the graph.

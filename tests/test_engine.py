@@ -258,11 +258,12 @@ def test_speculative_needs_an_mtp_module(make_config):
 
 @pytest.mark.slow
 def test_compiled_decode_step_gives_the_eager_tokens(make_config):
-    # MoE on. Three graphs: many rows (the routed experts one opaque op), a few rows and one row
-    # (fused reductions, see model.linear); ragged prompts; 60-100 s of compiling.
+    # MoE on. One graph per row-count class (model.STREAMING_ROWS, STREAMING_EXPERT_READS): 36 rows
+    # (BLAS products, the routed experts one opaque op), 12 (BLAS, fused experts), 3 and 1 (all fused
+    # reductions); ragged prompts; 60-120 s of compiling.
     model = Transformer(make_config(init_std=0.1)).eval()
     ragged = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16]]
-    batches = [ragged * 2, ragged, [[3, 1, 4, 1, 5]]]
+    batches = [ragged * 12, ragged * 4, ragged, [[3, 1, 4, 1, 5]]]
     params = SamplingParams(max_new_tokens=12, temperature=0)
     eager_engine, compiled_engine = Engine(model, eos_id=None), Engine(model, eos_id=None, compile=True)
     before = [o.token_ids for o in eager_engine.generate(batches[0], params)]
