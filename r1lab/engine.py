@@ -145,9 +145,10 @@ class Engine:
                  max_batch_size: int = 256, max_len: int | None = None, compact_fraction: float = 0.25,
                  speculative: bool = False, compile: bool = False):
         """`compile`: run the decode step (with `speculative`: its verify and draft halves) through
-        `torch.compile` (inductor, dynamic shapes, C++ wrapper). The first steps at a new batch shape
-        compile for tens of seconds; later steps are much cheaper (see benchmarks/bench_generate.py).
-        Prefill stays eager."""
+        `torch.compile` (inductor, dynamic shapes, C++ wrapper). One graph serves each class of batch
+        sizes (1; 2-8; up to the routed-expert threshold; more: see `model.STREAMING_ROWS`), compiled
+        the first time a step falls in it (tens of seconds); later steps are much cheaper, most of all
+        at small batches (see benchmarks/bench_generate.py). Prefill stays eager."""
         if speculative and not getattr(model, "mtp", None):
             raise ValueError("speculative decoding drafts with the MTP module: the model has none (n_mtp_modules = 0)")
         if max_len is not None and max_len > model.config.max_seq_len:
