@@ -37,9 +37,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     product summed over `in`, the compiler emits one streaming reduction that reads the weight 1.4-4x
     faster than the BLAS call on this CPU class (1 to 8 rows; slower from 16 rows on). The row count
     is a shape, so the compiled graph is specialised on which side of the threshold it is. Everywhere
-    else (eager, more rows) it is `F.linear`.
+    else (eager, more rows, GPUs, whose BLAS has no such weakness) it is `F.linear`.
     """
-    if torch.compiler.is_compiling() and x.numel() <= STREAMING_ROWS * x.shape[-1]:
+    if torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() <= STREAMING_ROWS * x.shape[-1]:
         return (x.unsqueeze(-2) * weight).sum(dim=-1)
     return F.linear(x, weight)
 
