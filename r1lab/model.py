@@ -23,10 +23,13 @@ from torch import nn
 from r1lab.config import ModelConfig
 
 
-# In a compiled graph, products over at most this many token rows run as fused reductions (`linear`);
-# routed experts do when each expert's weights would be read at most this many times on average.
+# In a compiled graph, products over at most this many token rows run as fused reductions (`linear`).
+# Routed experts do too for that many tokens, and beyond it while their weights are small enough to
+# be re-read from cache (at most STREAMING_EXPERT_BYTES in all) and each expert would be read at most
+# STREAMING_EXPERT_READS times on average (measured on the tiny preset: 2.4 MB of experts).
 STREAMING_ROWS = 8
 STREAMING_EXPERT_READS = 16
+STREAMING_EXPERT_BYTES = 4 * 2**20
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -336,7 +339,10 @@ class Experts(nn.Module):
         if not torch.compiler.is_compiling():
             return routed_experts(x, routing.indices, routing.weights, self.w1, self.w2, self.w3)
         N, K = routing.indices.shape
-        if N * K <= STREAMING_EXPERT_READS * len(self):  # few tokens: static shapes, all fused
+        expert_bytes = 3 * self.w1.numel() * self.w1.element_size()
+        if N <= STREAMING_ROWS or (N * K <= STREAMING_EXPERT_READS * len(self)
+                                   and expert_bytes <= STREAMING_EXPERT_BYTES):
+            # Static shapes: the compiler fuses it all, reading the chosen weights in place.
             return _few_token_experts(x, routing.indices, routing.weights, self.w1, self.w2, self.w3)
         # Several tokens: the dispatch is one opaque op, whose data-dependent shapes would otherwise
         # break the graph.
