@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
             f"(\"of peak\" uses the larger). Compile times are "
             f"{'warm (torch on-disk cache)' if args.warm_cache else 'cold (a fresh inductor cache)'}; "
             f"each batch-size class has its own graph (1; 2-8; 9 up to the routed-expert threshold; above: "
-            f"model.STREAMING_ROWS). Prompts {PROMPT_LEN} tokens, "
+            f"kernels.STREAMING_ROWS). Prompts {PROMPT_LEN} tokens, "
             f"{args.new_tokens} new tokens, sampling at temperature 1, median of {args.runs} runs.\n"
             f"Matmul FLOPs per token (no attention): r1lab dense {flops_dense / 1e6:.2f}M vs Qwen2 {flops_qwen / 1e6:.2f}M; "
             f"r1lab tiny MoE {generate_flops_per_token(moe_cfg, 0) / 1e6:.2f}M active.\n\n"

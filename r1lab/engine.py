@@ -146,7 +146,7 @@ class Engine:
                  speculative: bool = False, compile: bool = False):
         """`compile`: run the decode step (with `speculative`: its verify and draft halves) through
         `torch.compile` (inductor, dynamic shapes, C++ wrapper). One graph serves each class of batch
-        sizes (1; 2-8; up to the routed-expert threshold; more: see `model.STREAMING_ROWS`), compiled
+        sizes (1; 2-8; up to the routed-expert threshold; more: see `kernels.STREAMING_ROWS`), compiled
         the first time a step falls in it (tens of seconds); later steps are much cheaper, most of all
         at small batches (see benchmarks/bench_generate.py). Prefill stays eager."""
         if speculative and not getattr(model, "mtp", None):

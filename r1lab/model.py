@@ -21,30 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1lab.config import ModelConfig
-
-
-# In a compiled graph, products over at most this many token rows run as fused reductions (`linear`).
-# Routed experts do too for that many tokens, and beyond it while their weights are small enough to
-# be re-read from cache (at most STREAMING_EXPERT_BYTES in all) and each expert would be read at most
-# STREAMING_EXPERT_READS times on average (measured on the tiny preset: 2.4 MB of experts).
-STREAMING_ROWS = 8
-STREAMING_EXPERT_READS = 16
-STREAMING_EXPERT_BYTES = 4 * 2**20
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (..., in) @ weight (out, in)^T.
-
-    In a compiled graph fed at most `STREAMING_ROWS` tokens (decoding a few sequences, a speculative
-    verify step at small batch) the product is bound by reading the weight: written as a broadcast
-    product summed over `in`, the compiler emits one streaming reduction that reads the weight 1.4-4x
-    faster than the BLAS call on this CPU class (1 to 8 rows; slower from 16 rows on). The row count
-    is a shape, so the compiled graph is specialised on which side of the threshold it is. Everywhere
-    else (eager, more rows, GPUs, whose BLAS has no such weakness) it is `F.linear`.
-    """
-    if torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() <= STREAMING_ROWS * x.shape[-1]:
-        return (x.unsqueeze(-2) * weight).sum(dim=-1)
-    return F.linear(x, weight)
+from r1lab.kernels import expert_mixture, linear, swiglu
 
 
 class Linear(nn.Linear):
@@ -332,88 +309,11 @@ class Experts(nn.Module):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e alone on x (..., D)."""
-        return _swiglu(x, self.w1[e], self.w2[e], self.w3[e])
+        return swiglu(x, self.w1[e], self.w2[e], self.w3[e])
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """x (N, D) -> (N, D): the sum over each token's K experts of weight * expert(x)."""
-        if not torch.compiler.is_compiling():
-            return routed_experts(x, routing.indices, routing.weights, self.w1, self.w2, self.w3)
-        N, K = routing.indices.shape
-        expert_bytes = 3 * self.w1.numel() * self.w1.element_size()
-        if N <= STREAMING_ROWS or (N * K <= STREAMING_EXPERT_READS * len(self)
-                                   and expert_bytes <= STREAMING_EXPERT_BYTES):
-            # Static shapes: the compiler fuses it all, reading the chosen weights in place.
-            return _few_token_experts(x, routing.indices, routing.weights, self.w1, self.w2, self.w3)
-        # Several tokens: the dispatch is one opaque op, whose data-dependent shapes would otherwise
-        # break the graph.
-        return _routed_experts_op(x, routing.indices, routing.weights, self.w1, self.w2, self.w3)
-
-
-def _swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
-    """(silu(x @ w1) * (x @ w3)) @ w2 for one expert (x (N, D)) or a batch of them (x (G, N, D), w (G, ...))."""
-    return (F.silu(x @ w1) * (x @ w3)) @ w2
-
-
-def routed_experts(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor,
-                   w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
-    """x (N, D), routing indices/weights (N, K), stacked expert weights -> (N, D).
-
-    With no more assignments than experts (decoding a few sequences), each assignment gathers its
-    expert's weights and runs as one batched product: only the chosen experts' weights are read.
-    Otherwise the assignments are sorted by expert and packed into an (E, C, D) block, C the largest
-    expert load, so all experts run as three batched products; when the loads are so uneven that
-    padding would more than double the work, each expert runs on its own tokens instead.
-    """
-    N, K = indices.shape
-    E = w1.shape[0]
-    if N * K <= E:
-        chosen = indices.flatten()  # (N*K,)
-        xs = x.repeat_interleave(K, dim=0)[:, None]  # (N*K, 1, D)
-        y = _swiglu(xs, w1[chosen], w2[chosen], w3[chosen]).view(N, K, -1)  # (N, K, D)
-        return (y * weights[..., None]).sum(dim=1)
-    flat_expert = indices.flatten()  # (N*K,)
-    order = flat_expert.argsort(stable=True)
-    token_of = order // K  # which token each sorted assignment belongs to
-    weight_of = weights.flatten()[order][:, None]
-    counts = torch.bincount(flat_expert, minlength=E)
-    C = int(counts.max())
-    out = torch.zeros_like(x)
-    if E * C <= 2 * N * K:
-        sorted_expert = flat_expert[order]
-        starts = counts.cumsum(0) - counts
-        slot = sorted_expert * C + torch.arange(N * K, device=x.device) - starts[sorted_expert]
-        packed = x.new_zeros(E * C, x.shape[1]).index_copy_(0, slot, x[token_of]).view(E, C, -1)
-        y = _swiglu(packed, w1, w2, w3).flatten(0, 1)[slot]  # (N*K, D) in sorted order
-        return out.index_add_(0, token_of, y * weight_of)
-    start = 0
-    for e, count in enumerate(counts.tolist()):
-        if count:
-            idx = token_of[start:start + count]
-            y = _swiglu(x[idx], w1[e], w2[e], w3[e])
-            out.index_add_(0, idx, y * weight_of[start:start + count])
-            start += count
-    return out
-
-
-def _few_token_experts(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor,
-                       w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
-    """`routed_experts` for a few tokens x (N, D), as broadcast products summed over the reduced dim:
-    in a compiled graph each chosen expert's weights are read in place (see `linear`)."""
-    xs = x[:, None, :, None]  # (N, 1, D, 1)
-    h = F.silu((xs * w1[indices]).sum(dim=2)) * (xs * w3[indices]).sum(dim=2)  # (N, K, I)
-    y = (h[..., None] * w2[indices]).sum(dim=2)  # (N, K, D)
-    return (y * weights[..., None]).sum(dim=1)
-
-
-@torch.library.custom_op("r1lab::routed_experts", mutates_args=())
-def _routed_experts_op(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor,
-                       w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
-    return routed_experts(x, indices, weights, w1, w2, w3)
-
-
-@_routed_experts_op.register_fake
-def _(x, indices, weights, w1, w2, w3):
-    return torch.empty_like(x)
+        return expert_mixture(x, routing.indices, routing.weights, self.w1, self.w2, self.w3)
 
 
 _EXPERT_WEIGHTS = ("w1", "w2", "w3")

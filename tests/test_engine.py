@@ -258,7 +258,7 @@ def test_speculative_needs_an_mtp_module(make_config):
 
 @pytest.mark.slow
 def test_compiled_decode_step_gives_the_eager_tokens(make_config):
-    # MoE on. One graph per row-count class (model.STREAMING_ROWS, STREAMING_EXPERT_READS): 36 rows
+    # MoE on. One graph per row-count class (r1lab.kernels.STREAMING_ROWS, STREAMING_EXPERT_READS): 36 rows
     # (BLAS products, the routed experts one opaque op), 12 (BLAS, fused experts), 3 and 1 (all fused
     # reductions); ragged prompts; 60-120 s of compiling.
     model = Transformer(make_config(init_std=0.1)).eval()

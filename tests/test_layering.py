@@ -11,6 +11,7 @@ PACKAGE = Path(r1lab.__file__).parent
 # module (or package prefix) -> r1lab modules it must never import
 FORBIDDEN = {
     "r1lab.config": {"r1lab."},  # describes only
+    "r1lab.kernels": {"r1lab."},  # tensors in, tensors out
     "r1lab.model": {"r1lab.engine", "r1lab.tokenizer", "r1lab.train", "r1lab.rewards", "r1lab.eval",
                     "r1lab.serve", "r1lab.checkpoint", "r1lab.tasks", "r1lab.cost"},
     "r1lab.engine": {"r1lab.tokenizer", "r1lab.train", "r1lab.rewards", "r1lab.eval", "r1lab.serve", "r1lab.tasks"},

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from r1lab.config import ModelConfig
-from r1lab.model import (MoE, Transformer, _few_token_experts, apply_rope, linear, rope_frequencies, routed_experts,
-                         softmax_scale)
+from r1lab.kernels import few_token_experts, linear, routed_experts
+from r1lab.model import MoE, Transformer, apply_rope, rope_frequencies, softmax_scale
 
 
 def twin(model: Transformer, **changes) -> Transformer:
@@ -287,7 +287,7 @@ def test_few_token_expert_path_equals_the_dispatch(make_config, n_tokens):
     with torch.no_grad():
         routing = moe.gate(x)
         args = (x, routing.indices, routing.weights, moe.experts.w1, moe.experts.w2, moe.experts.w3)
-        torch.testing.assert_close(_few_token_experts(*args), routed_experts(*args), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(few_token_experts(*args), routed_experts(*args), atol=1e-5, rtol=1e-5)
 
 
 def test_compiled_one_token_linear_equals_f_linear():
