@@ -30,7 +30,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
     In a compiled graph fed at most `STREAMING_ROWS` tokens (decoding a few sequences, a speculative
     verify step at small batch) the product is bound by reading the weight: written as a broadcast
-    product summed over `in`, the compiler emits one streaming reduction that reads the weight 1.4-4x
+    product summed over `in`, the compiler emits one streaming reduction that reads the weight 1.4-3.5x
     faster than the BLAS call on this CPU class (1 to 8 rows; slower from 16 rows on). The row count
     is a shape, so the compiled graph is specialised on which side of the threshold it is. Everywhere
     else (eager, more rows, GPUs, whose BLAS has no such weakness) it is `F.linear`.
@@ -102,7 +102,7 @@ def routed_experts(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
 
 
 def few_token_experts(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor,
-                       w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+                      w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
     """`routed_experts` for a few tokens x (N, D), as broadcast products summed over the reduced dim:
     in a compiled graph each chosen expert's weights are read in place (see `linear`)."""
     xs = x[:, None, :, None]  # (N, 1, D, 1)
@@ -113,7 +113,8 @@ def few_token_experts(x: torch.Tensor, indices: torch.Tensor, weights: torch.Ten
 
 @torch.library.custom_op("r1lab::routed_experts", mutates_args=())
 def routed_experts_op(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor,
-                       w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+                      w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """`routed_experts` as one opaque op in a compiled graph (its shapes depend on the routing)."""
     return routed_experts(x, indices, weights, w1, w2, w3)
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from r1lab.config import ModelConfig
-from r1lab.kernels import few_token_experts, linear, routed_experts
+from r1lab.kernels import STREAMING_ROWS, few_token_experts, linear, routed_experts
 from r1lab.model import MoE, Transformer, apply_rope, rope_frequencies, softmax_scale
 
 
@@ -290,12 +290,20 @@ def test_few_token_expert_path_equals_the_dispatch(make_config, n_tokens):
         torch.testing.assert_close(few_token_experts(*args), routed_experts(*args), atol=1e-5, rtol=1e-5)
 
 
-def test_compiled_one_token_linear_equals_f_linear():
-    weight, x = torch.randn(48, 32), torch.randn(1, 1, 32)
-    compiled = torch.compile(linear, dynamic=False)
+@pytest.mark.parametrize("rows", [1, 5, 12])
+def test_compiled_linear_streams_few_rows_and_keeps_blas_for_many(rows):
+    # Few rows (<= STREAMING_ROWS): a broadcast product and a sum in the graph; more: F.linear.
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append({node.target for node in gm.graph.nodes if node.op == "call_function"})
+        return gm.forward
+
+    weight, x = torch.randn(48, 32), torch.randn(rows, 1, 32)
+    compiled = torch.compile(linear, backend=capture, dynamic=False)
     torch.testing.assert_close(compiled(x, weight), torch.nn.functional.linear(x, weight), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(compiled(x.expand(3, 2, 32), weight),  # several tokens: the BLAS path
-                               torch.nn.functional.linear(x.expand(3, 2, 32), weight), atol=1e-5, rtol=1e-5)
+    assert (torch.nn.functional.linear in graphs[0]) == (rows > STREAMING_ROWS)
+    assert linear(x, weight).equal(torch.nn.functional.linear(x, weight))  # eager: always the BLAS
 
 
 def test_expert_weights_keep_deepseek_names_in_the_state_dict(make_config):
