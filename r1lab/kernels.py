@@ -4,22 +4,34 @@ Eager code (training, prefill, eager decoding) calls the BLAS (`F.linear`, batch
 routed-expert dispatch below. A compiled decode step over a few token rows instead writes its
 products as broadcast multiplies summed over the reduced dim, which the compiler turns into loops
 that stream the weights once (this CPU class's BLAS reads weights slowly when it multiplies 1-16
-rows; benchmarks/bench_generate.py); more rows keep the BLAS, and the expert dispatch becomes one
-opaque op so its data-dependent shapes do not break the graph. This module knows tensors only: no
-config, no modules.
+rows; benchmarks/bench_generate.py); more rows keep the BLAS, and the routed experts become one
+opaque op (data-dependent shapes would break the graph): on an AVX2 CPU a small C++ grouped GEMM
+(csrc/grouped_experts.cpp, built on first use with the C++ compiler `torch.compile` needs anyway),
+elsewhere the eager dispatch. This module knows tensors only: no config, no modules.
 
 Letters: N tokens, D model dim, E routed experts, K experts per token, I expert hidden dim.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
 # In a compiled graph, products over at most this many token rows run as fused reductions (`linear`).
-# Routed experts do too for that many tokens, and beyond it while their weights are small enough to
-# be re-read from cache (at most STREAMING_EXPERT_BYTES in all) and each expert would be read at most
-# STREAMING_EXPERT_READS times on average (measured on the tiny preset: 2.4 MB of experts).
+# Routed experts do too for that many tokens; beyond it they take the grouped GEMM, or where that
+# cannot run, the fused reductions while their weights are small enough to be re-read from cache (at
+# most STREAMING_EXPERT_BYTES in all) and each expert would be read at most STREAMING_EXPERT_READS
+# times on average (measured on the tiny preset: 2.4 MB of experts), else the eager dispatch.
 STREAMING_ROWS = 8
 STREAMING_EXPERT_READS = 16
 STREAMING_EXPERT_BYTES = 4 * 2**20
@@ -47,10 +59,12 @@ def expert_mixture(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
     if not torch.compiler.is_compiling():
         return routed_experts(x, indices, weights, w1, w2, w3)
     N, K = indices.shape
+    if N <= STREAMING_ROWS:  # static shapes: the compiler fuses it all, reading the chosen weights in place
+        return few_token_experts(x, indices, weights, w1, w2, w3)
+    if grouped_experts_supported(x, w1):
+        return grouped_experts_op(x, indices, weights, w1, w2, w3)
     expert_bytes = 3 * w1.numel() * w1.element_size()
-    if N <= STREAMING_ROWS or (N * K <= STREAMING_EXPERT_READS * w1.shape[0]
-                               and expert_bytes <= STREAMING_EXPERT_BYTES):
-        # Static shapes: the compiler fuses it all, reading the chosen weights in place.
+    if N * K <= STREAMING_EXPERT_READS * w1.shape[0] and expert_bytes <= STREAMING_EXPERT_BYTES:
         return few_token_experts(x, indices, weights, w1, w2, w3)
     return routed_experts_op(x, indices, weights, w1, w2, w3)
 
@@ -119,5 +133,80 @@ def routed_experts_op(x: torch.Tensor, indices: torch.Tensor, weights: torch.Ten
 
 
 @routed_experts_op.register_fake
+def _(x, indices, weights, w1, w2, w3):
+    return torch.empty_like(x)
+
+
+# -- the grouped-GEMM expert kernel (csrc/grouped_experts.cpp) ----------------------------------------
+
+_SOURCE = Path(__file__).parent / "csrc" / "grouped_experts.cpp"
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+
+
+@functools.cache
+def _grouped_experts_library() -> ctypes.CDLL | None:
+    """Build (once per source version, into the user cache) and load the grouped expert kernel; None
+    where it cannot run: a CPU without AVX2, no C++ compiler, or a failed build (with a warning)."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return None
+    compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    if compiler is None:
+        return None
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([compiler, *_FLAGS]).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "r1lab" / "kernels"
+    target = cache / f"grouped_experts-{key}.so"
+    if not target.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        done = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True)
+        if done.returncode != 0:
+            os.unlink(tmp)
+            warnings.warn(f"r1lab: building {_SOURCE.name} failed, routed experts use the generic path: "
+                          f"{done.stderr.strip()[:500]}", stacklevel=2)
+            return None
+        os.replace(tmp, target)  # atomic: a concurrent build never loads a half-written file
+    lib = ctypes.CDLL(str(target))
+    lib.r1lab_grouped_experts.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 5
+    lib.r1lab_grouped_experts.restype = ctypes.c_int
+    return lib
+
+
+@torch.compiler.assume_constant_result
+def grouped_experts_built() -> bool:
+    """Whether the grouped expert kernel is built and loaded here (a constant to the compiler, which
+    would otherwise break the graph at the build call)."""
+    return _grouped_experts_library() is not None
+
+
+def grouped_experts_supported(x: torch.Tensor, w1: torch.Tensor) -> bool:
+    """Whether `grouped_experts_op` can run these tensors: float32 on a CPU with the kernel built,
+    model and expert dims multiples of 8."""
+    return (x.device.type == "cpu" and x.dtype == w1.dtype == torch.float32 and x.shape[-1] % 8 == 0
+            and w1.shape[-1] % 8 == 0 and grouped_experts_built())
+
+
+@torch.library.custom_op("r1lab::grouped_experts", mutates_args=())
+def grouped_experts_op(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor,
+                       w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """`routed_experts` by the C++ grouped GEMM (assignments sorted by expert, each expert's weights
+    read once per tile of up to 6 tokens, register-tiled): 3-7x the compiled reductions' speed on the
+    tiny preset's decode steps (benchmarks/bench_generate.py). Same result up to float rounding."""
+    N, K = indices.shape
+    E, D, I = w1.shape
+    x, weights = x.contiguous(), weights.contiguous().float()
+    indices = indices.contiguous().long()
+    w1, w2, w3 = w1.contiguous(), w2.contiguous(), w3.contiguous()
+    out = torch.empty_like(x)
+    status = _grouped_experts_library().r1lab_grouped_experts(
+        x.data_ptr(), indices.data_ptr(), weights.data_ptr(), w1.data_ptr(), w2.data_ptr(), w3.data_ptr(),
+        out.data_ptr(), N, K, E, D, I)
+    if status != 0:
+        raise ValueError(f"routed expert indices must lie in [0, {E})")
+    return out
+
+
+@grouped_experts_op.register_fake
 def _(x, indices, weights, w1, w2, w3):
     return torch.empty_like(x)

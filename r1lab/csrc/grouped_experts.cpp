@@ -1,0 +1,155 @@
+// Routed experts for a decode step on an AVX2 CPU: one grouped GEMM over the tokens' expert choices.
+//
+// The compiled decode graph calls this (through kernels.grouped_experts) when it holds more token
+// rows than the streaming products suit. Assignments are sorted by expert, each expert's rows are cut
+// into tiles of up to ROWS rows, and the work is split into (expert, 16-column block) tasks: a task
+// keeps that panel of its expert's weights in L1 while a register-tiled micro-kernel runs every tile
+// of the expert's rows through it, so each weight is read once per step (the compiled reductions
+// reload it per token). Plain floats and pointers in, no torch headers, so it builds in a second.
+//
+// Letters: N tokens, K experts per token, E routed experts, D model dim, I expert hidden dim.
+// Layouts (row-major, contiguous): x (N, D); indices (N, K) int64; weights (N, K);
+// w1, w3 (E, D, I); w2 (E, I, D); out (N, D). D and I must be multiples of 8.
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int ROWS = 6;   // rows per tile: 6 x 2 accumulators + 2 weight vectors fit the 16 ymm registers
+constexpr int COLS = 16;  // columns per task (two 8-float vectors)
+
+// c[r][0:n] = sum_k a[r][k] * b[k][0:n] for r < R, n = 16 or 8; b has leading dimension ldb.
+// (The unroll pragmas keep the accumulators in registers; without them GCC spills them every k.)
+template <int R>
+void tile_product(const float* const* a, int64_t k_dim, const float* b, int64_t ldb, int64_t n, float* const* c) {
+  if (n == COLS) {
+    __m256 acc[R][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < k_dim; ++k) {
+      const __m256 b0 = _mm256_loadu_ps(b + k * ldb);
+      const __m256 b1 = _mm256_loadu_ps(b + k * ldb + 8);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m256 ar = _mm256_broadcast_ss(a[r] + k);
+        acc[r][0] = _mm256_fmadd_ps(ar, b0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(ar, b1, acc[r][1]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      _mm256_storeu_ps(c[r], acc[r][0]);
+      _mm256_storeu_ps(c[r] + 8, acc[r][1]);
+    }
+    return;
+  }
+  __m256 acc[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < k_dim; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(b + k * ldb);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(a[r] + k), b0, acc[r]);
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(c[r], acc[r]);
+}
+
+void tile(int rows, const float* const* a, int64_t k_dim, const float* b, int64_t ldb, int64_t n, float* const* c) {
+  switch (rows) {
+    case 1: tile_product<1>(a, k_dim, b, ldb, n, c); break;
+    case 2: tile_product<2>(a, k_dim, b, ldb, n, c); break;
+    case 3: tile_product<3>(a, k_dim, b, ldb, n, c); break;
+    case 4: tile_product<4>(a, k_dim, b, ldb, n, c); break;
+    case 5: tile_product<5>(a, k_dim, b, ldb, n, c); break;
+    default: tile_product<6>(a, k_dim, b, ldb, n, c); break;
+  }
+}
+
+// out rows [first, last) of one expert (sorted order), columns [j, j + n): rows[s] = a_of(s) @ b[:, j:j+n].
+// The weight panel b[:, j:j+n] stays in L1 while every tile of the expert's rows uses it.
+template <typename RowA, typename RowC>
+void expert_columns(int64_t first, int64_t last, RowA a_of, int64_t k_dim, const float* b, int64_t ldb,
+                    int64_t j, int64_t n, RowC c_of) {
+  for (int64_t s = first; s < last; s += ROWS) {
+    const int rows = (int)std::min<int64_t>(ROWS, last - s);
+    const float* a[ROWS];
+    float* c[ROWS];
+    for (int r = 0; r < rows; ++r) {
+      a[r] = a_of(s + r);
+      c[r] = c_of(s + r) + j;
+    }
+    tile(rows, a, k_dim, b + j, ldb, n, c);
+  }
+}
+
+}  // namespace
+
+// Returns 0, or -1 (touching nothing) if an expert index is outside [0, E).
+extern "C" int r1lab_grouped_experts(const float* x, const int64_t* indices, const float* weights,
+                                     const float* w1, const float* w2, const float* w3, float* out,
+                                     int64_t n_tokens, int64_t k_top, int64_t n_experts, int64_t dim,
+                                     int64_t hidden) {
+  const int64_t n_assign = n_tokens * k_top;
+  for (int64_t a = 0; a < n_assign; ++a)
+    if (indices[a] < 0 || indices[a] >= n_experts) return -1;
+  // Counting sort of the assignments by expert (stable: token order within an expert).
+  std::vector<int64_t> start(n_experts + 1, 0), token_of(n_assign), slot_of(n_assign);
+  for (int64_t a = 0; a < n_assign; ++a) ++start[indices[a] + 1];
+  for (int64_t e = 0; e < n_experts; ++e) start[e + 1] += start[e];
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  for (int64_t a = 0; a < n_assign; ++a) {
+    const int64_t s = fill[indices[a]]++;
+    token_of[s] = a / k_top;
+    slot_of[a] = s;
+  }
+  // Tasks are (expert, column block): each reads one panel of its expert's weights once.
+  const int64_t h_blocks = (hidden + COLS - 1) / COLS, d_blocks = (dim + COLS - 1) / COLS;
+  // Scratch in sorted order, kept by the calling thread between calls (no page faults per step).
+  static thread_local std::vector<float> scratch;
+  if (scratch.size() < (size_t)(n_assign * (2 * hidden + dim))) scratch.resize(n_assign * (2 * hidden + dim));
+  float* const h1 = scratch.data();
+  float* const h3 = h1 + n_assign * hidden;
+  float* const y = h3 + n_assign * hidden;
+  const auto x_row = [&](int64_t s) { return x + token_of[s] * dim; };
+  const auto h1_row = [&](int64_t s) { return h1 + s * hidden; };
+  const auto h3_row = [&](int64_t s) { return h3 + s * hidden; };
+  const auto y_row = [&](int64_t s) { return y + s * dim; };
+#pragma omp parallel
+  {
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < n_experts * h_blocks; ++task) {
+      const int64_t e = task / h_blocks, j = (task % h_blocks) * COLS, n = std::min<int64_t>(COLS, hidden - j);
+      if (start[e] == start[e + 1]) continue;
+      expert_columns(start[e], start[e + 1], x_row, dim, w1 + e * dim * hidden, hidden, j, n, h1_row);
+      expert_columns(start[e], start[e + 1], x_row, dim, w3 + e * dim * hidden, hidden, j, n, h3_row);
+    }
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n_assign * hidden; ++i) {
+      const float g = h1[i];
+      h1[i] = g / (1.0f + std::exp(-g)) * h3[i];  // silu(x w1) * (x w3)
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < n_experts * d_blocks; ++task) {
+      const int64_t e = task / d_blocks, j = (task % d_blocks) * COLS, n = std::min<int64_t>(COLS, dim - j);
+      if (start[e] == start[e + 1]) continue;
+      expert_columns(start[e], start[e + 1], h1_row, hidden, w2 + e * hidden * dim, dim, j, n, y_row);
+    }
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < n_tokens; ++t) {  // out[t] = sum_k weights[t, k] * y[slot of (t, k)]
+      float* o = out + t * dim;
+      for (int64_t d = 0; d < dim; ++d) o[d] = 0.0f;
+      for (int64_t k = 0; k < k_top; ++k) {
+        const float w = weights[t * k_top + k];
+        const float* yk = y + slot_of[t * k_top + k] * dim;
+        for (int64_t d = 0; d < dim; ++d) o[d] += w * yk[d];
+      }
+    }
+  }
+  return 0;
+}
