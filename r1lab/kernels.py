@@ -137,54 +137,61 @@ def _(x, indices, weights, w1, w2, w3):
     return torch.empty_like(x)
 
 
-# -- the grouped-GEMM expert kernel (csrc/grouped_experts.cpp) ----------------------------------------
+# -- C++ kernels for compiled CPU decode steps (csrc/*.cpp) --------------------------------------------
 
-_SOURCE = Path(__file__).parent / "csrc" / "grouped_experts.cpp"
+_CSRC = Path(__file__).parent / "csrc"
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+_SIGNATURES = {  # each kernel's C entry point: argument types, return type
+    "grouped_experts": ([ctypes.c_void_p] * 7 + [ctypes.c_int64] * 5, ctypes.c_int),
+    "latent_attention": ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+                         + [ctypes.c_int64] * 6 + [ctypes.c_float], None),
+}
 
 
 @functools.cache
-def _grouped_experts_library() -> ctypes.CDLL | None:
-    """Build (once per source version, into the user cache) and load the grouped expert kernel; None
-    where it cannot run: a CPU without AVX2, no C++ compiler, or a failed build (with a warning)."""
+def _library(name: str) -> ctypes.CDLL | None:
+    """Build (once per source version, into the user cache) and load csrc/<name>.cpp; None where it
+    cannot run: a CPU without AVX2, no C++ compiler, or a failed build (with a warning)."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return None
     compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
     if compiler is None:
         return None
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *_FLAGS]).encode()).hexdigest()[:16]
+    source = _CSRC / f"{name}.cpp"
+    key = hashlib.sha256(source.read_bytes() + " ".join([compiler, *_FLAGS]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "r1lab" / "kernels"
-    target = cache / f"grouped_experts-{key}.so"
+    target = cache / f"{name}-{key}.so"
     if not target.exists():
         cache.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
         os.close(fd)
-        done = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True)
+        done = subprocess.run([compiler, *_FLAGS, str(source), "-o", tmp], capture_output=True, text=True)
         if done.returncode != 0:
             os.unlink(tmp)
-            warnings.warn(f"r1lab: building {_SOURCE.name} failed, routed experts use the generic path: "
+            warnings.warn(f"r1lab: building {source.name} failed, the compiled step uses the generic path: "
                           f"{done.stderr.strip()[:500]}", stacklevel=2)
             return None
         os.replace(tmp, target)  # atomic: a concurrent build never loads a half-written file
     lib = ctypes.CDLL(str(target))
-    lib.r1lab_grouped_experts.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 5
-    lib.r1lab_grouped_experts.restype = ctypes.c_int
+    entry = getattr(lib, f"r1lab_{name}")
+    entry.argtypes, entry.restype = _SIGNATURES[name]
     return lib
 
 
 @torch.compiler.assume_constant_result
-def grouped_experts_built() -> bool:
-    """Whether the grouped expert kernel is built and loaded here (a constant to the compiler, which
-    would otherwise break the graph at the build call)."""
-    return _grouped_experts_library() is not None
+def kernel_built(name: str) -> bool:
+    """Whether csrc/<name>.cpp is built and loaded here (a constant to the compiler, which would
+    otherwise break the graph at the build call)."""
+    return _library(name) is not None
 
+
+# -- routed experts: the grouped GEMM -----------------------------------------------------------------
 
 def grouped_experts_supported(x: torch.Tensor, w1: torch.Tensor) -> bool:
     """Whether `grouped_experts_op` can run these tensors: float32 on a CPU with the kernel built,
     model and expert dims multiples of 8."""
     return (x.device.type == "cpu" and x.dtype == w1.dtype == torch.float32 and x.shape[-1] % 8 == 0
-            and w1.shape[-1] % 8 == 0 and grouped_experts_built())
+            and w1.shape[-1] % 8 == 0 and kernel_built("grouped_experts"))
 
 
 @torch.library.custom_op("r1lab::grouped_experts", mutates_args=())
@@ -199,7 +206,7 @@ def grouped_experts_op(x: torch.Tensor, indices: torch.Tensor, weights: torch.Te
     indices = indices.contiguous().long()
     w1, w2, w3 = w1.contiguous(), w2.contiguous(), w3.contiguous()
     out = torch.empty_like(x)
-    status = _grouped_experts_library().r1lab_grouped_experts(
+    status = _library("grouped_experts").r1lab_grouped_experts(
         x.data_ptr(), indices.data_ptr(), weights.data_ptr(), w1.data_ptr(), w2.data_ptr(), w3.data_ptr(),
         out.data_ptr(), N, K, E, D, I)
     if status != 0:
@@ -210,3 +217,49 @@ def grouped_experts_op(x: torch.Tensor, indices: torch.Tensor, weights: torch.Te
 @grouped_experts_op.register_fake
 def _(x, indices, weights, w1, w2, w3):
     return torch.empty_like(x)
+
+
+# -- MLA decode attention over the latent cache -------------------------------------------------------
+
+def latent_attention(query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, scale: float,
+                     latent: int) -> torch.Tensor:
+    """Absorbed MLA attention: query (B, T*H, L), keys (B, S, L) (the cache's first S slots, L = R + P),
+    mask (B, T, S) bool (True = may attend) -> (B, T*H, R): softmax(scale q k^T) @ keys[..., :R].
+
+    Batched GEMMs in eager code; in a compiled CPU step over more than `STREAMING_ROWS` tokens, one
+    pass over each sequence's cache rows in C++ (csrc/latent_attention.cpp): at T*H query rows per
+    sequence the batched GEMMs spend most of their time on setup (fewer tokens: the compiler's own
+    fused loops are cheaper than the call).
+    """
+    B, M, L = query.shape
+    T, S = mask.shape[1], mask.shape[2]
+    if (torch.compiler.is_compiling() and B * T > STREAMING_ROWS and query.device.type == "cpu"
+            and query.dtype == keys.dtype == torch.float32 and L % 8 == 0 and latent % 8 == 0
+            and kernel_built("latent_attention")):
+        return latent_attention_op(query, keys, mask, scale, latent)
+    scores = torch.baddbmm(query.new_empty(()), query, keys.transpose(1, 2), beta=0, alpha=scale)
+    scores = torch.where(mask[:, :, None], scores.view(B, T, M // T, S), float("-inf"))  # (B, T, H, S)
+    probs = scores.float().softmax(dim=-1).type_as(query)
+    return torch.bmm(probs.view(B, M, S), keys[..., :latent])
+
+
+@torch.library.custom_op("r1lab::latent_attention", mutates_args=())
+def latent_attention_op(query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, scale: float,
+                        latent: int) -> torch.Tensor:
+    """`latent_attention` by the C++ kernel (float32, L and R multiples of 8); keys may be a slot
+    slice of the cache (any stride between sequences)."""
+    B, M, L = query.shape
+    T, S = mask.shape[1], mask.shape[2]
+    query, mask = query.contiguous(), mask.contiguous()
+    if keys.stride(2) != 1 or keys.stride(1) != L:
+        keys = keys.contiguous()
+    out = query.new_empty(B, M, latent)
+    _library("latent_attention").r1lab_latent_attention(
+        query.data_ptr(), keys.data_ptr(), keys.stride(0), mask.data_ptr(), out.data_ptr(), B, T, M, S, L, latent,
+        scale)
+    return out
+
+
+@latent_attention_op.register_fake
+def _(query, keys, mask, scale, latent):
+    return query.new_empty(query.shape[0], query.shape[1], latent)

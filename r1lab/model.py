@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1lab.config import ModelConfig
-from r1lab.kernels import expert_mixture, linear, swiglu
+from r1lab.kernels import expert_mixture, latent_attention, linear, swiglu
 
 
 class Linear(nn.Linear):
@@ -206,10 +206,7 @@ class MLA(nn.Module):
                 _write(cache[0], write_at, keys)
                 keys = cache[0][:, :S]  # (B, S, R+P)
             query = torch.cat([q_lat, q_pe], dim=-1).view(B, T * H, R + P)
-            scores = torch.baddbmm(query.new_empty(()), query, keys.transpose(1, 2), beta=0, alpha=self.scale)
-            scores = torch.where(mask[:, :, None], scores.view(B, T, H, S), float("-inf"))  # (B, T, H, S)
-            probs = scores.float().softmax(dim=-1).type_as(x)
-            out_lat = torch.bmm(probs.view(B, T * H, S), keys[..., :R]).view(B, T, H, R)
+            out_lat = latent_attention(query, keys, mask, self.scale, R).view(B, T, H, R)
             out = torch.einsum("bthr,hvr->bthv", out_lat, wkv_b[:, C:])  # (B, T, H, V)
         return self.wo(out.reshape(B, T, H * V))
 

@@ -6,7 +6,7 @@ import torch
 from r1lab import kernels
 from r1lab.kernels import STREAMING_ROWS, expert_mixture, grouped_experts_op, routed_experts
 
-needs_grouped = pytest.mark.skipif(kernels._grouped_experts_library() is None,
+needs_grouped = pytest.mark.skipif(kernels._library("grouped_experts") is None,
                                    reason="the grouped expert kernel needs an AVX2 CPU and a C++ compiler")
 
 
@@ -60,5 +60,47 @@ def test_a_failed_build_warns_and_leaves_the_generic_path(tmp_path, monkeypatch)
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         pytest.skip("no AVX2: the kernel is never built here")
     with pytest.warns(UserWarning, match="generic path"):
-        assert kernels._grouped_experts_library.__wrapped__() is None
+        assert kernels._library.__wrapped__("grouped_experts") is None
     assert not list((tmp_path / "r1lab" / "kernels").glob("*.so"))  # nothing half-written left behind
+
+
+needs_attention = pytest.mark.skipif(kernels._library("latent_attention") is None,
+                                     reason="the attention kernel needs an AVX2 CPU and a C++ compiler")
+
+
+@needs_attention
+@pytest.mark.parametrize("tokens, heads, slots, latent, rope", [
+    (1, 4, 13, 32, 8),    # a decode step: 13 slots (an 8-wide block and a tail)
+    (2, 4, 37, 64, 16),   # a speculative verify step: two tokens, each with its own mask row
+    (1, 16, 5, 96, 16),   # more query rows than one register block (8)
+])
+def test_latent_attention_kernel_equals_the_batched_products(tokens, heads, slots, latent, rope):
+    batch, width = 3, latent + rope
+    cache = torch.randn(batch, slots + 7, width)  # a longer preallocated cache: keys are a strided slice
+    keys = cache[:, :slots]
+    query = torch.randn(batch, tokens * heads, width)
+    lengths = torch.tensor([slots, 2, slots - 3])  # ragged: each row sees its own first slots
+    mask = torch.arange(slots)[None, None, :] < (lengths[:, None, None] - (tokens - 1) + torch.arange(tokens)[None, :, None])
+    expected = kernels.latent_attention(query, keys, mask, 0.3, latent)  # eager: the batched GEMMs
+    got = kernels.latent_attention_op(query, keys, mask, 0.3, latent)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    masked = keys.clone()
+    masked[1, 2:] = 1e4  # slots row 1 may not see must not leak into its output
+    torch.testing.assert_close(kernels.latent_attention_op(query, masked, mask, 0.3, latent)[1], got[1])
+
+
+@needs_attention
+def test_compiled_attention_takes_the_kernel_beyond_the_streaming_rows():
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append({node.target for node in gm.graph.nodes if node.op == "call_function"})
+        return gm.forward
+
+    for batch in (STREAMING_ROWS, STREAMING_ROWS + 1):  # few sequences: the compiler's own loops
+        query, keys = torch.randn(batch, 4, 40), torch.randn(batch, 9, 40)
+        mask = torch.ones(batch, 1, 9, dtype=torch.bool)
+        compiled = torch.compile(kernels.latent_attention, backend=capture, dynamic=False)
+        torch.testing.assert_close(compiled(query, keys, mask, 0.5, 32),
+                                   kernels.latent_attention(query, keys, mask, 0.5, 32), atol=1e-5, rtol=1e-5)
+    assert [torch.ops.r1lab.latent_attention.default in graph for graph in graphs] == [False, True]

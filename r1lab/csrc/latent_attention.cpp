@@ -1,0 +1,154 @@
+// MLA decode attention over the latent cache on an AVX2 CPU, one pass per sequence.
+//
+// In the absorbed form every head's query attends to one shared key per token, [c_kv, k_pe], and the
+// value is the latent c_kv itself (model.MLA). A decode step has only T * H query rows per sequence
+// (T = 1, or 2 when verifying a draft), so batched GEMMs spend their time on setup and re-reading the
+// cache; here each sequence's cache rows are read once for the scores and once (from L1/L2) for the
+// weighted sum, with all of its query rows sharing every key vector loaded.
+//
+// Letters: B sequences, T new tokens, M = T * H query rows, S cache slots attended, L = R + P key
+// width, R latent width (the value). Layouts: query (B, M, L) contiguous; keys[b, s, l] at
+// keys + b * key_stride + s * L + l; mask (B, T, S) bytes, nonzero = may attend; out (B, M, R).
+// L and R must be multiples of 8; every query row must see at least one slot.
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int MAX_ROWS = 8;  // query rows per sequence handled in one register block
+
+float hsum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+// exp(x) for 8 floats: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial for exp(r) (relative error
+// ~1e-7 on the softmax's range, x <= 0) times 2^n; -inf and anything below -87 give 0.
+__m256 exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.0f);
+  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, lo);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln2 split in two for accuracy
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+// scores[m][s] = scale * q[m] . keys[s] (or -inf where masked) for the N query rows of a block; every
+// key vector loaded serves all N rows. (N is a template argument so the accumulators stay in registers.)
+template <int N>
+void block_scores(const float* q, int64_t first, const float* keys, const uint8_t* mask, int64_t heads,
+                  int64_t slots, int64_t width, float scale, float* scores) {
+  for (int64_t s = 0; s < slots; ++s) {
+    const float* k = keys + s * width;
+    __m256 acc[N];
+#pragma GCC unroll 8
+    for (int m = 0; m < N; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t v = 0; v < width; v += 8) {
+      const __m256 kv = _mm256_loadu_ps(k + v);
+#pragma GCC unroll 8
+      for (int m = 0; m < N; ++m) acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(q + m * width + v), kv, acc[m]);
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < N; ++m)
+      scores[m * slots + s] = mask[((first + m) / heads) * slots + s] ? scale * hsum(acc[m]) : -INFINITY;
+  }
+}
+
+// In place: row[s] = exp(row[s] - max); returns the sum.
+float softmax_numerators(float* row, int64_t slots) {
+  float top = -INFINITY;
+  for (int64_t s = 0; s < slots; ++s) top = row[s] > top ? row[s] : top;
+  const __m256 top8 = _mm256_set1_ps(top);
+  __m256 total8 = _mm256_setzero_ps();
+  int64_t s = 0;
+  for (; s + 8 <= slots; s += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + s), top8));
+    _mm256_storeu_ps(row + s, e);
+    total8 = _mm256_add_ps(total8, e);
+  }
+  float total = hsum(total8);
+  for (; s < slots; ++s) {
+    row[s] = _mm256_cvtss_f32(exp8(_mm256_set1_ps(row[s] - top)));
+    total += row[s];
+  }
+  return total;
+}
+
+// o[0:V*8] = sum_s p[s] * keys[s, r0 : r0 + V*8] / total, V vectors of accumulators in registers.
+template <int V>
+void weighted_sum(const float* p, const float* keys, int64_t slots, int64_t width, float inv_total, float* o) {
+  __m256 acc[V];
+#pragma GCC unroll 8
+  for (int v = 0; v < V; ++v) acc[v] = _mm256_setzero_ps();
+  for (int64_t s = 0; s < slots; ++s) {
+    if (p[s] == 0.0f) continue;  // masked slots
+    const __m256 ps = _mm256_set1_ps(p[s]);
+    const float* k = keys + s * width;
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) acc[v] = _mm256_fmadd_ps(ps, _mm256_loadu_ps(k + 8 * v), acc[v]);
+  }
+  const __m256 inv = _mm256_set1_ps(inv_total);
+#pragma GCC unroll 8
+  for (int v = 0; v < V; ++v) _mm256_storeu_ps(o + 8 * v, _mm256_mul_ps(acc[v], inv));
+}
+
+// Query rows [first, first + rows) of one sequence (rows <= MAX_ROWS); row m is token m / heads.
+void attend(const float* q, int64_t first, int64_t rows, const float* keys, const uint8_t* mask, int64_t heads,
+            int64_t slots, int64_t width, int64_t latent, float scale, float* scores, float* out) {
+  switch (rows) {
+    case 1: block_scores<1>(q, first, keys, mask, heads, slots, width, scale, scores); break;
+    case 2: block_scores<2>(q, first, keys, mask, heads, slots, width, scale, scores); break;
+    case 3: block_scores<3>(q, first, keys, mask, heads, slots, width, scale, scores); break;
+    case 4: block_scores<4>(q, first, keys, mask, heads, slots, width, scale, scores); break;
+    case 5: block_scores<5>(q, first, keys, mask, heads, slots, width, scale, scores); break;
+    case 6: block_scores<6>(q, first, keys, mask, heads, slots, width, scale, scores); break;
+    case 7: block_scores<7>(q, first, keys, mask, heads, slots, width, scale, scores); break;
+    default: block_scores<8>(q, first, keys, mask, heads, slots, width, scale, scores); break;
+  }
+  for (int64_t m = 0; m < rows; ++m) {
+    float* p = scores + m * slots;
+    const float inv_total = 1.0f / softmax_numerators(p, slots);
+    float* o = out + m * latent;
+    int64_t r0 = 0;
+    for (; r0 + 64 <= latent; r0 += 64) weighted_sum<8>(p, keys + r0, slots, width, inv_total, o + r0);
+    if (r0 + 32 <= latent) weighted_sum<4>(p, keys + r0, slots, width, inv_total, o + r0), r0 += 32;
+    if (r0 + 16 <= latent) weighted_sum<2>(p, keys + r0, slots, width, inv_total, o + r0), r0 += 16;
+    if (r0 < latent) weighted_sum<1>(p, keys + r0, slots, width, inv_total, o + r0);
+  }
+}
+
+}  // namespace
+
+extern "C" void r1lab_latent_attention(const float* query, const float* keys, int64_t key_stride,
+                                       const uint8_t* mask, float* out, int64_t batch, int64_t tokens,
+                                       int64_t rows, int64_t slots, int64_t width, int64_t latent,
+                                       float scale) {
+  const int64_t heads = rows / tokens;
+#pragma omp parallel
+  {
+    std::vector<float> scores(MAX_ROWS * slots);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t m0 = 0; m0 < rows; m0 += MAX_ROWS) {
+        const int64_t n = std::min<int64_t>(MAX_ROWS, rows - m0);
+        attend(query + (b * rows + m0) * width, m0, n, keys + b * key_stride, mask + b * tokens * slots, heads,
+               slots, width, latent, scale, scores.data(), out + (b * rows + m0) * latent);
+      }
+  }
+}
