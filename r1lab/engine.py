@@ -116,10 +116,9 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     their own uniform u in (0, 1] (B,): the first token whose cumulative mass reaches u times the
     total, an exact sample that makes each row's draw depend on nothing but its logits and its u.
     """
-    greedy = logits.argmax(dim=-1)
     random_rows = temperature > 0
     if not bool(random_rows.any()):
-        return greedy
+        return logits.argmax(dim=-1)
     scaled = logits / temperature.clamp(min=1e-6)[:, None]
     if bool((top_k > 0).any()):
         k = torch.where(top_k > 0, top_k, logits.shape[-1]).clamp(max=logits.shape[-1])
@@ -135,7 +134,9 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     cdf = probs.double().cumsum(dim=-1)  # (B, V); a token of probability 0 adds no width
     target = uniforms.to(cdf)[:, None] * cdf[:, -1:]  # in (0, total]: some token always reaches it
     drawn = torch.searchsorted(cdf, target)[:, 0].clamp(max=logits.shape[-1] - 1)
-    return torch.where(random_rows, drawn, greedy)
+    if bool(random_rows.all()):  # (an argmax over (B, V) costs as much as the draw)
+        return drawn
+    return torch.where(random_rows, drawn, logits.argmax(dim=-1))
 
 
 class Engine:
