@@ -197,11 +197,13 @@ def grouped_experts_supported(x: torch.Tensor, w1: torch.Tensor) -> bool:
 @torch.library.custom_op("r1lab::grouped_experts", mutates_args=())
 def grouped_experts_op(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor,
                        w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
-    """`routed_experts` by the C++ grouped GEMM (assignments sorted by expert, each expert's weights
-    read once per tile of up to 6 tokens, register-tiled): 3-7x the compiled reductions' speed on the
-    tiny preset's decode steps (benchmarks/bench_generate.py). Same result up to float rounding."""
+    """`routed_experts` by the C++ grouped GEMM (assignments sorted by expert, each weight panel read
+    once per call, a register-tiled micro-kernel): 3x the compiled reductions at 64 tokens of the tiny
+    preset. Same result up to float rounding; float32 only."""
     N, K = indices.shape
     E, D, I = w1.shape
+    if not (x.dtype == w1.dtype == w2.dtype == w3.dtype == torch.float32 and D % 8 == 0 and I % 8 == 0):
+        raise ValueError("the grouped expert kernel takes float32 tensors with model and expert dims multiples of 8")
     x, weights = x.contiguous(), weights.contiguous().float()
     indices = indices.contiguous().long()
     w1, w2, w3 = w1.contiguous(), w2.contiguous(), w3.contiguous()
@@ -250,6 +252,8 @@ def latent_attention_op(query: torch.Tensor, keys: torch.Tensor, mask: torch.Ten
     slice of the cache (any stride between sequences)."""
     B, M, L = query.shape
     T, S = mask.shape[1], mask.shape[2]
+    if not (query.dtype == keys.dtype == torch.float32 and mask.dtype == torch.bool and L % 8 == 0 and latent % 8 == 0):
+        raise ValueError("the latent attention kernel takes float32 query and keys, a bool mask, widths multiples of 8")
     query, mask = query.contiguous(), mask.contiguous()
     if keys.stride(2) != 1 or keys.stride(1) != L:
         keys = keys.contiguous()

@@ -104,3 +104,14 @@ def test_compiled_attention_takes_the_kernel_beyond_the_streaming_rows():
         torch.testing.assert_close(compiled(query, keys, mask, 0.5, 32),
                                    kernels.latent_attention(query, keys, mask, 0.5, 32), atol=1e-5, rtol=1e-5)
     assert [torch.ops.r1lab.latent_attention.default in graph for graph in graphs] == [False, True]
+
+
+@needs_grouped
+@needs_attention
+def test_the_kernels_refuse_tensors_they_cannot_read():
+    x, indices, weights, w1, w2, w3 = expert_args(3, 2, 4, 16, 8)
+    with pytest.raises(ValueError, match="float32"):
+        grouped_experts_op(x.double(), indices, weights, w1.double(), w2.double(), w3.double())
+    query, keys, mask = torch.randn(2, 4, 40), torch.randn(2, 9, 40), torch.ones(2, 1, 9, dtype=torch.bool)
+    with pytest.raises(ValueError, match="bool mask"):
+        kernels.latent_attention_op(query, keys, mask.float(), 0.5, 32)
