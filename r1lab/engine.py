@@ -160,7 +160,7 @@ class Engine:
         self._decoder = compiled(model)
         self._verify = compiled(functools.partial(_verify, model)) if speculative else None
         self._draft_next = compiled(functools.partial(_draft_next, model)) if speculative else None
-        self._settings_key: tuple[int, ...] = ()
+        self._settings_rows: list[_Row] = []  # the rows whose settings `_settings` holds (kept alive)
         self._settings: tuple = ()
         self.speculative = speculative
         self.drafted = 0   # speculative: rows that verified a draft, and how many drafts were accepted
@@ -331,10 +331,11 @@ class Engine:
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor]:
         logits = logits.float()
-        key = tuple(map(id, rows))
-        if key != self._settings_key:  # the rows' settings as tensors, rebuilt only when the rows change
+        # The rows' settings as tensors, rebuilt only when the rows change. Compared by identity with the
+        # rows themselves held, not by id(): a finished row's id can be reused by the next request's row.
+        if len(rows) != len(self._settings_rows) or any(a is not b for a, b in zip(rows, self._settings_rows)):
             device = logits.device
-            self._settings_key = key
+            self._settings_rows = list(rows)
             ban = torch.tensor([r.params.ignore_eos for r in rows], device=device)
             self._settings = (torch.tensor([r.params.temperature for r in rows], device=device),
                               torch.tensor([r.params.top_k for r in rows], device=device),

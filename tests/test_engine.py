@@ -58,6 +58,17 @@ def test_n_samples_share_the_prompt_and_greedy_samples_agree(model):
     assert outs[0].token_ids == outs[1].token_ids == outs[2].token_ids == argmax_continuation(model, [3, 1, 4, 1, 5], 6)
 
 
+def test_a_request_gets_its_own_settings_after_earlier_requests_finish(model):
+    # A finished row's object is freed and its id() often reused by the next request's row: the
+    # engine's cached per-row settings must not carry the earlier request's temperature over.
+    fresh = Engine(model, eos_id=None).generate([[1, 2, 3]], SamplingParams(max_new_tokens=12, temperature=1.0, seed=5))
+    engine = Engine(model, eos_id=None)
+    for _ in range(5):
+        engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=12, temperature=0))
+        again = engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=12, temperature=1.0, seed=5))
+        assert again[0].token_ids == fresh[0].token_ids
+
+
 def test_same_seed_same_samples_and_other_seed_differs(model):
     engine = Engine(model, eos_id=None)
     params = SamplingParams(max_new_tokens=16, temperature=1.0, n=4, seed=123)
