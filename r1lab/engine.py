@@ -449,6 +449,8 @@ def _stop_cut(text: str, stops: tuple[str, ...]) -> int | None:
 
 def _repeat_rows(cache, counts: torch.Tensor) -> None:
     """Row i of the cache becomes counts[i] consecutive rows."""
+    if bool((counts == 1).all()):
+        return  # (a copy of the whole preallocated cache otherwise: 20 ms at batch 64 for the tiny preset)
     if bool((counts == counts[0]).all()):
         cache.repeat_interleave(int(counts[0]))
     else:
