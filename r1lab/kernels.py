@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,6 +34,9 @@ import torch.nn.functional as F
 # most STREAMING_EXPERT_BYTES in all) and each expert would be read at most STREAMING_EXPERT_READS
 # times on average (measured on the tiny preset: 2.4 MB of experts), else the eager dispatch.
 STREAMING_ROWS = 8
+# Up to this many rows (beyond STREAMING_ROWS) a compiled CPU step's products call the C++ kernel
+# (csrc/linear.cpp: 1.4-1.9x the BLAS at 9-64 rows, 1.0-1.2x at 128-256, slower at 512).
+KERNEL_ROWS = 256
 STREAMING_EXPERT_READS = 16
 STREAMING_EXPERT_BYTES = 4 * 2**20
 
@@ -43,12 +47,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     In a compiled graph fed at most `STREAMING_ROWS` tokens (decoding a few sequences, a speculative
     verify step at small batch) the product is bound by reading the weight: written as a broadcast
     product summed over `in`, the compiler emits one streaming reduction that reads the weight 1.4-3.5x
-    faster than the BLAS call on this CPU class (1 to 8 rows; slower from 16 rows on). The row count
-    is a shape, so the compiled graph is specialised on which side of the threshold it is. Everywhere
-    else (eager, more rows, GPUs, whose BLAS has no such weakness) it is `F.linear`.
+    faster than the BLAS call on this CPU class (1 to 8 rows; slower from 16 rows on). From 9 to
+    `KERNEL_ROWS` rows on an AVX2 CPU it is the C++ kernel `linear_op`. The row count is a shape, so the
+    compiled graph is specialised on which side of each threshold it is. Everywhere else (eager, more
+    rows, GPUs, whose BLAS has no such weakness) it is `F.linear`.
     """
-    if torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() <= STREAMING_ROWS * x.shape[-1]:
-        return (x.unsqueeze(-2) * weight).sum(dim=-1)
+    if torch.compiler.is_compiling() and x.device.type == "cpu":
+        rows = x.numel() // x.shape[-1]
+        if rows <= STREAMING_ROWS:
+            return (x.unsqueeze(-2) * weight).sum(dim=-1)
+        if (rows <= KERNEL_ROWS and x.dtype == weight.dtype == torch.float32 and weight.shape[1] % 8 == 0
+                and weight.shape[0] % 4 == 0 and kernel_built("linear")):
+            return linear_op(x.reshape(rows, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
 
 
@@ -143,6 +153,7 @@ _CSRC = Path(__file__).parent / "csrc"
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 _SIGNATURES = {  # each kernel's C entry point: argument types, return type
     "grouped_experts": ([ctypes.c_void_p] * 7 + [ctypes.c_int64] * 5, ctypes.c_int),
+    "linear": ([ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3, None),
     "latent_attention": ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
                          + [ctypes.c_int64] * 6 + [ctypes.c_float], None),
 }
@@ -185,6 +196,20 @@ def kernel_built(name: str) -> bool:
     return _library(name) is not None
 
 
+# The C++ kernels' ops. Defined with the low-level library API rather than `custom_op`: a compiled
+# graph enters each call through Python, and custom_op's wrapper costs ~20 us more per call (measured in
+# a C++-wrapper graph: 39 vs 17 us), which at ~30 calls per decode step is a tenth of the step.
+_OPS = torch.library.Library("r1lab", "FRAGMENT")
+
+
+def _define(schema: str, impl: Callable, fake: Callable):
+    name = schema.split("(")[0]
+    _OPS.define(schema)
+    _OPS.impl(name, impl, "CPU")
+    torch.library.register_fake(f"r1lab::{name}", fake, lib=_OPS)
+    return getattr(torch.ops.r1lab, name)
+
+
 # -- routed experts: the grouped GEMM -----------------------------------------------------------------
 
 def grouped_experts_supported(x: torch.Tensor, w1: torch.Tensor) -> bool:
@@ -194,9 +219,8 @@ def grouped_experts_supported(x: torch.Tensor, w1: torch.Tensor) -> bool:
             and w1.shape[-1] % 8 == 0 and kernel_built("grouped_experts"))
 
 
-@torch.library.custom_op("r1lab::grouped_experts", mutates_args=())
-def grouped_experts_op(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor,
-                       w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+def _grouped_experts(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor,
+                     w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
     """`routed_experts` by the C++ grouped GEMM (assignments sorted by expert, each weight panel read
     once per call, a register-tiled micro-kernel): 3x the compiled reductions at 64 tokens of the tiny
     preset. Same result up to float rounding; float32 only."""
@@ -216,9 +240,9 @@ def grouped_experts_op(x: torch.Tensor, indices: torch.Tensor, weights: torch.Te
     return out
 
 
-@grouped_experts_op.register_fake
-def _(x, indices, weights, w1, w2, w3):
-    return torch.empty_like(x)
+grouped_experts_op = _define(
+    "grouped_experts(Tensor x, Tensor indices, Tensor weights, Tensor w1, Tensor w2, Tensor w3) -> Tensor",
+    _grouped_experts, lambda x, indices, weights, w1, w2, w3: torch.empty_like(x))
 
 
 # -- MLA decode attention over the latent cache -------------------------------------------------------
@@ -245,9 +269,8 @@ def latent_attention(query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor
     return torch.bmm(probs.view(B, M, S), keys[..., :latent])
 
 
-@torch.library.custom_op("r1lab::latent_attention", mutates_args=())
-def latent_attention_op(query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, scale: float,
-                        latent: int) -> torch.Tensor:
+def _latent_attention(query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, scale: float,
+                      latent: int) -> torch.Tensor:
     """`latent_attention` by the C++ kernel (float32, L and R multiples of 8); keys may be a slot
     slice of the cache (any stride between sequences)."""
     B, M, L = query.shape
@@ -264,6 +287,23 @@ def latent_attention_op(query: torch.Tensor, keys: torch.Tensor, mask: torch.Ten
     return out
 
 
-@latent_attention_op.register_fake
-def _(query, keys, mask, scale, latent):
-    return query.new_empty(query.shape[0], query.shape[1], latent)
+latent_attention_op = _define(
+    "latent_attention(Tensor query, Tensor keys, Tensor mask, float scale, int latent) -> Tensor", _latent_attention,
+    lambda query, keys, mask, scale, latent: query.new_empty(query.shape[0], query.shape[1], latent))
+
+
+# -- dense products of 9-256 rows ---------------------------------------------------------------------
+
+def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ weight (N, K)^T by the C++ kernel (float32, K % 8 == 0, N % 4 == 0)."""
+    (M, K), N = x.shape, weight.shape[0]
+    if not (x.dtype == weight.dtype == torch.float32 and K % 8 == 0 and N % 4 == 0 and weight.shape[1] == K):
+        raise ValueError("the linear kernel takes float32 x (M, K) and weight (N, K) with K % 8 == 0, N % 4 == 0")
+    x, weight = x.contiguous(), weight.contiguous()
+    out = x.new_empty(M, N)
+    _library("linear").r1lab_linear(x.data_ptr(), weight.data_ptr(), out.data_ptr(), M, N, K)
+    return out
+
+
+linear_op = _define("linear(Tensor x, Tensor weight) -> Tensor", _linear,
+                    lambda x, weight: x.new_empty(x.shape[0], weight.shape[0]))

@@ -10,6 +10,11 @@ needs_grouped = pytest.mark.skipif(kernels._library("grouped_experts") is None,
                                    reason="the grouped expert kernel needs an AVX2 CPU and a C++ compiler")
 
 
+def calls(graph_targets: set, op) -> bool:
+    """Whether a traced graph calls op (as its packet or its default overload)."""
+    return op in graph_targets or op.default in graph_targets
+
+
 def expert_args(n_tokens, k, n_experts, dim, hidden, unused=()):
     """Random tokens routed to k distinct experts each (never those in `unused`), stacked weights."""
     allowed = torch.tensor([e for e in range(n_experts) if e not in unused])
@@ -51,7 +56,7 @@ def test_compiled_mixture_takes_the_grouped_kernel_beyond_the_streaming_rows(n_t
     args = expert_args(n_tokens, 2, 4, 16, 8)
     compiled = torch.compile(expert_mixture, backend=capture, dynamic=False)
     torch.testing.assert_close(compiled(*args), routed_experts(*args), atol=1e-5, rtol=1e-5)
-    assert (torch.ops.r1lab.grouped_experts.default in graphs[0]) == (n_tokens > STREAMING_ROWS)
+    assert calls(graphs[0], torch.ops.r1lab.grouped_experts) == (n_tokens > STREAMING_ROWS)
 
 
 def test_a_failed_build_warns_and_leaves_the_generic_path(tmp_path, monkeypatch):
@@ -103,7 +108,7 @@ def test_compiled_attention_takes_the_kernel_beyond_the_streaming_rows():
         compiled = torch.compile(kernels.latent_attention, backend=capture, dynamic=False)
         torch.testing.assert_close(compiled(query, keys, mask, 0.5, 32),
                                    kernels.latent_attention(query, keys, mask, 0.5, 32), atol=1e-5, rtol=1e-5)
-    assert [torch.ops.r1lab.latent_attention.default in graph for graph in graphs] == [False, True]
+    assert [calls(graph, torch.ops.r1lab.latent_attention) for graph in graphs] == [False, True]
 
 
 @needs_grouped
@@ -115,3 +120,22 @@ def test_the_kernels_refuse_tensors_they_cannot_read():
     query, keys, mask = torch.randn(2, 4, 40), torch.randn(2, 9, 40), torch.ones(2, 1, 9, dtype=torch.bool)
     with pytest.raises(ValueError, match="bool mask"):
         kernels.latent_attention_op(query, keys, mask.float(), 0.5, 32)
+
+
+needs_linear = pytest.mark.skipif(kernels._library("linear") is None,
+                                  reason="the linear kernel needs an AVX2 CPU and a C++ compiler")
+
+
+@needs_linear
+@pytest.mark.parametrize("rows, k, n", [(9, 8, 4), (10, 40, 12), (64, 192, 512), (256, 256, 384)])
+def test_linear_kernel_equals_the_blas(rows, k, n):
+    # 9 and 10 rows: the 3-row tiles plus a 1-row remainder of 0 and 1.
+    x, weight = torch.randn(rows, k), torch.randn(n, k)
+    torch.testing.assert_close(kernels.linear_op(x, weight), torch.nn.functional.linear(x, weight),
+                               atol=1e-4, rtol=1e-5)
+
+
+@needs_linear
+def test_linear_kernel_refuses_shapes_it_cannot_tile():
+    with pytest.raises(ValueError, match="K % 8"):
+        kernels.linear_op(torch.randn(9, 12), torch.randn(8, 12))

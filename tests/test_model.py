@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
+from r1lab import kernels
 from r1lab.config import ModelConfig
-from r1lab.kernels import STREAMING_ROWS, few_token_experts, linear, routed_experts
+from r1lab.kernels import KERNEL_ROWS, STREAMING_ROWS, few_token_experts, linear, routed_experts
 from r1lab.model import MoE, Transformer, apply_rope, rope_frequencies, softmax_scale
 
 
@@ -290,9 +291,10 @@ def test_few_token_expert_path_equals_the_dispatch(make_config, n_tokens):
         torch.testing.assert_close(few_token_experts(*args), routed_experts(*args), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1, 5, 12])
-def test_compiled_linear_streams_few_rows_and_keeps_blas_for_many(rows):
-    # Few rows (<= STREAMING_ROWS): a broadcast product and a sum in the graph; more: F.linear.
+@pytest.mark.parametrize("rows", [1, 5, 12, KERNEL_ROWS + 1])
+def test_compiled_linear_picks_its_form_by_row_count(rows):
+    # Few rows (<= STREAMING_ROWS): a broadcast product and a sum in the graph; up to KERNEL_ROWS: the
+    # C++ kernel (where it is built); more: F.linear.
     graphs = []
 
     def capture(gm, example_inputs):
@@ -302,7 +304,9 @@ def test_compiled_linear_streams_few_rows_and_keeps_blas_for_many(rows):
     weight, x = torch.randn(48, 32), torch.randn(rows, 1, 32)
     compiled = torch.compile(linear, backend=capture, dynamic=False)
     torch.testing.assert_close(compiled(x, weight), torch.nn.functional.linear(x, weight), atol=1e-5, rtol=1e-5)
-    assert (torch.nn.functional.linear in graphs[0]) == (rows > STREAMING_ROWS)
+    kernel = rows > STREAMING_ROWS and rows <= KERNEL_ROWS and kernels.kernel_built("linear")
+    assert (torch.ops.r1lab.linear in graphs[0]) == kernel
+    assert (torch.nn.functional.linear in graphs[0]) == (rows > STREAMING_ROWS and not kernel)
     assert linear(x, weight).equal(torch.nn.functional.linear(x, weight))  # eager: always the BLAS
 
 
