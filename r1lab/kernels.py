@@ -4,10 +4,11 @@ Eager code (training, prefill, eager decoding) calls the BLAS (`F.linear`, batch
 routed-expert dispatch below. A compiled decode step over a few token rows instead writes its
 products as broadcast multiplies summed over the reduced dim, which the compiler turns into loops
 that stream the weights once (this CPU class's BLAS reads weights slowly when it multiplies 1-16
-rows; benchmarks/bench_generate.py); more rows keep the BLAS, and the routed experts become one
-opaque op (data-dependent shapes would break the graph): on an AVX2 CPU a small C++ grouped GEMM
-(csrc/grouped_experts.cpp, built on first use with the C++ compiler `torch.compile` needs anyway),
-elsewhere the eager dispatch. This module knows tensors only: no config, no modules.
+rows; benchmarks/bench_generate.py). Beyond that, on an AVX2 CPU, small C++ kernels (csrc/, built on
+first use with the C++ compiler `torch.compile` needs anyway) take the products (up to KERNEL_ROWS
+rows), the routed experts (a grouped GEMM, one opaque op so the routing's data-dependent shapes do not
+break the graph) and MLA attention; elsewhere the BLAS and the eager dispatch do. This module knows
+tensors only: no config, no modules.
 
 Letters: N tokens, D model dim, E routed experts, K experts per token, I expert hidden dim.
 """
