@@ -174,8 +174,13 @@ def _library(name: str) -> ctypes.CDLL | None:
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "r1lab" / "kernels"
     target = cache / f"{name}-{key}.so"
     if not target.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        except OSError as e:  # e.g. a read-only home
+            warnings.warn(f"r1lab: cannot build {source.name} in {cache} ({e}), the compiled step uses the "
+                          f"generic path", stacklevel=2)
+            return None
         os.close(fd)
         done = subprocess.run([compiler, *_FLAGS, str(source), "-o", tmp], capture_output=True, text=True)
         if done.returncode != 0:
@@ -184,7 +189,11 @@ def _library(name: str) -> ctypes.CDLL | None:
                           f"{done.stderr.strip()[:500]}", stacklevel=2)
             return None
         os.replace(tmp, target)  # atomic: a concurrent build never loads a half-written file
-    lib = ctypes.CDLL(str(target))
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as e:  # e.g. a cache on a noexec mount
+        warnings.warn(f"r1lab: cannot load {target} ({e}), the compiled step uses the generic path", stacklevel=2)
+        return None
     entry = getattr(lib, f"r1lab_{name}")
     entry.argtypes, entry.restype = _SIGNATURES[name]
     return lib

@@ -69,6 +69,15 @@ def test_a_failed_build_warns_and_leaves_the_generic_path(tmp_path, monkeypatch)
     assert not list((tmp_path / "r1lab" / "kernels").glob("*.so"))  # nothing half-written left behind
 
 
+def test_an_unwritable_cache_warns_and_leaves_the_generic_path(tmp_path, monkeypatch):
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512") or kernels.shutil.which("c++") is None:
+        pytest.skip("the kernel is never built here")
+    (tmp_path / "file").write_text("not a directory")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
+    with pytest.warns(UserWarning, match="cannot build"):
+        assert kernels._library.__wrapped__("linear") is None
+
+
 needs_attention = pytest.mark.skipif(kernels._library("latent_attention") is None,
                                      reason="the attention kernel needs an AVX2 CPU and a C++ compiler")
 
