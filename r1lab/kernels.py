@@ -163,7 +163,8 @@ _SIGNATURES = {  # each kernel's C entry point: argument types, return type
 @functools.cache
 def _library(name: str) -> ctypes.CDLL | None:
     """Build (once per source version, into the user cache) and load csrc/<name>.cpp; None where it
-    cannot run: a CPU without AVX2, no C++ compiler, or a failed build (with a warning)."""
+    cannot run: a CPU without AVX2, no C++ compiler, or (with a warning) a failed build, an unwritable
+    cache or a library that does not load."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return None
     compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
