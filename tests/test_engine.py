@@ -269,9 +269,9 @@ def test_speculative_needs_an_mtp_module(make_config):
 
 @pytest.mark.slow
 def test_compiled_decode_step_gives_the_eager_tokens(make_config):
-    # MoE on. One graph per row-count class (r1lab.kernels.STREAMING_ROWS): 36 and 12 rows (BLAS
-    # products, the routed experts one opaque op: the C++ grouped GEMM on AVX2), 3 and 1 (all fused
-    # reductions); ragged prompts; 60-120 s of compiling.
+    # MoE on. One graph per row-count class (r1lab.kernels.STREAMING_ROWS): 36 and 12 rows (on AVX2 the
+    # C++ products, grouped expert GEMM and latent attention), 3 and 1 (all fused reductions); ragged
+    # prompts; 60-120 s of compiling.
     model = Transformer(make_config(init_std=0.1)).eval()
     ragged = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16]]
     batches = [ragged * 12, ragged * 4, ragged, [[3, 1, 4, 1, 5]]]

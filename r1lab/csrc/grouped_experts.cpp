@@ -1,6 +1,6 @@
 // Routed experts for a decode step on an AVX2 CPU: one grouped GEMM over the tokens' expert choices.
 //
-// The compiled decode graph calls this (through kernels.grouped_experts) when it holds more token
+// The compiled decode graph calls this (through kernels.grouped_experts_op) when it holds more token
 // rows than the streaming products suit. Assignments are sorted by expert, each expert's rows are cut
 // into tiles of up to ROWS rows, and the work is split into (expert, 16-column block) tasks: a task
 // keeps that panel of its expert's weights in L1 while a register-tiled micro-kernel runs every tile

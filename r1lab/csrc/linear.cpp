@@ -4,8 +4,8 @@
 // amortise it (55-75 GFLOP/s on this CPU class with the weights out of cache). Here each task takes 4
 // weight rows, reads them once, and runs every token row through them with a register-tiled
 // dot-product micro-kernel (3 token rows x 4 weight rows = 12 vector accumulators over the input dim,
-// reduced by horizontal adds at the end): 1.4-1.9x the BLAS at 64 rows, measured in
-// benchmarks/bench_generate.py's setting. No packing, no torch headers.
+// reduced by horizontal adds at the end): 1.4-1.9x the BLAS at 64 rows, measured with
+// the weights out of cache. No packing, no torch headers.
 //
 // Layouts (row-major, contiguous): x (M, K); w (N, K); out (M, N). K % 8 == 0, N % 4 == 0.
 #include <immintrin.h>
