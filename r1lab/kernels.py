@@ -59,7 +59,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             return (x.unsqueeze(-2) * weight).sum(dim=-1)
         if (rows <= KERNEL_ROWS and x.dtype == weight.dtype == torch.float32 and weight.shape[1] % 8 == 0
                 and weight.shape[0] % 4 == 0 and kernel_built("linear")):
-            return linear_op(x.reshape(rows, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])
+            return linear_op(x.reshape(rows, x.shape[-1]).contiguous(), weight.contiguous()).view(
+                *x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
 
 
@@ -73,7 +74,8 @@ def expert_mixture(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
     if N <= STREAMING_ROWS:  # static shapes: the compiler fuses it all, reading the chosen weights in place
         return few_token_experts(x, indices, weights, w1, w2, w3)
     if grouped_experts_supported(x, w1):
-        return grouped_experts_op(x, indices, weights, w1, w2, w3)
+        return grouped_experts_op(x.contiguous(), indices.long().contiguous(), weights.float().contiguous(),
+                                  w1.contiguous(), w2.contiguous(), w3.contiguous())
     expert_bytes = 3 * w1.numel() * w1.element_size()
     if N * K <= STREAMING_EXPERT_READS * w1.shape[0] and expert_bytes <= STREAMING_EXPERT_BYTES:
         return few_token_experts(x, indices, weights, w1, w2, w3)
@@ -151,27 +153,27 @@ def _(x, indices, weights, w1, w2, w3):
 # -- C++ kernels for compiled CPU decode steps (csrc/*.cpp) --------------------------------------------
 
 _CSRC = Path(__file__).parent / "csrc"
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
-_SIGNATURES = {  # each kernel's C entry point: argument types, return type
-    "grouped_experts": ([ctypes.c_void_p] * 7 + [ctypes.c_int64] * 5, ctypes.c_int),
-    "linear": ([ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3, None),
-    "latent_attention": ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
-                         + [ctypes.c_int64] * 6 + [ctypes.c_float], None),
-}
+_TORCH = Path(torch.__file__).parent
+# Each kernel registers itself as the CPU kernel of its r1lab:: op through torch's stable C shim
+# (csrc/op.h): headers only, linked against the libtorch already loaded.
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17", f"-I{_TORCH / 'include'}",
+          f"-L{_TORCH / 'lib'}", "-ltorch_cpu", f"-Wl,-rpath,{_TORCH / 'lib'}"]
 
 
 @functools.cache
 def _library(name: str) -> ctypes.CDLL | None:
-    """Build (once per source version, into the user cache) and load csrc/<name>.cpp; None where it
-    cannot run: a CPU without AVX2, no C++ compiler, or (with a warning) a failed build, an unwritable
-    cache or a library that does not load."""
+    """Build (once per source and torch version, into the user cache) and load csrc/<name>.cpp, which
+    registers the CPU kernel of the op r1lab::<name>; None where it cannot run: a CPU without AVX2, no C++
+    compiler, or (with a warning) a failed build, an unwritable cache, a library that does not load or
+    register."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return None
     compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
     if compiler is None:
         return None
     source = _CSRC / f"{name}.cpp"
-    key = hashlib.sha256(source.read_bytes() + " ".join([compiler, *_FLAGS]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source.read_bytes() + (_CSRC / "op.h").read_bytes()
+                         + " ".join([compiler, torch.__version__, *_FLAGS]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "r1lab" / "kernels"
     target = cache / f"{name}-{key}.so"
     if not target.exists():
@@ -183,7 +185,7 @@ def _library(name: str) -> ctypes.CDLL | None:
                           f"generic path", stacklevel=2)
             return None
         os.close(fd)
-        done = subprocess.run([compiler, *_FLAGS, str(source), "-o", tmp], capture_output=True, text=True)
+        done = subprocess.run([compiler, str(source), "-o", tmp, *_FLAGS], capture_output=True, text=True)
         if done.returncode != 0:
             os.unlink(tmp)
             warnings.warn(f"r1lab: building {source.name} failed, the compiled step uses the generic path: "
@@ -192,31 +194,33 @@ def _library(name: str) -> ctypes.CDLL | None:
         os.replace(tmp, target)  # atomic: a concurrent build never loads a half-written file
     try:
         lib = ctypes.CDLL(str(target))
-    except OSError as e:  # e.g. a cache on a noexec mount
+        status = getattr(lib, f"r1lab_register_{name}")()
+    except (OSError, AttributeError) as e:  # e.g. a cache on a noexec mount
         warnings.warn(f"r1lab: cannot load {target} ({e}), the compiled step uses the generic path", stacklevel=2)
         return None
-    entry = getattr(lib, f"r1lab_{name}")
-    entry.argtypes, entry.restype = _SIGNATURES[name]
+    if status != 0:
+        warnings.warn(f"r1lab: {target} did not register r1lab::{name} (status {status}), the compiled step uses "
+                      f"the generic path", stacklevel=2)
+        return None
     return lib
 
 
 @torch.compiler.assume_constant_result
 def kernel_built(name: str) -> bool:
-    """Whether csrc/<name>.cpp is built and loaded here (a constant to the compiler, which would
-    otherwise break the graph at the build call)."""
+    """Whether csrc/<name>.cpp is built, loaded and registered as r1lab::<name>'s CPU kernel here (a
+    constant to the compiler, which would otherwise break the graph at the build call)."""
     return _library(name) is not None
 
 
-# The C++ kernels' ops. Defined with the low-level library API rather than `custom_op`: a compiled
-# graph enters each call through Python, and custom_op's wrapper costs ~20 us more per call (measured in
-# a C++-wrapper graph: 39 vs 17 us), which at ~30 calls per decode step is a tenth of the step.
+# The C++ kernels' ops: schema and shape function here, the CPU kernel registered by the library
+# (`_library(name)`, which `kernel_built(name)` calls before any graph takes the op). A compiled graph
+# calls them through the C++ dispatcher without entering Python.
 _OPS = torch.library.Library("r1lab", "FRAGMENT")
 
 
-def _define(schema: str, impl: Callable, fake: Callable):
+def _define(schema: str, fake: Callable):
     name = schema.split("(")[0]
     _OPS.define(schema)
-    _OPS.impl(name, impl, "CPU")
     torch.library.register_fake(f"r1lab::{name}", fake, lib=_OPS)
     return getattr(torch.ops.r1lab, name)
 
@@ -230,30 +234,12 @@ def grouped_experts_supported(x: torch.Tensor, w1: torch.Tensor) -> bool:
             and w1.shape[-1] % 8 == 0 and kernel_built("grouped_experts"))
 
 
-def _grouped_experts(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor,
-                     w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
-    """`routed_experts` by the C++ grouped GEMM (assignments sorted by expert, each weight panel read
-    once per call, a register-tiled micro-kernel): 3x the compiled reductions at 64 tokens of the tiny
-    preset. Same result up to float rounding; float32 only."""
-    N, K = indices.shape
-    E, D, I = w1.shape
-    if not (x.dtype == w1.dtype == w2.dtype == w3.dtype == torch.float32 and D % 8 == 0 and I % 8 == 0):
-        raise ValueError("the grouped expert kernel takes float32 tensors with model and expert dims multiples of 8")
-    x, weights = x.contiguous(), weights.contiguous().float()
-    indices = indices.contiguous().long()
-    w1, w2, w3 = w1.contiguous(), w2.contiguous(), w3.contiguous()
-    out = torch.empty_like(x)
-    status = _library("grouped_experts").r1lab_grouped_experts(
-        x.data_ptr(), indices.data_ptr(), weights.data_ptr(), w1.data_ptr(), w2.data_ptr(), w3.data_ptr(),
-        out.data_ptr(), N, K, E, D, I)
-    if status != 0:
-        raise ValueError(f"routed expert indices must lie in [0, {E})")
-    return out
-
-
+# `routed_experts` by the C++ grouped GEMM (csrc/grouped_experts.cpp: assignments sorted by expert, each
+# weight panel read once per call, a register-tiled micro-kernel): 3x the compiled reductions at 64 tokens
+# of the tiny preset. Same result up to float rounding; float32, contiguous, D and I multiples of 8.
 grouped_experts_op = _define(
     "grouped_experts(Tensor x, Tensor indices, Tensor weights, Tensor w1, Tensor w2, Tensor w3) -> Tensor",
-    _grouped_experts, lambda x, indices, weights, w1, w2, w3: torch.empty_like(x))
+    lambda x, indices, weights, w1, w2, w3: torch.empty_like(x))
 
 
 # -- MLA decode attention over the latent cache -------------------------------------------------------
@@ -273,48 +259,23 @@ def latent_attention(query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor
     if (torch.compiler.is_compiling() and B * T > STREAMING_ROWS and query.device.type == "cpu"
             and query.dtype == keys.dtype == torch.float32 and L % 8 == 0 and latent % 8 == 0
             and kernel_built("latent_attention")):
-        return latent_attention_op(query, keys, mask, scale, latent)
+        if keys.stride(2) != 1 or keys.stride(1) != L:
+            keys = keys.contiguous()
+        return latent_attention_op(query.contiguous(), keys, mask.contiguous(), scale, latent)
     scores = torch.baddbmm(query.new_empty(()), query, keys.transpose(1, 2), beta=0, alpha=scale)
     scores = torch.where(mask[:, :, None], scores.view(B, T, M // T, S), float("-inf"))  # (B, T, H, S)
     probs = scores.float().softmax(dim=-1).type_as(query)
     return torch.bmm(probs.view(B, M, S), keys[..., :latent])
 
 
-def _latent_attention(query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, scale: float,
-                      latent: int) -> torch.Tensor:
-    """`latent_attention` by the C++ kernel (float32, L and R multiples of 8); keys may be a slot
-    slice of the cache (any stride between sequences)."""
-    B, M, L = query.shape
-    T, S = mask.shape[1], mask.shape[2]
-    if not (query.dtype == keys.dtype == torch.float32 and mask.dtype == torch.bool and L % 8 == 0 and latent % 8 == 0):
-        raise ValueError("the latent attention kernel takes float32 query and keys, a bool mask, widths multiples of 8")
-    query, mask = query.contiguous(), mask.contiguous()
-    if keys.stride(2) != 1 or keys.stride(1) != L:
-        keys = keys.contiguous()
-    out = query.new_empty(B, M, latent)
-    _library("latent_attention").r1lab_latent_attention(
-        query.data_ptr(), keys.data_ptr(), keys.stride(0), mask.data_ptr(), out.data_ptr(), B, T, M, S, L, latent,
-        scale)
-    return out
-
-
+# `latent_attention` by the C++ kernel (csrc/latent_attention.cpp): float32, L and R multiples of 8, query
+# and mask contiguous; keys may be a slot slice of the cache (key rows contiguous, any stride between sequences).
 latent_attention_op = _define(
-    "latent_attention(Tensor query, Tensor keys, Tensor mask, float scale, int latent) -> Tensor", _latent_attention,
+    "latent_attention(Tensor query, Tensor keys, Tensor mask, float scale, int latent) -> Tensor",
     lambda query, keys, mask, scale, latent: query.new_empty(query.shape[0], query.shape[1], latent))
 
 
 # -- dense products of 9-256 rows ---------------------------------------------------------------------
 
-def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (M, K) @ weight (N, K)^T by the C++ kernel (float32, K % 8 == 0, N % 4 == 0)."""
-    (M, K), N = x.shape, weight.shape[0]
-    if not (x.dtype == weight.dtype == torch.float32 and K % 8 == 0 and N % 4 == 0 and weight.shape[1] == K):
-        raise ValueError("the linear kernel takes float32 x (M, K) and weight (N, K) with K % 8 == 0, N % 4 == 0")
-    x, weight = x.contiguous(), weight.contiguous()
-    out = x.new_empty(M, N)
-    _library("linear").r1lab_linear(x.data_ptr(), weight.data_ptr(), out.data_ptr(), M, N, K)
-    return out
-
-
-linear_op = _define("linear(Tensor x, Tensor weight) -> Tensor", _linear,
-                    lambda x, weight: x.new_empty(x.shape[0], weight.shape[0]))
+# x (M, K) @ weight (N, K)^T by the C++ kernel (csrc/linear.cpp): float32, contiguous, K % 8 == 0, N % 4 == 0.
+linear_op = _define("linear(Tensor x, Tensor weight) -> Tensor", lambda x, weight: x.new_empty(x.shape[0], weight.shape[0]))

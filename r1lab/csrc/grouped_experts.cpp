@@ -5,18 +5,22 @@
 // into tiles of up to ROWS rows, and the work is split into (expert, 16-column block) tasks: a task
 // keeps that panel of its expert's weights in L1 while a register-tiled micro-kernel runs every tile
 // of the expert's rows through it, so each weight is read once per step (the compiled reductions
-// reload it per token). Plain floats and pointers in, no torch headers, so it builds in a second.
+// reload it per token).
 //
 // Letters: N tokens, K experts per token, E routed experts, D model dim, I expert hidden dim.
-// Layouts (row-major, contiguous): x (N, D); indices (N, K) int64; weights (N, K);
-// w1, w3 (E, D, I); w2 (E, I, D); out (N, D). D and I must be multiples of 8.
+// The op r1lab::grouped_experts(x, indices, weights, w1, w2, w3). Layouts (row-major, contiguous):
+// x (N, D); indices (N, K) int64; weights (N, K); w1, w3 (E, D, I); w2 (E, I, D); out (N, D).
+// D and I must be multiples of 8.
 #include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <vector>
+
+#include "op.h"
 
 namespace {
 
@@ -88,13 +92,10 @@ void expert_columns(int64_t first, int64_t last, RowA a_of, int64_t k_dim, const
   }
 }
 
-}  // namespace
-
 // Returns 0, or -1 (touching nothing) if an expert index is outside [0, E).
-extern "C" int r1lab_grouped_experts(const float* x, const int64_t* indices, const float* weights,
-                                     const float* w1, const float* w2, const float* w3, float* out,
-                                     int64_t n_tokens, int64_t k_top, int64_t n_experts, int64_t dim,
-                                     int64_t hidden) {
+int grouped_experts(const float* x, const int64_t* indices, const float* weights, const float* w1,
+                    const float* w2, const float* w3, float* out, int64_t n_tokens, int64_t k_top,
+                    int64_t n_experts, int64_t dim, int64_t hidden) {
   const int64_t n_assign = n_tokens * k_top;
   for (int64_t a = 0; a < n_assign; ++a)
     if (indices[a] < 0 || indices[a] >= n_experts) return -1;
@@ -152,4 +153,37 @@ extern "C" int r1lab_grouped_experts(const float* x, const int64_t* indices, con
     }
   }
   return 0;
+}
+
+// grouped_experts(Tensor x, Tensor indices, Tensor weights, Tensor w1, Tensor w2, Tensor w3) -> Tensor
+void boxed(StableIValue* stack, uint64_t, uint64_t) {
+  r1lab::Tensor x(stack[0]), indices(stack[1]), weights(stack[2]), w1(stack[3]), w2(stack[4]), w3(stack[5]);
+  const int32_t f32 = aoti_torch_dtype_float32();
+  r1lab::check(x.is(f32) && weights.is(f32) && w1.is(f32) && w2.is(f32) && w3.is(f32) &&
+                   indices.is(aoti_torch_dtype_int64()),
+               "the grouped expert kernel takes float32 CPU tensors and int64 indices");
+  r1lab::check(x.dim() == 2 && indices.dim() == 2 && weights.dim() == 2 && w1.dim() == 3 && w2.dim() == 3 &&
+                   w3.dim() == 3,
+               "grouped experts: x (N, D), indices and weights (N, K), w1, w3 (E, D, I), w2 (E, I, D)");
+  const int64_t n = x.size(0), dim = x.size(1), k = indices.size(1), e = w1.size(0), hidden = w1.size(2);
+  r1lab::check(indices.size(0) == n && weights.size(0) == n && weights.size(1) == k && w1.size(1) == dim &&
+                   w3.size(0) == e && w3.size(1) == dim && w3.size(2) == hidden && w2.size(0) == e &&
+                   w2.size(1) == hidden && w2.size(2) == dim,
+               "grouped experts: x (N, D), indices and weights (N, K), w1, w3 (E, D, I), w2 (E, I, D) disagree");
+  r1lab::check(dim % 8 == 0 && hidden % 8 == 0, "the grouped expert kernel takes model and expert dims multiples of 8");
+  r1lab::check(x.contiguous() && indices.contiguous() && weights.contiguous() && w1.contiguous() &&
+                   w2.contiguous() && w3.contiguous(),
+               "the grouped expert kernel takes contiguous tensors");
+  r1lab::Tensor out(r1lab::empty({n, dim}, f32));
+  if (grouped_experts(x.data<float>(), indices.data<int64_t>(), weights.data<float>(), w1.data<float>(),
+                      w2.data<float>(), w3.data<float>(), out.data<float>(), n, k, e, dim, hidden) != 0)
+    throw std::invalid_argument("routed expert indices must lie in [0, " + std::to_string(e) + ")");
+  stack[0] = out.release();
+}
+
+}  // namespace
+
+extern "C" int r1lab_register_grouped_experts() {
+  static const int status = r1lab::register_cpu_kernel("grouped_experts", boxed);
+  return status;
 }

@@ -7,8 +7,9 @@
 // weighted sum, with all of its query rows sharing every key vector loaded.
 //
 // Letters: B sequences, T new tokens, M = T * H query rows, S cache slots attended, L = R + P key
-// width, R latent width (the value). Layouts: query (B, M, L) contiguous; keys[b, s, l] at
-// keys + b * key_stride + s * L + l; mask (B, T, S) bytes, nonzero = may attend; out (B, M, R).
+// width, R latent width (the value). The op r1lab::latent_attention(query, keys, mask, scale, latent).
+// Layouts: query (B, M, L) contiguous; keys[b, s, l] at keys + b * key_stride + s * L + l (a slot
+// slice of the cache, read in place); mask (B, T, S) bool, true = may attend; out (B, M, R).
 // L and R must be multiples of 8; every query row must see at least one slot.
 #include <immintrin.h>
 #include <omp.h>
@@ -17,6 +18,8 @@
 #include <cmath>
 #include <cstdint>
 #include <vector>
+
+#include "op.h"
 
 namespace {
 
@@ -133,12 +136,9 @@ void attend(const float* q, int64_t first, int64_t rows, const float* keys, cons
   }
 }
 
-}  // namespace
-
-extern "C" void r1lab_latent_attention(const float* query, const float* keys, int64_t key_stride,
-                                       const uint8_t* mask, float* out, int64_t batch, int64_t tokens,
-                                       int64_t rows, int64_t slots, int64_t width, int64_t latent,
-                                       float scale) {
+void latent_attention(const float* query, const float* keys, int64_t key_stride, const uint8_t* mask,
+                      float* out, int64_t batch, int64_t tokens, int64_t rows, int64_t slots, int64_t width,
+                      int64_t latent, float scale) {
   const int64_t heads = rows / tokens;
 #pragma omp parallel
   {
@@ -151,4 +151,35 @@ extern "C" void r1lab_latent_attention(const float* query, const float* keys, in
                slots, width, latent, scale, scores.data(), out + (b * rows + m0) * latent);
       }
   }
+}
+
+// latent_attention(Tensor query, Tensor keys, Tensor mask, float scale, int latent) -> Tensor
+void boxed(StableIValue* stack, uint64_t, uint64_t) {
+  r1lab::Tensor query(stack[0]), keys(stack[1]), mask(stack[2]);
+  const float scale = static_cast<float>(r1lab::as_double(stack[3]));
+  const int64_t latent = r1lab::as_int(stack[4]);
+  const int32_t f32 = aoti_torch_dtype_float32();
+  r1lab::check(query.is(f32) && keys.is(f32) && mask.is(aoti_torch_dtype_bool()),
+               "the latent attention kernel takes float32 CPU query and keys and a bool mask");
+  r1lab::check(query.dim() == 3 && keys.dim() == 3 && mask.dim() == 3, "query, keys and mask must be 3-d");
+  const int64_t batch = query.size(0), rows = query.size(1), width = query.size(2);
+  const int64_t tokens = mask.size(1), slots = mask.size(2);
+  r1lab::check(width % 8 == 0 && latent % 8 == 0 && latent <= width,
+               "the latent attention kernel takes widths multiples of 8 (latent <= key width)");
+  r1lab::check(keys.size(0) == batch && keys.size(1) == slots && keys.size(2) == width && mask.size(0) == batch &&
+                   tokens > 0 && rows % tokens == 0,
+               "latent attention: query (B, T*H, L), keys (B, S, L), mask (B, T, S) disagree");
+  r1lab::check(query.contiguous() && mask.contiguous() && keys.stride(2) == 1 && (slots < 2 || keys.stride(1) == width),
+               "latent attention: query and mask contiguous, key rows contiguous");
+  r1lab::Tensor out(r1lab::empty({batch, rows, latent}, f32));
+  latent_attention(query.data<float>(), keys.data<float>(), keys.stride(0), mask.data<uint8_t>(), out.data<float>(),
+                   batch, tokens, rows, slots, width, latent, scale);
+  stack[0] = out.release();
+}
+
+}  // namespace
+
+extern "C" int r1lab_register_latent_attention() {
+  static const int status = r1lab::register_cpu_kernel("latent_attention", boxed);
+  return status;
 }
