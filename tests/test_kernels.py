@@ -69,6 +69,15 @@ def test_a_failed_build_warns_and_leaves_the_generic_path(tmp_path, monkeypatch)
     assert not list((tmp_path / "r1lab" / "kernels").glob("*.so"))  # nothing half-written left behind
 
 
+@pytest.mark.parametrize("name", ["grouped_experts", "latent_attention", "linear"])
+def test_each_kernel_is_its_ops_cpu_kernel_in_cpp(name):
+    # Registered from C++ (csrc/op.h), a compiled graph calls the op without entering Python.
+    if not kernels.kernel_built(name):
+        pytest.skip("the kernel is not built here")
+    cpu = [line for line in torch._C._dispatch_dump(f"r1lab::{name}").splitlines() if line.startswith("CPU:")]
+    assert len(cpu) == 1 and "csrc/op.h" in cpu[0], cpu
+
+
 def test_an_unwritable_cache_warns_and_leaves_the_generic_path(tmp_path, monkeypatch):
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512") or kernels.shutil.which("c++") is None:
         pytest.skip("the kernel is never built here")
