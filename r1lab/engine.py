@@ -109,23 +109,25 @@ def _mix_seed(*parts: int) -> int:
 
 
 def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                  top_p: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+                  top_p: torch.Tensor, uniforms: torch.Tensor,
+                  modes: tuple[bool, bool, bool, bool, bool] | None = None) -> torch.Tensor:
     """One token per row of logits (B, V) under per-row temperature / top-k / top-p.
 
     Rows with temperature 0 take the argmax. Random rows invert their cumulative distribution at
     their own uniform u in (0, 1] (B,): the first token whose cumulative mass reaches u times the
     total, an exact sample that makes each row's draw depend on nothing but its logits and its u.
+    `modes` (`sampling_modes` of the settings) skips the work no row needs; read from the tensors if None.
     """
-    random_rows = temperature > 0
-    if not bool(random_rows.any()):
+    any_random, all_random, unit_temperature, any_top_k, any_top_p = modes or sampling_modes(temperature, top_k, top_p)
+    if not any_random:
         return logits.argmax(dim=-1)
-    scaled = logits / temperature.clamp(min=1e-6)[:, None]
-    if bool((top_k > 0).any()):
+    scaled = logits if unit_temperature else logits / temperature.clamp(min=1e-6)[:, None]  # (x / 1 is x)
+    if any_top_k:
         k = torch.where(top_k > 0, top_k, logits.shape[-1]).clamp(max=logits.shape[-1])
         kth = scaled.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     probs = scaled.softmax(dim=-1)
-    if bool((top_p < 1).any()):
+    if any_top_p:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly above each token
         drop_sorted = before >= top_p[:, None]  # the first token is never dropped
@@ -134,9 +136,45 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     cdf = probs.double().cumsum(dim=-1)  # (B, V); a token of probability 0 adds no width
     target = uniforms.to(cdf)[:, None] * cdf[:, -1:]  # in (0, total]: some token always reaches it
     drawn = torch.searchsorted(cdf, target)[:, 0].clamp(max=logits.shape[-1] - 1)
-    if bool(random_rows.all()):  # (an argmax over (B, V) costs as much as the draw)
+    if all_random:  # (an argmax over (B, V) costs as much as the draw)
         return drawn
-    return torch.where(random_rows, drawn, logits.argmax(dim=-1))
+    return torch.where(temperature > 0, drawn, logits.argmax(dim=-1))
+
+
+def sampling_modes(temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> tuple[bool, ...]:
+    """(any row samples, every row samples, every temperature is 1, any row has top-k, any has top-p)."""
+    return (bool((temperature > 0).any()), bool((temperature > 0).all()), bool((temperature == 1).all()),
+            bool((top_k > 0).any()), bool((top_p < 1).any()))
+
+
+@dataclass
+class _Settings:
+    """The running rows' sampling settings as tensors (B,), kept in step with the rows."""
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    ban: torch.Tensor  # ignore_eos: EOS may not be drawn
+    modes: tuple[bool, ...] = ()
+    banning: str = "none"  # "none", "all" or "some" rows ban EOS
+
+    def __post_init__(self):
+        self.modes = sampling_modes(self.temperature, self.top_k, self.top_p)
+        self.banning = "all" if bool(self.ban.all()) else "some" if bool(self.ban.any()) else "none"
+
+    @classmethod
+    def of(cls, rows: list[_Row], device: torch.device) -> _Settings:
+        return cls(torch.tensor([r.params.temperature for r in rows], device=device),
+                   torch.tensor([r.params.top_k for r in rows], device=device),
+                   torch.tensor([r.params.top_p for r in rows], device=device),
+                   torch.tensor([r.params.ignore_eos for r in rows], device=device, dtype=torch.bool))
+
+    def cat(self, other: _Settings) -> _Settings:
+        return _Settings(*(torch.cat([a, b]) for a, b in
+                           zip((self.temperature, self.top_k, self.top_p, self.ban),
+                               (other.temperature, other.top_k, other.top_p, other.ban))))
+
+    def select(self, idx: torch.Tensor) -> _Settings:
+        return _Settings(self.temperature[idx], self.top_k[idx], self.top_p[idx], self.ban[idx])
 
 
 class Engine:
@@ -160,8 +198,7 @@ class Engine:
         self._decoder = compiled(model)
         self._verify = compiled(functools.partial(_verify, model)) if speculative else None
         self._draft_next = compiled(functools.partial(_draft_next, model)) if speculative else None
-        self._settings_rows: list[_Row] = []  # the rows whose settings `_settings` holds (kept alive)
-        self._settings: tuple = ()
+        self._settings: _Settings | None = None  # the running rows' sampling settings, row for row
         self.speculative = speculative
         self.drafted = 0   # speculative: rows that verified a draft, and how many drafts were accepted
         self.accepted = 0
@@ -260,7 +297,8 @@ class Engine:
             for i in range(params.n):
                 new_rows.append(_Row(request_id, i, params, len(prompt), random.Random(_mix_seed(params.seed, i))))
         positions = lengths.repeat_interleave(counts)
-        first, logp = self._sample(last_logits, new_rows)
+        settings = _Settings.of(new_rows, device)
+        first, logp = self._sample(last_logits, new_rows, settings)
         draft = torch.zeros_like(first)
         if self.speculative:
             # MTP over the prompt: position t sees hidden t and the token after it (the first sample at the end).
@@ -272,11 +310,12 @@ class Engine:
             mtp_hidden = self.model.mtp_step(0, hidden, following, positions_T[:1].expand(len(first), T), cache=cache)
             draft = self.model.mtp_logits(0, mtp_hidden[torch.arange(len(first), device=device), row_lengths - 1]).argmax(-1)
         if self._cache is None or not self._rows:
-            self._cache, self._rows = cache, new_rows
+            self._cache, self._rows, self._settings = cache, new_rows, settings
             self._last, self._pos, self._draft = first, positions.to(device), draft
         else:
             self._cache.extend(cache)
             self._rows.extend(new_rows)
+            self._settings = self._settings.cat(settings)
             self._last = torch.cat([self._last, first])
             self._pos = torch.cat([self._pos, positions.to(device)])
             self._draft = torch.cat([self._draft, draft])
@@ -290,7 +329,7 @@ class Engine:
     def _decode_step(self, events: list[StepEvent]) -> None:
         logits = self._decoder(self._last[:, None], positions=self._pos[:, None], cache=self._cache,
                                n_slots=self._n_slots())[:, -1]  # (B, V)
-        nxt, logp = self._sample(logits, self._rows)
+        nxt, logp = self._sample(logits, self._rows, self._settings)
         running = torch.tensor([r.finish_reason is None for r in self._rows], device=self._pos.device)
         self._pos = torch.where(running, self._pos + 1, self._pos)
         self._last = torch.where(running, nxt, self._last)
@@ -306,8 +345,8 @@ class Engine:
         pos2 = torch.stack([self._pos, (self._pos + 1).clamp(max=self.max_len - 1)], dim=1)  # (B, 2)
         n_slots = self._n_slots(ahead=1)
         hidden, logits = self._verify(torch.stack([self._last, self._draft], dim=1), pos2, self._cache, n_slots)
-        s0, lp0 = self._sample(logits[:, 0], self._rows)
-        s1, lp1 = self._sample(logits[:, 1], self._rows)
+        s0, lp0 = self._sample(logits[:, 0], self._rows, self._settings)
+        s1, lp1 = self._sample(logits[:, 1], self._rows, self._settings)
         accept = (s0 == self._draft) & live
         live_idx = [i for i, r in enumerate(self._rows) if r.finish_reason is None]
         s0l, lp0l, s1l, lp1l, acc = s0.tolist(), lp0.tolist(), s1.tolist(), lp1.tolist(), accept.tolist()
@@ -329,23 +368,14 @@ class Engine:
         """Share of speculative steps whose MTP draft was accepted."""
         return self.accepted / self.drafted if self.drafted else 0.0
 
-    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample(self, logits: torch.Tensor, rows: list[_Row], settings: _Settings) -> tuple[torch.Tensor, torch.Tensor]:
         logits = logits.float()
-        # The rows' settings as tensors, rebuilt only when the rows change. Compared by identity with the
-        # rows themselves held, not by id(): a finished row's id can be reused by the next request's row.
-        if len(rows) != len(self._settings_rows) or any(a is not b for a, b in zip(rows, self._settings_rows)):
-            device = logits.device
-            self._settings_rows = list(rows)
-            ban = torch.tensor([r.params.ignore_eos for r in rows], device=device)
-            self._settings = (torch.tensor([r.params.temperature for r in rows], device=device),
-                              torch.tensor([r.params.top_k for r in rows], device=device),
-                              torch.tensor([r.params.top_p for r in rows], device=device),
-                              ban, self.eos_id is not None and bool(ban.any()))
-        temperature, top_k, top_p, ban, banning = self._settings
-        if banning:
-            logits[:, self.eos_id] = torch.where(ban, float("-inf"), logits[:, self.eos_id])
+        if settings.banning == "all" and self.eos_id is not None:
+            logits[:, self.eos_id] = float("-inf")
+        elif settings.banning == "some" and self.eos_id is not None:
+            logits[:, self.eos_id] = torch.where(settings.ban, float("-inf"), logits[:, self.eos_id])
         uniforms = torch.tensor([1.0 - r.rng.random() for r in rows], dtype=torch.float64)  # (0, 1]
-        tokens = sample_tokens(logits, temperature, top_k, top_p, uniforms)
+        tokens = sample_tokens(logits, settings.temperature, settings.top_k, settings.top_p, uniforms, settings.modes)
         logp = logits.log_softmax(dim=-1).gather(1, tokens[:, None])[:, 0]
         return tokens, logp
 
@@ -378,6 +408,7 @@ class Engine:
             if keep:
                 idx = torch.tensor(keep, device=self._pos.device)
                 self._cache.select(idx)
+                self._settings = self._settings.select(idx)
                 self._last, self._pos, self._draft = self._last[idx], self._pos[idx], self._draft[idx]
             else:
                 self._cache = None

@@ -163,7 +163,7 @@ _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17"
 @functools.cache
 def _library(name: str) -> ctypes.CDLL | None:
     """Build (once per source and torch version, into the user cache) and load csrc/<name>.cpp, which
-    registers the CPU kernel of the op r1lab::<name>; None where it cannot run: a CPU without AVX2, no C++
+    registers the CPU kernel of the op r1lab::<name> (linear.cpp: also head_linear and head_matmul); None where it cannot run: a CPU without AVX2, no C++
     compiler, or (with a warning) a failed build, an unwritable cache, a library that does not load or
     register."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
@@ -172,7 +172,8 @@ def _library(name: str) -> ctypes.CDLL | None:
     if compiler is None:
         return None
     source = _CSRC / f"{name}.cpp"
-    key = hashlib.sha256(source.read_bytes() + (_CSRC / "op.h").read_bytes()
+    headers = b"".join(h.read_bytes() for h in sorted(_CSRC.glob("*.h")))
+    key = hashlib.sha256(source.read_bytes() + headers
                          + " ".join([compiler, torch.__version__, *_FLAGS]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "r1lab" / "kernels"
     target = cache / f"{name}-{key}.so"
@@ -279,3 +280,42 @@ latent_attention_op = _define(
 
 # x (M, K) @ weight (N, K)^T by the C++ kernel (csrc/linear.cpp): float32, contiguous, K % 8 == 0, N % 4 == 0.
 linear_op = _define("linear(Tensor x, Tensor weight) -> Tensor", lambda x, weight: x.new_empty(x.shape[0], weight.shape[0]))
+
+
+# -- per-head products (MLA's absorbed query and value projections) -----------------------------------
+
+def head_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (B, T, H, K) @ weight (H, K, N) per head -> (B, T, H, N).
+
+    An einsum (batched GEMMs) except in a compiled CPU step over 9 to `KERNEL_ROWS` tokens, where it is
+    the C++ kernel `head_matmul_op` (the batched GEMMs run these tiny per-head products at ~10 GFLOP/s)."""
+    if _head_kernel(x, weight.shape[2] % 8 == 0):
+        B, T, H, K = x.shape
+        if weight.stride(2) != 1:
+            weight = weight.contiguous()
+        return head_matmul_op(x.reshape(B * T, H, K).contiguous(), weight).view(B, T, H, weight.shape[2])
+    return torch.einsum("bthc,hcr->bthr", x, weight)
+
+
+def head_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (B, T, H, K) @ weight (H, N, K)^T per head -> (B, T, H, N); the kernel as in `head_matmul`."""
+    if _head_kernel(x, x.shape[-1] % 8 == 0 and weight.shape[1] % 4 == 0):
+        B, T, H, K = x.shape
+        if weight.stride(2) != 1 or weight.stride(1) != K:
+            weight = weight.contiguous()
+        return head_linear_op(x.reshape(B * T, H, K).contiguous(), weight).view(B, T, H, weight.shape[1])
+    return torch.einsum("bthr,hvr->bthv", x, weight)
+
+
+def _head_kernel(x: torch.Tensor, widths_fit: bool) -> bool:
+    rows = x.shape[0] * x.shape[1]
+    return (torch.compiler.is_compiling() and x.device.type == "cpu" and STREAMING_ROWS < rows <= KERNEL_ROWS
+            and x.dtype == torch.float32 and widths_fit and kernel_built("linear"))
+
+
+# C++ kernels (csrc/linear.cpp), float32: x (M, H, K) contiguous; weight with unit-stride rows, any head stride.
+head_matmul_op = _define("head_matmul(Tensor x, Tensor weight) -> Tensor",
+                         lambda x, weight: x.new_empty(x.shape[0], x.shape[1], weight.shape[2]))
+head_linear_op = _define("head_linear(Tensor x, Tensor weight) -> Tensor",
+                         lambda x, weight: x.new_empty(x.shape[0], x.shape[1], weight.shape[1]))
+

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1lab.config import ModelConfig
-from r1lab.kernels import expert_mixture, latent_attention, linear, swiglu
+from r1lab.kernels import expert_mixture, head_linear, head_matmul, latent_attention, linear, swiglu
 
 
 class Linear(nn.Linear):
@@ -200,14 +200,14 @@ class MLA(nn.Module):
         else:
             # Absorb wkv_b's key slice into the query: attention runs over the latent directly, every
             # head against one shared key [c_kv, k_pe] (MQA-shaped), the latent c_kv as the value.
-            q_lat = torch.einsum("bthc,hcr->bthr", q_nope, wkv_b[:, :C])  # (B, T, H, R)
+            q_lat = head_matmul(q_nope, wkv_b[:, :C])  # (B, T, H, R)
             keys = torch.cat([c_kv, k_pe], dim=-1)  # (B, T, R+P)
             if cache is not None:
                 _write(cache[0], write_at, keys)
                 keys = cache[0][:, :S]  # (B, S, R+P)
             query = torch.cat([q_lat, q_pe], dim=-1).view(B, T * H, R + P)
             out_lat = latent_attention(query, keys, mask, self.scale, R).view(B, T, H, R)
-            out = torch.einsum("bthr,hvr->bthv", out_lat, wkv_b[:, C:])  # (B, T, H, V)
+            out = head_linear(out_lat, wkv_b[:, C:])  # (B, T, H, V)
         return self.wo(out.reshape(B, T, H * V))
 
 

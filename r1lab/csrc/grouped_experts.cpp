@@ -21,60 +21,14 @@
 #include <vector>
 
 #include "op.h"
+#include "tiles.h"
 
 namespace {
 
-constexpr int ROWS = 6;   // rows per tile: 6 x 2 accumulators + 2 weight vectors fit the 16 ymm registers
-constexpr int COLS = 16;  // columns per panel (two 8-float vectors)
+using r1lab::COLS;
+using r1lab::ROWS;
+using r1lab::tile;
 constexpr int64_t PACK_BYTES = 128 * 1024;  // packed weight panels per task: well inside L2
-
-// c[r][0:n] = sum_k a[r][k] * b[k][0:n] for r < R, n = 16 or 8; b has leading dimension ldb.
-// (The unroll pragmas keep the accumulators in registers; without them GCC spills them every k.)
-template <int R>
-void tile_product(const float* const* a, int64_t k_dim, const float* b, int64_t ldb, int64_t n, float* const* c) {
-  if (n == COLS) {
-    __m256 acc[R][2];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < k_dim; ++k) {
-      const __m256 b0 = _mm256_loadu_ps(b + k * ldb);
-      const __m256 b1 = _mm256_loadu_ps(b + k * ldb + 8);
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        const __m256 ar = _mm256_broadcast_ss(a[r] + k);
-        acc[r][0] = _mm256_fmadd_ps(ar, b0, acc[r][0]);
-        acc[r][1] = _mm256_fmadd_ps(ar, b1, acc[r][1]);
-      }
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      _mm256_storeu_ps(c[r], acc[r][0]);
-      _mm256_storeu_ps(c[r] + 8, acc[r][1]);
-    }
-    return;
-  }
-  __m256 acc[R];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < k_dim; ++k) {
-    const __m256 b0 = _mm256_loadu_ps(b + k * ldb);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(a[r] + k), b0, acc[r]);
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) _mm256_storeu_ps(c[r], acc[r]);
-}
-
-void tile(int rows, const float* const* a, int64_t k_dim, const float* b, int64_t ldb, int64_t n, float* const* c) {
-  switch (rows) {
-    case 1: tile_product<1>(a, k_dim, b, ldb, n, c); break;
-    case 2: tile_product<2>(a, k_dim, b, ldb, n, c); break;
-    case 3: tile_product<3>(a, k_dim, b, ldb, n, c); break;
-    case 4: tile_product<4>(a, k_dim, b, ldb, n, c); break;
-    case 5: tile_product<5>(a, k_dim, b, ldb, n, c); break;
-    default: tile_product<6>(a, k_dim, b, ldb, n, c); break;
-  }
-}
 
 // out rows [first, last) of one expert (sorted order), columns [j, j + n): c_of(s)[j:j+n] = a_of(s) @ panel,
 // panel (k_dim, COLS) the packed columns. The panel stays in L1 while every tile of the expert's rows uses it.

@@ -1,79 +1,116 @@
-// x @ w^T for a compiled CPU decode step over 9-256 token rows: weights in nn.Linear's (out, in) layout.
+// Products for a compiled CPU decode step over 9-256 token rows, where the BLAS handles the shapes badly.
 //
-// At these row counts the BLAS spends much of its time packing the weight for a product too short to
-// amortise it (55-75 GFLOP/s on this CPU class with the weights out of cache). Here each task takes 4
-// weight rows, reads them once, and runs every token row through them with a register-tiled
-// dot-product micro-kernel (3 token rows x 4 weight rows = 12 vector accumulators over the input dim,
-// reduced by horizontal adds at the end): 1.4-1.9x the BLAS at 64 rows, measured with
-// the weights out of cache. No packing.
+// linear: x @ w^T, weights in nn.Linear's (out, in) layout. At these row counts the BLAS spends much of
+// its time packing the weight for a product too short to amortise it (55-75 GFLOP/s on this CPU class
+// with the weights out of cache). Here each task takes 4 weight rows, reads them once, and runs every
+// token row through them with the dot tile (tiles.h): 1.4-1.9x the BLAS at 64 rows, weights out of cache.
 //
-// The op r1lab::linear(x, weight). Layouts (row-major, contiguous): x (M, K); w (N, K); out (M, N).
-// K % 8 == 0, N % 4 == 0.
+// head_linear, head_matmul: one small product per attention head (MLA's absorbed query and value
+// projections), which the compiled graph otherwise runs as batched GEMMs at ~10 GFLOP/s (~100 us each
+// at 64 rows of the tiny preset). Tasks are (head, 4 weight rows) with the dot tile, or (head, 16-column
+// panel) with the broadcast tile for weights in (in, out) layout.
+//
+// The ops (float32, CPU):
+//   r1lab::linear(x (M, K), weight (N, K)) -> (M, N); x and weight contiguous; K % 8 == 0, N % 4 == 0.
+//   r1lab::head_linear(x (M, H, K), weight (H, N, K)) -> (M, H, N): out[m, h] = weight[h] @ x[m, h];
+//     x contiguous, weight rows contiguous (any head stride); K % 8 == 0, N % 4 == 0.
+//   r1lab::head_matmul(x (M, H, K), weight (H, K, N)) -> (M, H, N): out[m, h] = x[m, h] @ weight[h];
+//     x contiguous, weight rows unit-stride (any row and head strides); N % 8 == 0.
 #include <immintrin.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "op.h"
+#include "tiles.h"
 
 namespace {
 
-// [sum(a), sum(b), sum(c), sum(d)]
-inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
-  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
-  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
-}
-
-// out[r][0:4] = x[r] . w[0:4] for R token rows. (The unroll pragmas keep the accumulators in registers.)
-template <int R>
-void tile(const float* x, const float* w, int64_t k_dim, float* out, int64_t ldo) {
-  __m256 acc[R][4];
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < k_dim; k += 8) {
-    __m256 wv[4];
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) wv[j] = _mm256_loadu_ps(w + j * k_dim + k);
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      const __m256 xv = _mm256_loadu_ps(x + r * k_dim + k);
-#pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_fmadd_ps(xv, wv[j], acc[r][j]);
-    }
-  }
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r) _mm_storeu_ps(out + r * ldo, hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
-}
-
 void linear(const float* x, const float* w, float* out, int64_t m, int64_t n, int64_t k) {
 #pragma omp parallel for schedule(static)
-  for (int64_t block = 0; block < n / 4; ++block) {
-    const float* wb = w + block * 4 * k;
-    float* ob = out + block * 4;
-    int64_t r = 0;
-    for (; r + 3 <= m; r += 3) tile<3>(x + r * k, wb, k, ob + r * n, n);
-    for (; r < m; ++r) tile<1>(x + r * k, wb, k, ob + r * n, n);
+  for (int64_t block = 0; block < n / 4; ++block) r1lab::dot_rows(x, k, m, w + block * 4 * k, k, k, out + block * 4, n);
+}
+
+void head_linear(const float* x, const float* w, int64_t head_stride, float* out, int64_t m, int64_t heads, int64_t n,
+                 int64_t k) {
+  const int64_t blocks = n / 4;
+#pragma omp parallel for schedule(static)
+  for (int64_t task = 0; task < heads * blocks; ++task) {
+    const int64_t h = task / blocks, block = task % blocks;
+    r1lab::dot_rows(x + h * k, heads * k, m, w + h * head_stride + block * 4 * k, k, k, out + h * n + block * 4,
+                    heads * n);
   }
 }
 
+void head_matmul(const float* x, const float* w, int64_t head_stride, int64_t row_stride, float* out, int64_t m,
+                 int64_t heads, int64_t n, int64_t k) {
+  const int64_t panels = (n + r1lab::COLS - 1) / r1lab::COLS;
+#pragma omp parallel for schedule(static)
+  for (int64_t task = 0; task < heads * panels; ++task) {
+    const int64_t h = task / panels, j = (task % panels) * r1lab::COLS, width = std::min<int64_t>(r1lab::COLS, n - j);
+    for (int64_t s = 0; s < m; s += r1lab::ROWS) {
+      const int rows = (int)std::min<int64_t>(r1lab::ROWS, m - s);
+      const float* a[r1lab::ROWS];
+      float* c[r1lab::ROWS];
+      for (int r = 0; r < rows; ++r) {
+        a[r] = x + ((s + r) * heads + h) * k;
+        c[r] = out + ((s + r) * heads + h) * n + j;
+      }
+      r1lab::tile(rows, a, k, w + h * head_stride + j, row_stride, width, c);
+    }
+  }
+}
+
+const char* const LINEAR = "the linear kernel takes contiguous float32 CPU x (M, K) and weight (N, K) with K % 8 == 0, N % 4 == 0";
+const char* const HEADS = "the per-head kernels take float32 CPU x (M, H, K) contiguous and weight (H, N, K) (head_linear: K % 8 == 0, "
+                          "N % 4 == 0) or (H, K, N) (head_matmul: N % 8 == 0) with unit-stride rows";
+
 // linear(Tensor x, Tensor weight) -> Tensor
-void boxed(StableIValue* stack, uint64_t, uint64_t) {
+void boxed_linear(StableIValue* stack, uint64_t, uint64_t) {
   r1lab::Tensor x(stack[0]), weight(stack[1]);
   const int32_t f32 = aoti_torch_dtype_float32();
   r1lab::check(x.is(f32) && weight.is(f32) && x.dim() == 2 && weight.dim() == 2 && x.contiguous() &&
                    weight.contiguous() && weight.size(1) == x.size(1) && x.size(1) % 8 == 0 && weight.size(0) % 4 == 0,
-               "the linear kernel takes contiguous float32 CPU x (M, K) and weight (N, K) with K % 8 == 0, N % 4 == 0");
+               LINEAR);
   const int64_t m = x.size(0), n = weight.size(0), k = x.size(1);
   r1lab::Tensor out(r1lab::empty({m, n}, f32));
   linear(x.data<float>(), weight.data<float>(), out.data<float>(), m, n, k);
   stack[0] = out.release();
 }
 
+// head_linear(Tensor x, Tensor weight) -> Tensor
+void boxed_head_linear(StableIValue* stack, uint64_t, uint64_t) {
+  r1lab::Tensor x(stack[0]), weight(stack[1]);
+  const int32_t f32 = aoti_torch_dtype_float32();
+  r1lab::check(x.is(f32) && weight.is(f32) && x.dim() == 3 && weight.dim() == 3 && x.contiguous(), HEADS);
+  const int64_t m = x.size(0), heads = x.size(1), k = x.size(2), n = weight.size(1);
+  r1lab::check(weight.size(0) == heads && weight.size(2) == k && k % 8 == 0 && n % 4 == 0 && weight.stride(2) == 1 &&
+                   (n < 2 || weight.stride(1) == k),
+               HEADS);
+  r1lab::Tensor out(r1lab::empty({m, heads, n}, f32));
+  head_linear(x.data<float>(), weight.data<float>(), weight.stride(0), out.data<float>(), m, heads, n, k);
+  stack[0] = out.release();
+}
+
+// head_matmul(Tensor x, Tensor weight) -> Tensor
+void boxed_head_matmul(StableIValue* stack, uint64_t, uint64_t) {
+  r1lab::Tensor x(stack[0]), weight(stack[1]);
+  const int32_t f32 = aoti_torch_dtype_float32();
+  r1lab::check(x.is(f32) && weight.is(f32) && x.dim() == 3 && weight.dim() == 3 && x.contiguous(), HEADS);
+  const int64_t m = x.size(0), heads = x.size(1), k = x.size(2), n = weight.size(2);
+  r1lab::check(weight.size(0) == heads && weight.size(1) == k && n % 8 == 0 && weight.stride(2) == 1, HEADS);
+  r1lab::Tensor out(r1lab::empty({m, heads, n}, f32));
+  head_matmul(x.data<float>(), weight.data<float>(), weight.stride(0), weight.stride(1), out.data<float>(), m, heads, n,
+              k);
+  stack[0] = out.release();
+}
+
 }  // namespace
 
 extern "C" int r1lab_register_linear() {
-  static const int status = r1lab::register_cpu_kernel("linear", boxed);
+  static const int status = r1lab::register_cpu_kernel("linear", boxed_linear) |
+                            r1lab::register_cpu_kernel("head_linear", boxed_head_linear) |
+                            r1lab::register_cpu_kernel("head_matmul", boxed_head_matmul);
   return status;
 }

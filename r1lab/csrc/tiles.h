@@ -1,0 +1,105 @@
+// The register-tiled AVX2 micro-kernels the products in this directory are built from.
+//
+// broadcast tile: rows of a times a (k, 16) panel of b in (in, out) layout: each a[r][k] broadcast
+//   against two vectors of b's row k; 6 x 2 accumulators + 2 weight vectors fit the 16 ymm registers.
+// dot tile: rows of x times 4 rows of w in nn.Linear's (out, in) layout: 3 x 4 vector accumulators
+//   over the input dim, reduced by horizontal adds at the end.
+// (The unroll pragmas keep the accumulators in registers; without them GCC spills them every k step.)
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+namespace r1lab {
+
+constexpr int ROWS = 6;   // rows per broadcast tile
+constexpr int COLS = 16;  // columns per broadcast tile (two 8-float vectors)
+
+// c[r][0:n] = sum_k a[r][k] * b[k * ldb + 0:n] for r < R, n = 16 or 8.
+template <int R>
+void broadcast_tile(const float* const* a, int64_t k_dim, const float* b, int64_t ldb, int64_t n, float* const* c) {
+  if (n == COLS) {
+    __m256 acc[R][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < k_dim; ++k) {
+      const __m256 b0 = _mm256_loadu_ps(b + k * ldb);
+      const __m256 b1 = _mm256_loadu_ps(b + k * ldb + 8);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m256 ar = _mm256_broadcast_ss(a[r] + k);
+        acc[r][0] = _mm256_fmadd_ps(ar, b0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(ar, b1, acc[r][1]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      _mm256_storeu_ps(c[r], acc[r][0]);
+      _mm256_storeu_ps(c[r] + 8, acc[r][1]);
+    }
+    return;
+  }
+  __m256 acc[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < k_dim; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(b + k * ldb);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(a[r] + k), b0, acc[r]);
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(c[r], acc[r]);
+}
+
+// broadcast_tile for 1 <= rows <= ROWS.
+inline void tile(int rows, const float* const* a, int64_t k_dim, const float* b, int64_t ldb, int64_t n,
+                 float* const* c) {
+  switch (rows) {
+    case 1: broadcast_tile<1>(a, k_dim, b, ldb, n, c); break;
+    case 2: broadcast_tile<2>(a, k_dim, b, ldb, n, c); break;
+    case 3: broadcast_tile<3>(a, k_dim, b, ldb, n, c); break;
+    case 4: broadcast_tile<4>(a, k_dim, b, ldb, n, c); break;
+    case 5: broadcast_tile<5>(a, k_dim, b, ldb, n, c); break;
+    default: broadcast_tile<6>(a, k_dim, b, ldb, n, c); break;
+  }
+}
+
+// [sum(a), sum(b), sum(c), sum(d)]
+inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+// out[r * ldo + 0:4] = x[r * ldx] . w[j * ldw] for R rows of x, j < 4; k_dim % 8 == 0.
+template <int R>
+void dot_tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t k_dim, float* out, int64_t ldo) {
+  __m256 acc[R][4];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < k_dim; k += 8) {
+    __m256 wv[4];
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) wv[j] = _mm256_loadu_ps(w + j * ldw + k);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m256 xv = _mm256_loadu_ps(x + r * ldx + k);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_fmadd_ps(xv, wv[j], acc[r][j]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) _mm_storeu_ps(out + r * ldo, hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
+}
+
+// Rows [0, m) of x against 4 rows of w, in dot tiles of 3 rows and a remainder.
+inline void dot_rows(const float* x, int64_t ldx, int64_t m, const float* w, int64_t ldw, int64_t k_dim, float* out,
+                     int64_t ldo) {
+  int64_t r = 0;
+  for (; r + 3 <= m; r += 3) dot_tile<3>(x + r * ldx, ldx, w, ldw, k_dim, out + r * ldo, ldo);
+  for (; r < m; ++r) dot_tile<1>(x + r * ldx, ldx, w, ldw, k_dim, out + r * ldo, ldo);
+}
+
+}  // namespace r1lab
