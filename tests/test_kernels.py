@@ -74,8 +74,9 @@ def test_each_kernel_is_its_ops_cpu_kernel_in_cpp(name):
     # Registered from C++ (csrc/op.h), a compiled graph calls the op without entering Python.
     if not kernels.kernel_built(name):
         pytest.skip("the kernel is not built here")
-    cpu = [line for line in torch._C._dispatch_dump(f"r1lab::{name}").splitlines() if line.startswith("CPU:")]
-    assert len(cpu) == 1 and "csrc/op.h" in cpu[0], cpu
+    for op in [name] + (["head_linear", "head_matmul"] if name == "linear" else []):
+        cpu = [line for line in torch._C._dispatch_dump(f"r1lab::{op}").splitlines() if line.startswith("CPU:")]
+        assert len(cpu) == 1 and "csrc/op.h" in cpu[0], cpu
 
 
 def test_an_unwritable_cache_warns_and_leaves_the_generic_path(tmp_path, monkeypatch):
@@ -157,3 +158,41 @@ def test_linear_kernel_equals_the_blas(rows, k, n):
 def test_linear_kernel_refuses_shapes_it_cannot_tile():
     with pytest.raises(ValueError, match="K % 8"):
         kernels.linear_op(torch.randn(9, 12), torch.randn(8, 12))
+
+
+@needs_linear
+@pytest.mark.parametrize("rows, heads, k, n", [(9, 1, 8, 8), (10, 4, 32, 24), (64, 4, 64, 32), (37, 16, 40, 72)])
+def test_per_head_kernels_equal_the_einsums(rows, heads, k, n):
+    # Weights as MLA slices them: wkv_b viewed (H, C + V, R), the query part [:, :C] (in, out) per head and the
+    # value part [:, C:] (out, in); 24 and 72 columns end in an 8-column panel, 9 and 10 rows in partial tiles.
+    wkv_b = torch.randn(heads, k + n, k + 8)  # rows of width k + 8: a row stride beyond the (in, out) panel's width
+    x = torch.randn(rows, heads, k)
+    query_part = wkv_b[:, :k, :n]  # (H, K, N), row stride k + 8, head stride (k + n)(k + 8)
+    torch.testing.assert_close(kernels.head_matmul_op(x, query_part), torch.einsum("mhc,hcr->mhr", x, query_part),
+                               atol=1e-4, rtol=1e-5)
+    value_part = wkv_b[:, k:, :k]  # (H, N, K): rows of k of a (k + 8)-wide row, so not unit-stride between rows
+    with pytest.raises(ValueError, match="unit-stride rows"):
+        kernels.head_linear_op(x, value_part)
+    value_part = torch.randn(heads, k + n, k)[:, k:]  # (H, N, K) rows contiguous, head stride (k + n) k
+    torch.testing.assert_close(kernels.head_linear_op(x, value_part), torch.einsum("mhr,hvr->mhv", x, value_part),
+                               atol=1e-4, rtol=1e-5)
+
+
+@needs_linear
+@pytest.mark.parametrize("rows", [4, 12])
+def test_compiled_mla_takes_the_per_head_kernels_beyond_the_streaming_rows(rows):
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append({node.target for node in gm.graph.nodes if node.op == "call_function"})
+        return gm.forward
+
+    x, query_weight, value_weight = torch.randn(rows, 1, 4, 32), torch.randn(4, 32, 64), torch.randn(4, 64, 32)
+    compiled = torch.compile(kernels.head_matmul, backend=capture, dynamic=False)
+    torch.testing.assert_close(compiled(x, query_weight), torch.einsum("bthc,hcr->bthr", x, query_weight),
+                               atol=1e-4, rtol=1e-5)
+    compiled = torch.compile(kernels.head_linear, backend=capture, dynamic=False)
+    torch.testing.assert_close(compiled(x, value_weight), torch.einsum("bthr,hvr->bthv", x, value_weight),
+                               atol=1e-4, rtol=1e-5)
+    assert calls(graphs[0], torch.ops.r1lab.head_matmul) == (rows > STREAMING_ROWS)
+    assert calls(graphs[1], torch.ops.r1lab.head_linear) == (rows > STREAMING_ROWS)
