@@ -282,12 +282,15 @@ class Engine:
         tokens, positions_T = tokens.to(device), torch.arange(T, device=device).expand(len(batch), T)
         rows_of = torch.arange(len(batch), device=device)
         counts = torch.tensor([params.n for _, _, params in batch])
+        # Slots for what these requests can reach (prompt + max_new_tokens), not max_len: the cache is
+        # zeroed and, at batch 64, a max_len cache costs tens of ms to allocate (and grows on `extend`).
+        slots = min(self.max_len, max(len(prompt) + params.max_new_tokens for _, prompt, params in batch))
         if self.speculative:
-            cache = self.model.new_cache(len(batch), self.max_len, with_mtp=True)
+            cache = self.model.new_cache(len(batch), slots, with_mtp=True)
             hidden, _ = self.model.trunk(tokens, positions=positions_T, cache=cache)  # (n_req, T, D)
             last_logits = self.model.logits(hidden[rows_of, (lengths - 1).to(device)])
         else:
-            cache = self.model.new_cache(len(batch), self.max_len)
+            cache = self.model.new_cache(len(batch), slots)
             logits = self.model(tokens, positions=positions_T, cache=cache)
             last_logits = logits[rows_of, (lengths - 1).to(device)]  # (n_req, V)
         _repeat_rows(cache, counts.to(device))
@@ -324,7 +327,7 @@ class Engine:
     def _n_slots(self, ahead: int = 0) -> int:
         """Cache slots the next step reads: every row feeds position prompt_len + len(tokens) - 1 or
         less (finished rows are frozen), plus `ahead` draft positions."""
-        return min(max(r.prompt_len + len(r.tokens) for r in self._rows) + ahead, self.max_len)
+        return min(max(r.prompt_len + len(r.tokens) for r in self._rows) + ahead, self._cache.max_len)
 
     def _decode_step(self, events: list[StepEvent]) -> None:
         logits = self._decoder(self._last[:, None], positions=self._pos[:, None], cache=self._cache,
@@ -342,7 +345,7 @@ class Engine:
         logits at p+2 are valid too and a second token comes for free. Exact for any sampling settings:
         every emitted token is drawn from the model's own distribution given the tokens before it."""
         live = torch.tensor([r.finish_reason is None for r in self._rows], device=self._pos.device)
-        pos2 = torch.stack([self._pos, (self._pos + 1).clamp(max=self.max_len - 1)], dim=1)  # (B, 2)
+        pos2 = torch.stack([self._pos, (self._pos + 1).clamp(max=self._cache.max_len - 1)], dim=1)  # (B, 2)
         n_slots = self._n_slots(ahead=1)
         hidden, logits = self._verify(torch.stack([self._last, self._draft], dim=1), pos2, self._cache, n_slots)
         s0, lp0 = self._sample(logits[:, 0], self._rows, self._settings)

@@ -448,8 +448,7 @@ class HFCache:
 
     def extend(self, other: HFCache) -> None:
         """Append other's rows after ours; the shorter cache is padded with invalid slots."""
-        if other.max_len != self.max_len:
-            raise ValueError("caches of different length cannot be joined")
+        self.max_len = max(self.max_len, other.max_len)
         S = max(self.n_slots, other.n_slots)
         mine, theirs = _layer_tensors(self), _layer_tensors(other)
         if S:

@@ -124,11 +124,18 @@ class KVCache:
         self.layers = [[t.repeat_interleave(n, dim=0) for t in layer] for layer in self.layers]
 
     def extend(self, other: "KVCache") -> None:
-        """Append other's rows after ours (requests joining a running batch)."""
-        if other.max_len != self.max_len or other.impl != self.impl:
-            raise ValueError("caches of different length or layout cannot be joined")
-        self.layers = [[torch.cat([a, b]) for a, b in zip(mine, theirs)]
+        """Append other's rows after ours (requests joining a running batch); the shorter cache's rows
+        get zeroed slots up to the longer's length."""
+        if other.impl != self.impl:
+            raise ValueError("caches of different layouts cannot be joined")
+        length = max(self.max_len, other.max_len)
+
+        def fit(t: torch.Tensor) -> torch.Tensor:
+            return t if t.shape[1] == length else torch.cat([t, t.new_zeros(t.shape[0], length - t.shape[1], *t.shape[2:])], 1)
+
+        self.layers = [[torch.cat([fit(a), fit(b)]) for a, b in zip(mine, theirs)]
                        for mine, theirs in zip(self.layers, other.layers)]
+        self.max_len = length
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer)

@@ -106,7 +106,9 @@ def test_request_joining_a_running_batch_gets_the_same_output(model):
     for _ in range(5):
         for ev in engine.step():
             out[ev.request_id] += ev.token_ids
-    late = engine.add_request([9, 8, 7], dataclasses.replace(params, seed=4))
+    # The late request needs more cache slots (3 + 20) than the running batch has (4 + 12): it grows.
+    late_params = dataclasses.replace(params, seed=4, max_new_tokens=20)
+    late = engine.add_request([9, 8, 7], late_params)
     out[late] = []
     while engine.has_work():
         for ev in engine.step():
@@ -118,11 +120,11 @@ def test_request_joining_a_running_batch_gets_the_same_output(model):
         tokens0 += [t for ev in ref0.step() for t in ev.token_ids]
     assert out[first] == tokens0
     ref = Engine(model, eos_id=None)
-    ref.add_request([9, 8, 7], dataclasses.replace(params, seed=4))
+    ref.add_request([9, 8, 7], late_params)
     tokens = []
     while ref.has_work():
         tokens += [t for ev in ref.step() for t in ev.token_ids]
-    assert out[late] == tokens and len(tokens) == 12
+    assert out[late] == tokens and len(tokens) == 20
 
 
 def test_eos_and_stop_token_ids_finish_with_stop(model):

@@ -96,6 +96,24 @@ def test_cache_select_and_repeat(config):
             torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=0)
 
 
+def test_caches_of_different_lengths_join_and_decode_on(config):
+    # A running batch sized for short requests takes a request that needs more slots: the shorter
+    # cache's rows get zeroed slots, and decoding continues as if each row had its own cache.
+    model = Transformer(config).eval()
+    a, b = torch.randint(0, 97, (1, 4)), torch.randint(0, 97, (1, 7))
+    with torch.no_grad():
+        short, long = model.new_cache(1, 6), model.new_cache(1, 12)
+        model(a, positions=torch.arange(4)[None], cache=short)
+        model(b, positions=torch.arange(7)[None], cache=long)
+        short.extend(long)
+        assert short.max_len == 12 and short.batch_size == 2
+        assert short.layers[0][0][0, 6:].abs().sum() == 0  # the grown slots are zeros
+        nxt = torch.randint(0, 97, (2, 1))
+        out = model(nxt, positions=torch.tensor([[4], [7]]), cache=short)[:, 0]
+        torch.testing.assert_close(out[0], model(torch.cat([a[0], nxt[0]])[None])[0, -1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(out[1], model(torch.cat([b[0], nxt[1]])[None])[0, -1], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("loads", ["balanced", "skewed", "few tokens"])
 def test_vectorised_moe_equals_per_token_loop(make_config, loads):
     # balanced: the packed (E, C, D) batched products; skewed (one expert takes every token): the
