@@ -3,13 +3,15 @@
 RL rollouts, evaluation, the server and the terminal chat all generate through `Engine`. It knows
 token ids and a decoder (r1lab's Transformer, or anything with the same protocol: `new_cache`,
 `decoder(tokens, positions=..., cache=..., n_slots=...) -> logits` where n_slots bounds the cache
-slots a step reads, a cache with `select`, `repeat_interleave` and `extend`). It knows no
-tokenizer: stop strings need a `decode` function handed in.
+slots a step reads, a cache with `max_len` (its slots), `select`, `repeat_interleave` and `extend`,
+which joins caches of different lengths). It knows no tokenizer: stop strings need a `decode`
+function handed in.
 
 How a batch runs:
   * requests wait in a queue; at each step boundary waiting requests are prefilled together
-    (prompts right-padded, one prefill per prompt), the cache rows are repeated for the n samples
-    of each prompt (the prompt is not recomputed) and appended to the running batch;
+    (prompts right-padded, one prefill per prompt) into a cache with the slots they can reach
+    (prompt + max_new_tokens), the cache rows are repeated for the n samples of each prompt (the
+    prompt is not recomputed) and appended to the running batch;
   * one decode step feeds every running row its last token at its own position; the cache slot of
     a position is its index, so ragged rows need no padding mask and a rejected draft token is
     simply overwritten;

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_config
 from torch import nn
 
@@ -83,14 +84,19 @@ class ScriptCache:
     def batch_size(self) -> int:
         return self.tokens.shape[0]
 
+    @property
+    def max_len(self) -> int:
+        return self.tokens.shape[1]
+
     def select(self, rows):
         self.tokens = self.tokens[rows]
 
     def repeat_interleave(self, n):
         self.tokens = self.tokens.repeat_interleave(n, dim=0)
 
-    def extend(self, other):
-        self.tokens = torch.cat([self.tokens, other.tokens])
+    def extend(self, other):  # the shorter cache's rows padded to the longer's slots
+        width = max(self.max_len, other.max_len)
+        self.tokens = torch.cat([F.pad(t, (0, width - t.shape[1])) for t in (self.tokens, other.tokens)])
 
 
 class ScriptedDecoder(nn.Module):

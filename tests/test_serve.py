@@ -20,6 +20,7 @@ import httpx
 import openai
 import pytest
 import torch
+import torch.nn.functional as F
 
 from r1lab.checkpoint import save_checkpoint
 from r1lab.model import Transformer
@@ -67,6 +68,10 @@ class ScriptCache:
     def batch_size(self) -> int:
         return self.tokens.shape[0]
 
+    @property
+    def max_len(self) -> int:
+        return self.tokens.shape[1]
+
     def select(self, rows) -> None:
         self.tokens, self.prompt_len = self.tokens[rows], self.prompt_len[rows]
 
@@ -74,8 +79,9 @@ class ScriptCache:
         self.tokens = self.tokens.repeat_interleave(n, dim=0)
         self.prompt_len = self.prompt_len.repeat_interleave(n, dim=0)
 
-    def extend(self, other: ScriptCache) -> None:
-        self.tokens = torch.cat([self.tokens, other.tokens])
+    def extend(self, other: ScriptCache) -> None:  # the shorter cache's rows padded to the longer's slots
+        width = max(self.max_len, other.max_len)
+        self.tokens = torch.cat([F.pad(t, (0, width - t.shape[1])) for t in (self.tokens, other.tokens)])
         self.prompt_len = torch.cat([self.prompt_len, other.prompt_len])
 
 
