@@ -23,7 +23,6 @@ Letter legend: B running rows, T tokens in a call, V vocabulary.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import random
 from collections import deque
@@ -31,6 +30,8 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import torch
+
+from r1lab import kernels
 
 
 @dataclass(frozen=True)
@@ -198,9 +199,14 @@ class Engine:
         self.model = model
         compiled = (lambda fn: torch.compile(fn, dynamic=True, options={"cpp_wrapper": True})) if compile else (lambda fn: fn)
         self._decoder = compiled(model)
-        self._verify = compiled(functools.partial(_verify, model)) if speculative else None
-        self._draft_next = compiled(functools.partial(_draft_next, model)) if speculative else None
+        # The speculative halves take the model as an argument: compiled partials (one per engine) would share
+        # one wrapper frame, each engine's adding graphs to it until torch's recompile limit sent it to eager.
+        self._verify = compiled(_verify) if speculative else None
+        self._draft_next = compiled(_draft_next) if speculative else None
         self._settings: _Settings | None = None  # the running rows' sampling settings, row for row
+        # A compiled engine also draws in one C++ call (kernels.sample_op) where built: its decode step is so
+        # short that the eager draw's ~10 small tensor ops are a tenth of it.
+        self._sample_kernel = compile and kernels.kernel_built("sample")
         self.speculative = speculative
         self.drafted = 0   # speculative: rows that verified a draft, and how many drafts were accepted
         self.accepted = 0
@@ -349,7 +355,7 @@ class Engine:
         live = torch.tensor([r.finish_reason is None for r in self._rows], device=self._pos.device)
         pos2 = torch.stack([self._pos, (self._pos + 1).clamp(max=self._cache.max_len - 1)], dim=1)  # (B, 2)
         n_slots = self._n_slots(ahead=1)
-        hidden, logits = self._verify(torch.stack([self._last, self._draft], dim=1), pos2, self._cache, n_slots)
+        hidden, logits = self._verify(self.model, torch.stack([self._last, self._draft], dim=1), pos2, self._cache, n_slots)
         s0, lp0 = self._sample(logits[:, 0], self._rows, self._settings)
         s1, lp1 = self._sample(logits[:, 1], self._rows, self._settings)
         accept = (s0 == self._draft) & live
@@ -363,7 +369,7 @@ class Engine:
         took_two = torch.zeros_like(accept)
         took_two[second] = True
         # The next draft: MTP on (hidden at p, s0) and (hidden at p+1, s1); use the last accepted one.
-        drafts = self._draft_next(hidden, torch.stack([s0, s1], dim=1), pos2, self._cache, n_slots)  # (B, 2)
+        drafts = self._draft_next(self.model, hidden, torch.stack([s0, s1], dim=1), pos2, self._cache, n_slots)  # (B, 2)
         self._draft = torch.where(took_two, drafts[:, 1], drafts[:, 0])
         self._last = torch.where(took_two, s1, torch.where(live, s0, self._last))
         self._pos = self._pos + live.long() + took_two.long()
@@ -375,11 +381,15 @@ class Engine:
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row], settings: _Settings) -> tuple[torch.Tensor, torch.Tensor]:
         logits = logits.float()
+        uniforms = torch.tensor([1.0 - r.rng.random() for r in rows], dtype=torch.float64)  # (0, 1]
+        if self._sample_kernel and logits.device.type == "cpu":
+            eos = -1 if self.eos_id is None or settings.banning == "none" else self.eos_id
+            return kernels.sample_op(logits.contiguous(), settings.temperature.float(), settings.top_k,
+                                     settings.top_p.float(), settings.ban, uniforms, eos)
         if settings.banning == "all" and self.eos_id is not None:
             logits[:, self.eos_id] = float("-inf")
         elif settings.banning == "some" and self.eos_id is not None:
             logits[:, self.eos_id] = torch.where(settings.ban, float("-inf"), logits[:, self.eos_id])
-        uniforms = torch.tensor([1.0 - r.rng.random() for r in rows], dtype=torch.float64)  # (0, 1]
         tokens = sample_tokens(logits, settings.temperature, settings.top_k, settings.top_p, uniforms, settings.modes)
         logp = logits.log_softmax(dim=-1).gather(1, tokens[:, None])[:, 0]
         return tokens, logp

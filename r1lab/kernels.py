@@ -319,3 +319,15 @@ head_matmul_op = _define("head_matmul(Tensor x, Tensor weight) -> Tensor",
 head_linear_op = _define("head_linear(Tensor x, Tensor weight) -> Tensor",
                          lambda x, weight: x.new_empty(x.shape[0], x.shape[1], weight.shape[1]))
 
+
+
+# -- sampling ---------------------------------------------------------------------------------------
+
+# One draw per row of logits (B, V) and its log-prob, the engine's `sample_tokens` in one C++ call
+# (csrc/sample.cpp), for compiled engines: logits, temperature, top_p float32, top_k int64, ban bool,
+# uniforms float64, all contiguous; eos -1 for none. Returns (tokens (B,) int64, logp (B,) float32).
+sample_op = _define(
+    "sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor ban, Tensor uniforms, int eos)"
+    " -> (Tensor, Tensor)",
+    lambda logits, temperature, top_k, top_p, ban, uniforms, eos: (
+        logits.new_empty(logits.shape[0], dtype=torch.long), logits.new_empty(logits.shape[0])))

@@ -80,6 +80,29 @@ def test_same_seed_same_samples_and_other_seed_differs(model):
     assert len({tuple(o.token_ids) for o in a[:4]}) > 1  # the n samples of a prompt differ
 
 
+def test_the_sampling_kernel_gives_the_eager_draws(model):
+    # A compiled engine draws with kernels.sample_op; forced on an eager engine, same samples and log-probs
+    # under mixed settings (EOS banned for some rows).
+    from r1lab import kernels
+    if not kernels.kernel_built("sample"):
+        pytest.skip("the sampling kernel is not built here")
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    settings = [SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.9, n=3, seed=5),
+                SamplingParams(max_new_tokens=12, temperature=1.2, top_k=7, n=2, seed=6, ignore_eos=True),
+                SamplingParams(max_new_tokens=12, temperature=0.0, seed=7)]
+    outs = []
+    for use_kernel in (False, True):
+        engine = Engine(model, eos_id=2)
+        engine._sample_kernel = use_kernel
+        for prompt, params in zip(prompts, settings):
+            engine.add_request(prompt, params)
+        events = []
+        while engine.has_work():
+            events += [(e.request_id, e.sample_index, e.token_ids, e.finish_reason) for e in engine.step()]
+        outs.append(events)
+    assert outs[0] == outs[1]
+
+
 def test_ragged_batch_equals_each_prompt_alone(model):
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12], [13, 14, 15]]
     engine = Engine(model, eos_id=None)

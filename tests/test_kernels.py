@@ -69,7 +69,7 @@ def test_a_failed_build_warns_and_leaves_the_generic_path(tmp_path, monkeypatch)
     assert not list((tmp_path / "r1lab" / "kernels").glob("*.so"))  # nothing half-written left behind
 
 
-@pytest.mark.parametrize("name", ["grouped_experts", "latent_attention", "linear"])
+@pytest.mark.parametrize("name", ["grouped_experts", "latent_attention", "linear", "sample"])
 def test_each_kernel_is_its_ops_cpu_kernel_in_cpp(name):
     # Registered from C++ (csrc/op.h), a compiled graph calls the op without entering Python.
     if not kernels.kernel_built(name):
@@ -196,3 +196,54 @@ def test_compiled_mla_takes_the_per_head_kernels_beyond_the_streaming_rows(rows)
                                atol=1e-4, rtol=1e-5)
     assert calls(graphs[0], torch.ops.r1lab.head_matmul) == (rows > STREAMING_ROWS)
     assert calls(graphs[1], torch.ops.r1lab.head_linear) == (rows > STREAMING_ROWS)
+
+
+needs_sample = pytest.mark.skipif(kernels._library("sample") is None,
+                                  reason="the sampling kernel needs an AVX2 CPU and a C++ compiler")
+
+
+def eager_draw(logits, temperature, top_k, top_p, ban, uniforms, eos):
+    from r1lab.engine import sample_tokens
+    logits = logits.clone()
+    if eos >= 0:
+        logits[:, eos] = torch.where(ban, float("-inf"), logits[:, eos])
+    tokens = sample_tokens(logits, temperature, top_k, top_p, uniforms)
+    return tokens, logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0]
+
+
+@needs_sample
+def test_sampling_kernel_draws_what_the_engine_draws():
+    # 3000 rows of every mix of settings; the draws agree except where u lands within float rounding of
+    # a boundary between tokens (the sums run in another order), which these draws never do.
+    g = torch.Generator().manual_seed(0)
+    rows = 3000
+    logits = torch.randn(rows, 97, generator=g) * 3
+    temperature = torch.tensor([0.0, 1.0, 0.7, 1.3])[torch.randint(0, 4, (rows,), generator=g)]
+    top_k = torch.tensor([0, 0, 1, 5, 40])[torch.randint(0, 5, (rows,), generator=g)]
+    top_p = torch.tensor([1.0, 1.0, 0.9, 0.5])[torch.randint(0, 4, (rows,), generator=g)]
+    ban = torch.rand(rows, generator=g) < 0.5
+    uniforms = 1 - torch.rand(rows, dtype=torch.float64, generator=g)
+    tokens, logp = kernels.sample_op(logits, temperature, top_k, top_p, ban, uniforms, 3)
+    ref_tokens, ref_logp = eager_draw(logits, temperature, top_k, top_p, ban, uniforms, 3)
+    assert tokens.equal(ref_tokens)
+    torch.testing.assert_close(logp, ref_logp, atol=1e-5, rtol=1e-5)
+    assert not (tokens[ban] == 3).any()
+
+
+@needs_sample
+def test_sampling_kernel_never_draws_a_token_of_probability_zero():
+    logits = torch.tensor([[-float("inf"), 2.0, 1.0, 0.5, 0.1, -1.0]]).expand(6, 6).contiguous()
+    u = torch.tensor([1.0, 1e-300, 0.5, 1.0, 1.0, 1e-300], dtype=torch.float64)
+    top_k = torch.tensor([2, 2, 0, 0, 3, 0])
+    top_p = torch.tensor([1.0, 1.0, 1.0, 0.6, 1.0, 1.0])
+    ban = torch.zeros(6, dtype=torch.bool)
+    tokens, _ = kernels.sample_op(logits, torch.ones(6), top_k, top_p, ban, u, -1)
+    ref, _ = eager_draw(logits, torch.ones(6), top_k, top_p, ban, u, -1)
+    assert tokens.tolist() == ref.tolist()
+
+
+@needs_sample
+def test_sampling_kernel_refuses_what_it_cannot_read():
+    with pytest.raises(ValueError, match="float32 CPU logits"):
+        kernels.sample_op(torch.randn(2, 5).double(), torch.ones(2), torch.zeros(2, dtype=torch.long), torch.ones(2),
+                          torch.zeros(2, dtype=torch.bool), torch.rand(2, dtype=torch.float64), -1)

@@ -20,37 +20,11 @@
 #include <vector>
 
 #include "op.h"
+#include "vmath.h"
 
 namespace {
 
 constexpr int MAX_ROWS = 8;  // query rows per sequence handled in one register block
-
-float hsum(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
-}
-
-// exp(x) for 8 floats: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial for exp(r) (relative error
-// ~1e-7 on the softmax's range, x <= 0) times 2^n; -inf and anything below -87 give 0.
-__m256 exp8(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.0f);
-  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_max_ps(x, lo);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln2 split in two for accuracy
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
-}
 
 // scores[m][s] = scale * q[m] . keys[s] (or -inf where masked) for the N query rows of a block; every
 // key vector loaded serves all N rows. (N is a template argument so the accumulators stay in registers.)
@@ -69,7 +43,7 @@ void block_scores(const float* q, int64_t first, const float* keys, const uint8_
     }
 #pragma GCC unroll 8
     for (int m = 0; m < N; ++m)
-      scores[m * slots + s] = mask[((first + m) / heads) * slots + s] ? scale * hsum(acc[m]) : -INFINITY;
+      scores[m * slots + s] = mask[((first + m) / heads) * slots + s] ? scale * r1lab::hsum(acc[m]) : -INFINITY;
   }
 }
 
@@ -81,13 +55,13 @@ float softmax_numerators(float* row, int64_t slots) {
   __m256 total8 = _mm256_setzero_ps();
   int64_t s = 0;
   for (; s + 8 <= slots; s += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + s), top8));
+    const __m256 e = r1lab::exp8(_mm256_sub_ps(_mm256_loadu_ps(row + s), top8));
     _mm256_storeu_ps(row + s, e);
     total8 = _mm256_add_ps(total8, e);
   }
-  float total = hsum(total8);
+  float total = r1lab::hsum(total8);
   for (; s < slots; ++s) {
-    row[s] = _mm256_cvtss_f32(exp8(_mm256_set1_ps(row[s] - top)));
+    row[s] = _mm256_cvtss_f32(r1lab::exp8(_mm256_set1_ps(row[s] - top)));
     total += row[s];
   }
   return total;
