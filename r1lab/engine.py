@@ -191,7 +191,8 @@ class Engine:
         sizes (1; 2-8; 9-256; more: see `kernels.STREAMING_ROWS`, `KERNEL_ROWS`), compiled the first time
         a step falls in it (tens of seconds); later steps are much cheaper (see benchmarks/bench_generate.py).
         Beyond 8 rows on an AVX2 CPU the products, routed experts and MLA attention call small C++ kernels,
-        built once on first use (`r1lab.kernels`). Prefill stays eager."""
+        built once on first use (`r1lab.kernels`), and every step draws its tokens with one C++ call
+        (`kernels.sample_op`, the same draw as `sample_tokens`). Prefill stays eager."""
         if speculative and not getattr(model, "mtp", None):
             raise ValueError("speculative decoding drafts with the MTP module: the model has none (n_mtp_modules = 0)")
         if max_len is not None and max_len > model.config.max_seq_len:
