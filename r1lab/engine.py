@@ -342,11 +342,16 @@ class Engine:
         logits = self._decoder(self._last[:, None], positions=self._pos[:, None], cache=self._cache,
                                n_slots=self._n_slots())[:, -1]  # (B, V)
         nxt, logp = self._sample(logits, self._rows, self._settings)
-        running = torch.tensor([r.finish_reason is None for r in self._rows], device=self._pos.device)
+        tokens, logps = nxt.tolist(), logp.tolist()
+        live = [i for i, r in enumerate(self._rows) if r.finish_reason is None]
+        if len(live) == len(self._rows):  # (the common case: no finished row waiting for compaction)
+            self._pos, self._last = self._pos + 1, nxt
+            self._record(self._rows, tokens, logps, events)
+            return
+        running = torch.zeros(len(self._rows), dtype=torch.bool, device=self._pos.device)
+        running[live] = True
         self._pos = torch.where(running, self._pos + 1, self._pos)
         self._last = torch.where(running, nxt, self._last)
-        live = [i for i, r in enumerate(self._rows) if r.finish_reason is None]
-        tokens, logps = nxt.tolist(), logp.tolist()
         self._record([self._rows[i] for i in live], [tokens[i] for i in live], [logps[i] for i in live], events)
 
     def _speculative_step(self, events: list[StepEvent]) -> None:
