@@ -290,7 +290,7 @@ def head_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
     An einsum (batched GEMMs) except in a compiled CPU step over 9 to `KERNEL_ROWS` tokens, where it is
     the C++ kernel `head_matmul_op` (the batched GEMMs run these tiny per-head products at ~10 GFLOP/s)."""
-    if _head_kernel(x, weight.shape[2] % 8 == 0):
+    if _head_kernel(x, weight, weight.shape[2] % 8 == 0):
         B, T, H, K = x.shape
         if weight.stride(2) != 1:
             weight = weight.contiguous()
@@ -300,7 +300,7 @@ def head_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def head_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (B, T, H, K) @ weight (H, N, K)^T per head -> (B, T, H, N); the kernel as in `head_matmul`."""
-    if _head_kernel(x, x.shape[-1] % 8 == 0 and weight.shape[1] % 4 == 0):
+    if _head_kernel(x, weight, x.shape[-1] % 8 == 0 and weight.shape[1] % 4 == 0):
         B, T, H, K = x.shape
         if weight.stride(2) != 1 or weight.stride(1) != K:
             weight = weight.contiguous()
@@ -308,10 +308,10 @@ def head_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bthr,hvr->bthv", x, weight)
 
 
-def _head_kernel(x: torch.Tensor, widths_fit: bool) -> bool:
+def _head_kernel(x: torch.Tensor, weight: torch.Tensor, widths_fit: bool) -> bool:
     rows = x.shape[0] * x.shape[1]
     return (torch.compiler.is_compiling() and x.device.type == "cpu" and STREAMING_ROWS < rows <= KERNEL_ROWS
-            and x.dtype == torch.float32 and widths_fit and kernel_built("linear"))
+            and x.dtype == weight.dtype == torch.float32 and widths_fit and kernel_built("linear"))
 
 
 # C++ kernels (csrc/linear.cpp), float32: x (M, H, K) contiguous; weight with unit-stride rows, any head stride.
@@ -319,7 +319,6 @@ head_matmul_op = _define("head_matmul(Tensor x, Tensor weight) -> Tensor",
                          lambda x, weight: x.new_empty(x.shape[0], x.shape[1], weight.shape[2]))
 head_linear_op = _define("head_linear(Tensor x, Tensor weight) -> Tensor",
                          lambda x, weight: x.new_empty(x.shape[0], x.shape[1], weight.shape[1]))
-
 
 
 # -- sampling ---------------------------------------------------------------------------------------
