@@ -10,6 +10,14 @@ needs_grouped = pytest.mark.skipif(kernels._library("grouped_experts") is None,
                                    reason="the grouped expert kernel needs an AVX2 CPU and a C++ compiler")
 
 
+def capturing(graphs: list):
+    """A torch.compile backend that records each traced graph's call targets in graphs and runs it as traced."""
+    def backend(gm, example_inputs):
+        graphs.append({node.target for node in gm.graph.nodes if node.op == "call_function"})
+        return gm.forward
+    return backend
+
+
 def calls(graph_targets: set, op) -> bool:
     """Whether a traced graph calls op (as its packet or its default overload)."""
     return op in graph_targets or op.default in graph_targets
@@ -48,13 +56,8 @@ def test_grouped_experts_reject_an_out_of_range_expert():
 @pytest.mark.parametrize("n_tokens", [3, 12])
 def test_compiled_mixture_takes_the_grouped_kernel_beyond_the_streaming_rows(n_tokens):
     graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append({node.target for node in gm.graph.nodes if node.op == "call_function"})
-        return gm.forward
-
     args = expert_args(n_tokens, 2, 4, 16, 8)
-    compiled = torch.compile(expert_mixture, backend=capture, dynamic=False)
+    compiled = torch.compile(expert_mixture, backend=capturing(graphs), dynamic=False)
     torch.testing.assert_close(compiled(*args), routed_experts(*args), atol=1e-5, rtol=1e-5)
     assert calls(graphs[0], torch.ops.r1lab.grouped_experts) == (n_tokens > STREAMING_ROWS)
 
@@ -116,15 +119,10 @@ def test_latent_attention_kernel_equals_the_batched_products(tokens, heads, slot
 @needs_attention
 def test_compiled_attention_takes_the_kernel_beyond_the_streaming_rows():
     graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append({node.target for node in gm.graph.nodes if node.op == "call_function"})
-        return gm.forward
-
     for batch in (STREAMING_ROWS, STREAMING_ROWS + 1):  # few sequences: the compiler's own loops
         query, keys = torch.randn(batch, 4, 40), torch.randn(batch, 9, 40)
         mask = torch.ones(batch, 1, 9, dtype=torch.bool)
-        compiled = torch.compile(kernels.latent_attention, backend=capture, dynamic=False)
+        compiled = torch.compile(kernels.latent_attention, backend=capturing(graphs), dynamic=False)
         torch.testing.assert_close(compiled(query, keys, mask, 0.5, 32),
                                    kernels.latent_attention(query, keys, mask, 0.5, 32), atol=1e-5, rtol=1e-5)
     assert [calls(graph, torch.ops.r1lab.latent_attention) for graph in graphs] == [False, True]
@@ -182,16 +180,11 @@ def test_per_head_kernels_equal_the_einsums(rows, heads, k, n):
 @pytest.mark.parametrize("rows", [4, 12])
 def test_compiled_mla_takes_the_per_head_kernels_beyond_the_streaming_rows(rows):
     graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append({node.target for node in gm.graph.nodes if node.op == "call_function"})
-        return gm.forward
-
     x, query_weight, value_weight = torch.randn(rows, 1, 4, 32), torch.randn(4, 32, 64), torch.randn(4, 64, 32)
-    compiled = torch.compile(kernels.head_matmul, backend=capture, dynamic=False)
+    compiled = torch.compile(kernels.head_matmul, backend=capturing(graphs), dynamic=False)
     torch.testing.assert_close(compiled(x, query_weight), torch.einsum("bthc,hcr->bthr", x, query_weight),
                                atol=1e-4, rtol=1e-5)
-    compiled = torch.compile(kernels.head_linear, backend=capture, dynamic=False)
+    compiled = torch.compile(kernels.head_linear, backend=capturing(graphs), dynamic=False)
     torch.testing.assert_close(compiled(x, value_weight), torch.einsum("bthr,hvr->bthv", x, value_weight),
                                atol=1e-4, rtol=1e-5)
     assert calls(graphs[0], torch.ops.r1lab.head_matmul) == (rows > STREAMING_ROWS)

@@ -51,20 +51,7 @@ void block_scores(const float* q, int64_t first, const float* keys, const uint8_
 float softmax_numerators(float* row, int64_t slots) {
   float top = -INFINITY;
   for (int64_t s = 0; s < slots; ++s) top = row[s] > top ? row[s] : top;
-  const __m256 top8 = _mm256_set1_ps(top);
-  __m256 total8 = _mm256_setzero_ps();
-  int64_t s = 0;
-  for (; s + 8 <= slots; s += 8) {
-    const __m256 e = r1lab::exp8(_mm256_sub_ps(_mm256_loadu_ps(row + s), top8));
-    _mm256_storeu_ps(row + s, e);
-    total8 = _mm256_add_ps(total8, e);
-  }
-  float total = r1lab::hsum(total8);
-  for (; s < slots; ++s) {
-    row[s] = _mm256_cvtss_f32(r1lab::exp8(_mm256_set1_ps(row[s] - top)));
-    total += row[s];
-  }
-  return total;
+  return r1lab::exp_shifted(row, slots, top, row);
 }
 
 // o[0:V*8] = sum_s p[s] * keys[s, r0 : r0 + V*8] / total, V vectors of accumulators in registers.

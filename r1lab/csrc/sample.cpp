@@ -26,21 +26,6 @@
 
 namespace {
 
-// out[v] = exp(x[v] - top) for v < n; returns their sum.
-float exp_shifted(const float* x, int64_t n, float top, float* out) {
-  const __m256 top8 = _mm256_set1_ps(top);
-  __m256 sum8 = _mm256_setzero_ps();
-  int64_t v = 0;
-  for (; v + 8 <= n; v += 8) {
-    const __m256 e = r1lab::exp8(_mm256_sub_ps(_mm256_loadu_ps(x + v), top8));
-    _mm256_storeu_ps(out + v, e);
-    sum8 = _mm256_add_ps(sum8, e);
-  }
-  float sum = r1lab::hsum(sum8);
-  for (; v < n; ++v) sum += (out[v] = _mm256_cvtss_f32(r1lab::exp8(_mm256_set1_ps(x[v] - top))));
-  return sum;
-}
-
 void sample_row(const float* logits, int64_t vocab, float temperature, int64_t top_k, float top_p, bool ban,
                 double u, int64_t eos, std::vector<float>& scaled, std::vector<float>& probs,
                 std::vector<int64_t>& order, int64_t* token, float* logp) {
@@ -51,7 +36,7 @@ void sample_row(const float* logits, int64_t vocab, float temperature, int64_t t
   int64_t best = 0;
   for (int64_t v = 0; v < vocab; ++v)
     if (scaled[v] > top) top = scaled[v], best = v;
-  float sum = exp_shifted(scaled.data(), vocab, top, probs.data());  // the softmax at temperature 1
+  float sum = r1lab::exp_shifted(scaled.data(), vocab, top, probs.data());  // the softmax at temperature 1
   const float log_norm = top + std::log(sum);                         // log-sum-exp of the (banned) logits
   int64_t drawn = best;
   if (temperature > 0.0f) {
@@ -66,7 +51,7 @@ void sample_row(const float* logits, int64_t vocab, float temperature, int64_t t
         for (int64_t v = 0; v < vocab; ++v)
           if (scaled[v] < kth) scaled[v] = -INFINITY;
       }
-      sum = exp_shifted(scaled.data(), vocab, *std::max_element(scaled.begin(), scaled.end()), probs.data());
+      sum = r1lab::exp_shifted(scaled.data(), vocab, *std::max_element(scaled.begin(), scaled.end()), probs.data());
     }
     for (int64_t v = 0; v < vocab; ++v) probs[v] /= sum;
     if (top_p < 1.0f) {

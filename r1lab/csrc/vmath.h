@@ -3,6 +3,8 @@
 
 #include <immintrin.h>
 
+#include <cstdint>
+
 namespace r1lab {
 
 inline float hsum(__m256 v) {
@@ -30,6 +32,21 @@ inline __m256 exp8(__m256 x) {
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+// out[v] = exp(x[v] - top) for v < n (out may be x); returns their sum.
+inline float exp_shifted(const float* x, int64_t n, float top, float* out) {
+  const __m256 top8 = _mm256_set1_ps(top);
+  __m256 sum8 = _mm256_setzero_ps();
+  int64_t v = 0;
+  for (; v + 8 <= n; v += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + v), top8));
+    _mm256_storeu_ps(out + v, e);
+    sum8 = _mm256_add_ps(sum8, e);
+  }
+  float sum = hsum(sum8);
+  for (; v < n; ++v) sum += (out[v] = _mm256_cvtss_f32(exp8(_mm256_set1_ps(x[v] - top))));
+  return sum;
 }
 
 }  // namespace r1lab
