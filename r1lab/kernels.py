@@ -164,9 +164,9 @@ _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17"
 @functools.cache
 def _library(name: str) -> ctypes.CDLL | None:
     """Build (once per source and torch version, into the user cache) and load csrc/<name>.cpp, which
-    registers the CPU kernel of the op r1lab::<name> (linear.cpp: also head_linear and head_matmul); None where it cannot run: a CPU without AVX2, no C++
-    compiler, or (with a warning) a failed build, an unwritable cache, a library that does not load or
-    register."""
+    registers the CPU kernel of the op r1lab::<name> (linear.cpp: also head_linear and head_matmul).
+    None where it cannot run: a CPU without AVX2, no C++ compiler, or (with a warning) a failed build,
+    an unwritable cache, a library that does not load or register."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return None
     compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")

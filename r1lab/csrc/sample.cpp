@@ -44,10 +44,10 @@ void sample_row(const float* logits, int64_t vocab, float temperature, int64_t t
     if (reshape) {
       if (temperature != 1.0f)
         for (int64_t v = 0; v < vocab; ++v) scaled[v] /= std::max(temperature, 1e-6f);
-      if (top_k > 0 && top_k < vocab) {  // keep scores >= the k-th largest
-        std::vector<float> copy(scaled);
-        std::nth_element(copy.begin(), copy.begin() + (top_k - 1), copy.end(), std::greater<float>());
-        const float kth = copy[top_k - 1];
+      if (top_k > 0 && top_k < vocab) {  // keep scores >= the k-th largest (probs as scratch)
+        probs.assign(scaled.begin(), scaled.end());
+        std::nth_element(probs.begin(), probs.begin() + (top_k - 1), probs.end(), std::greater<float>());
+        const float kth = probs[top_k - 1];
         for (int64_t v = 0; v < vocab; ++v)
           if (scaled[v] < kth) scaled[v] = -INFINITY;
       }
