@@ -13,8 +13,8 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
 }
 
-// exp(x) for 8 floats: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial for exp(r) (relative error
-// ~1e-7 on the softmax's range, x <= 0) times 2^n; -inf and anything below -87 give 0.
+// exp(x) for 8 floats, x <= 88 (the caller clamps larger x): x = n ln2 + r, |r| <= ln2 / 2, a degree-6
+// polynomial for exp(r) (relative error ~1e-7) times 2^n; -inf and anything below -87 give 0.
 inline __m256 exp8(__m256 x) {
   const __m256 lo = _mm256_set1_ps(-87.0f);
   const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
