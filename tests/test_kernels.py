@@ -100,6 +100,8 @@ needs_attention = pytest.mark.skipif(kernels._library("latent_attention") is Non
     (1, 4, 13, 32, 8),    # a decode step: 13 slots (an 8-wide block and a tail)
     (2, 4, 37, 64, 16),   # a speculative verify step: two tokens, each with its own mask row
     (1, 16, 5, 96, 16),   # more query rows than one register block (8)
+    (1, 6, 9, 40, 8),     # weighted sums in groups of 4 and 2 rows, latent chunks of 24, 16 / 32, 8
+    (1, 1, 4, 72, 8),     # one row: a 64-wide chunk and an 8-wide tail
 ])
 def test_latent_attention_kernel_equals_the_batched_products(tokens, heads, slots, latent, rope):
     batch, width = 3, latent + rope

@@ -3,8 +3,8 @@
 // In the absorbed form every head's query attends to one shared key per token, [c_kv, k_pe], and the
 // value is the latent c_kv itself (model.MLA). A decode step has only T * H query rows per sequence
 // (T = 1, or 2 when verifying a draft), so batched GEMMs spend their time on setup and re-reading the
-// cache; here each sequence's cache rows are read once for the scores and once (from L1/L2) for the
-// weighted sum, with all of its query rows sharing every key vector loaded.
+// cache; here each sequence's cache rows are read once for the scores and once more (from L1/L2, a few
+// columns at a time) for the weighted sums, all of its query rows sharing every key vector loaded.
 //
 // Letters: B sequences, T new tokens, M = T * H query rows, S cache slots attended, L = R + P key
 // width, R latent width (the value). The op r1lab::latent_attention(query, keys, mask, scale, latent).
@@ -54,22 +54,49 @@ float softmax_numerators(float* row, int64_t slots) {
   return r1lab::exp_shifted(row, slots, top, row);
 }
 
-// o[0:V*8] = sum_s p[s] * keys[s, r0 : r0 + V*8] / total, V vectors of accumulators in registers.
-template <int V>
-void weighted_sum(const float* p, const float* keys, int64_t slots, int64_t width, float inv_total, float* o) {
-  __m256 acc[V];
+// o[m][r0 : r0 + V*8] = sum_s p[m][s] * keys[s, r0 : r0 + V*8] * inv[m] for the N rows of a block
+// (p rows `slots` apart, o rows `latent` apart): every key vector loaded serves all N rows.
+template <int N, int V>
+void weighted_sum(const float* p, const float* keys, int64_t slots, int64_t width, int64_t r0, const float* inv,
+                  float* o, int64_t latent) {
+  __m256 acc[N][V];
 #pragma GCC unroll 8
-  for (int v = 0; v < V; ++v) acc[v] = _mm256_setzero_ps();
+  for (int m = 0; m < N; ++m)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) acc[m][v] = _mm256_setzero_ps();
   for (int64_t s = 0; s < slots; ++s) {
-    if (p[s] == 0.0f) continue;  // masked slots
-    const __m256 ps = _mm256_set1_ps(p[s]);
-    const float* k = keys + s * width;
+    const float* k = keys + s * width + r0;
+    __m256 kv[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) kv[v] = _mm256_loadu_ps(k + 8 * v);
 #pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) acc[v] = _mm256_fmadd_ps(ps, _mm256_loadu_ps(k + 8 * v), acc[v]);
+    for (int m = 0; m < N; ++m) {
+      const __m256 ps = _mm256_broadcast_ss(p + m * slots + s);
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[m][v] = _mm256_fmadd_ps(ps, kv[v], acc[m][v]);
+    }
   }
-  const __m256 inv = _mm256_set1_ps(inv_total);
 #pragma GCC unroll 8
-  for (int v = 0; v < V; ++v) _mm256_storeu_ps(o + 8 * v, _mm256_mul_ps(acc[v], inv));
+  for (int m = 0; m < N; ++m) {
+    const __m256 scale = _mm256_set1_ps(inv[m]);
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) _mm256_storeu_ps(o + m * latent + r0 + 8 * v, _mm256_mul_ps(acc[m][v], scale));
+  }
+}
+
+// All latent columns for the N rows of a block, in chunks as wide as the registers allow.
+template <int N>
+void weighted_rows(const float* p, const float* keys, int64_t slots, int64_t width, int64_t latent, const float* inv,
+                   float* o) {
+  constexpr int WIDE = N == 1 ? 8 : N == 2 ? 4 : 3;  // N * WIDE + WIDE + 1 <= 16 registers (N <= 4)
+  int64_t r0 = 0;
+  for (; r0 + 8 * WIDE <= latent; r0 += 8 * WIDE) weighted_sum<N, WIDE>(p, keys, slots, width, r0, inv, o, latent);
+  if constexpr (WIDE > 2) {
+    if (r0 + 16 <= latent) weighted_sum<N, 2>(p, keys, slots, width, r0, inv, o, latent), r0 += 16;
+  }
+  if constexpr (WIDE > 1) {
+    for (; r0 < latent; r0 += 8) weighted_sum<N, 1>(p, keys, slots, width, r0, inv, o, latent);
+  }
 }
 
 // Query rows [first, first + rows) of one sequence (rows <= MAX_ROWS); row m is token m / heads.
@@ -85,15 +112,17 @@ void attend(const float* q, int64_t first, int64_t rows, const float* keys, cons
     case 7: block_scores<7>(q, first, keys, mask, heads, slots, width, scale, scores); break;
     default: block_scores<8>(q, first, keys, mask, heads, slots, width, scale, scores); break;
   }
-  for (int64_t m = 0; m < rows; ++m) {
-    float* p = scores + m * slots;
-    const float inv_total = 1.0f / softmax_numerators(p, slots);
-    float* o = out + m * latent;
-    int64_t r0 = 0;
-    for (; r0 + 64 <= latent; r0 += 64) weighted_sum<8>(p, keys + r0, slots, width, inv_total, o + r0);
-    if (r0 + 32 <= latent) weighted_sum<4>(p, keys + r0, slots, width, inv_total, o + r0), r0 += 32;
-    if (r0 + 16 <= latent) weighted_sum<2>(p, keys + r0, slots, width, inv_total, o + r0), r0 += 16;
-    if (r0 < latent) weighted_sum<1>(p, keys + r0, slots, width, inv_total, o + r0);
+  float inv[MAX_ROWS];
+  for (int64_t m = 0; m < rows; ++m) inv[m] = 1.0f / softmax_numerators(scores + m * slots, slots);
+  for (int64_t m0 = 0; m0 < rows; m0 += 4) {  // weighted sums four rows at a time (register budget)
+    const float* p = scores + m0 * slots;
+    float* o = out + m0 * latent;
+    switch (std::min<int64_t>(4, rows - m0)) {
+      case 1: weighted_rows<1>(p, keys, slots, width, latent, inv + m0, o); break;
+      case 2: weighted_rows<2>(p, keys, slots, width, latent, inv + m0, o); break;
+      case 3: weighted_rows<3>(p, keys, slots, width, latent, inv + m0, o); break;
+      default: weighted_rows<4>(p, keys, slots, width, latent, inv + m0, o); break;
+    }
   }
 }
 
