@@ -6,8 +6,9 @@
 Random weights, 29-token prompts, exactly `--new-tokens` generated per sequence (EOS is banned on
 both sides), sampling at temperature 1. r1lab runs twice: eager, and with the decode step compiled
 (`Engine(compile=True)`; its one-off compile time is reported). Median of `--runs` timed runs after
-a warm-up, all sides interleaved so that machine noise hits each. The decode step's achieved
-GFLOP/s is set against this machine's fp32 matmul peak, measured in the same run.
+a warm-up, all sides interleaved so that machine noise hits each. A decode step's time is the call's
+less the same engine's one-token call (its prefill), over the remaining steps; its achieved GFLOP/s is
+set against this machine's fp32 matmul peak, measured in the same run.
 
     python benchmarks/bench_generate.py [--batches 1 8 64] [--new-tokens 128] [--runs 5] [--no-compile] [--no-append]
 """
@@ -99,17 +100,19 @@ def run_pair(name: str, ours: Transformer, theirs, batches: list[int], new_token
             warmup[label] = time_r1lab(engine, prompts, 4, seed=0)
         time_hf(theirs, prompts, 4)
         ours_t = {label: [] for label in engines}
-        prefill_t, hf_t = [], []
+        prefill_t = {label: [] for label in engines}  # each engine's own prefill (a compiled engine compiles it too)
+        hf_t = []
         for r in range(runs):
             for label, engine in engines.items():
                 ours_t[label].append(time_r1lab(engine, prompts, new_tokens, seed=r))
             hf_t.append(time_hf(theirs, prompts, new_tokens))
-            prefill_t.append(time_r1lab(engines["eager"], prompts, 1, seed=r))
-        hf_s, prefill_s = statistics.median(hf_t), statistics.median(prefill_t)
+            for label, engine in engines.items():
+                prefill_t[label].append(time_r1lab(engine, prompts, 1, seed=r))
+        hf_s = statistics.median(hf_t)
         hf_tps = batch * new_tokens / hf_s
         for label in engines:
             ours_s = statistics.median(ours_t[label])
-            decode_s = max(ours_s - prefill_s, 1e-9)
+            decode_s = max(ours_s - statistics.median(prefill_t[label]), 1e-9)
             records.append(dict(name=name, label=label, batch=batch, ours_tps=batch * new_tokens / ours_s, hf_tps=hf_tps,
                                 step_ms=1000 * decode_s / (new_tokens - 1),
                                 gflops=flops_ours * batch * (new_tokens - 1) / decode_s / 1e9,
