@@ -59,7 +59,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if rows <= STREAMING_ROWS:
             return (x.unsqueeze(-2) * weight).sum(dim=-1)
         if (rows <= KERNEL_ROWS and x.dtype == weight.dtype == torch.float32 and weight.shape[1] % 8 == 0
-                and weight.shape[0] % 4 == 0 and kernel_built("linear")):
+                and kernel_built("linear")):
             return linear_op(x.reshape(rows, x.shape[-1]).contiguous(), weight.contiguous()).view(
                 *x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
@@ -279,7 +279,7 @@ latent_attention_op = _define(
 
 # -- dense products of 9-256 rows ---------------------------------------------------------------------
 
-# x (M, K) @ weight (N, K)^T by the C++ kernel (csrc/linear.cpp): float32, contiguous, K % 8 == 0, N % 4 == 0.
+# x (M, K) @ weight (N, K)^T by the C++ kernel (csrc/linear.cpp): float32, contiguous, K % 8 == 0.
 linear_op = _define("linear(Tensor x, Tensor weight) -> Tensor", lambda x, weight: x.new_empty(x.shape[0], weight.shape[0]))
 
 

@@ -146,9 +146,11 @@ needs_linear = pytest.mark.skipif(kernels._library("linear") is None,
 
 
 @needs_linear
-@pytest.mark.parametrize("rows, k, n", [(9, 8, 4), (10, 40, 12), (64, 192, 512), (256, 256, 384)])
+@pytest.mark.parametrize("rows, k, n", [(9, 8, 4), (10, 40, 12), (64, 192, 512), (256, 256, 384), (9, 8, 1),
+                                        (11, 16, 6), (64, 256, 382)])
 def test_linear_kernel_equals_the_blas(rows, k, n):
-    # 9 and 10 rows: the 3-row tiles plus a 1-row remainder of 0 and 1.
+    # 9 and 10 rows: the 3-row tiles plus a 1-row remainder of 0 and 1; 1, 6 and 382 outputs: a last task of
+    # fewer than 4 weight rows (an LM head over a vocabulary that is not a multiple of 4).
     x, weight = torch.randn(rows, k), torch.randn(n, k)
     torch.testing.assert_close(kernels.linear_op(x, weight), torch.nn.functional.linear(x, weight),
                                atol=1e-4, rtol=1e-5)

@@ -28,11 +28,15 @@ constexpr int MAX_ROWS = 8;  // query rows per sequence handled in one register 
 
 // scores[m][s] = scale * q[m] . keys[s] (or -inf where masked) for the N query rows of a block; every
 // key vector loaded serves all N rows. (N is a template argument so the accumulators stay in registers.)
+// Key row s of `ahead` (the next sequence's keys, or null) is prefetched into L2 meanwhile: each sequence's
+// keys are a separate stream the hardware prefetcher picks up late (with the cache out of L3, 1.5x slower).
 template <int N>
 void block_scores(const float* q, int64_t first, const float* keys, const uint8_t* mask, int64_t heads,
-                  int64_t slots, int64_t width, float scale, float* scores) {
+                  int64_t slots, int64_t width, float scale, float* scores, const float* ahead) {
   for (int64_t s = 0; s < slots; ++s) {
     const float* k = keys + s * width;
+    if (ahead != nullptr)
+      for (int64_t v = 0; v < width; v += 16) _mm_prefetch(reinterpret_cast<const char*>(ahead + s * width + v), _MM_HINT_T1);
     __m256 acc[N];
 #pragma GCC unroll 8
     for (int m = 0; m < N; ++m) acc[m] = _mm256_setzero_ps();
@@ -99,18 +103,19 @@ void weighted_rows(const float* p, const float* keys, int64_t slots, int64_t wid
   }
 }
 
-// Query rows [first, first + rows) of one sequence (rows <= MAX_ROWS); row m is token m / heads.
+// Query rows [first, first + rows) of one sequence (rows <= MAX_ROWS); row m is token m / heads. `ahead`:
+// keys to prefetch while the scores run (block_scores), or null.
 void attend(const float* q, int64_t first, int64_t rows, const float* keys, const uint8_t* mask, int64_t heads,
-            int64_t slots, int64_t width, int64_t latent, float scale, float* scores, float* out) {
+            int64_t slots, int64_t width, int64_t latent, float scale, float* scores, float* out, const float* ahead) {
   switch (rows) {
-    case 1: block_scores<1>(q, first, keys, mask, heads, slots, width, scale, scores); break;
-    case 2: block_scores<2>(q, first, keys, mask, heads, slots, width, scale, scores); break;
-    case 3: block_scores<3>(q, first, keys, mask, heads, slots, width, scale, scores); break;
-    case 4: block_scores<4>(q, first, keys, mask, heads, slots, width, scale, scores); break;
-    case 5: block_scores<5>(q, first, keys, mask, heads, slots, width, scale, scores); break;
-    case 6: block_scores<6>(q, first, keys, mask, heads, slots, width, scale, scores); break;
-    case 7: block_scores<7>(q, first, keys, mask, heads, slots, width, scale, scores); break;
-    default: block_scores<8>(q, first, keys, mask, heads, slots, width, scale, scores); break;
+    case 1: block_scores<1>(q, first, keys, mask, heads, slots, width, scale, scores, ahead); break;
+    case 2: block_scores<2>(q, first, keys, mask, heads, slots, width, scale, scores, ahead); break;
+    case 3: block_scores<3>(q, first, keys, mask, heads, slots, width, scale, scores, ahead); break;
+    case 4: block_scores<4>(q, first, keys, mask, heads, slots, width, scale, scores, ahead); break;
+    case 5: block_scores<5>(q, first, keys, mask, heads, slots, width, scale, scores, ahead); break;
+    case 6: block_scores<6>(q, first, keys, mask, heads, slots, width, scale, scores, ahead); break;
+    case 7: block_scores<7>(q, first, keys, mask, heads, slots, width, scale, scores, ahead); break;
+    default: block_scores<8>(q, first, keys, mask, heads, slots, width, scale, scores, ahead); break;
   }
   float inv[MAX_ROWS];
   for (int64_t m = 0; m < rows; ++m) inv[m] = 1.0f / softmax_numerators(scores + m * slots, slots);
@@ -133,12 +138,15 @@ void latent_attention(const float* query, const float* keys, int64_t key_stride,
 #pragma omp parallel
   {
     std::vector<float> scores(MAX_ROWS * slots);
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < batch; ++b)
+    // Each thread takes a contiguous run of sequences, so it knows which keys it reads next.
+    const int64_t threads = omp_get_num_threads(), chunk = (batch + threads - 1) / threads;
+    const int64_t b0 = std::min(batch, omp_get_thread_num() * chunk), b1 = std::min(batch, b0 + chunk);
+    for (int64_t b = b0; b < b1; ++b)
       for (int64_t m0 = 0; m0 < rows; m0 += MAX_ROWS) {
         const int64_t n = std::min<int64_t>(MAX_ROWS, rows - m0);
+        const float* ahead = m0 == 0 && b + 1 < b1 ? keys + (b + 1) * key_stride : nullptr;
         attend(query + (b * rows + m0) * width, m0, n, keys + b * key_stride, mask + b * tokens * slots, heads,
-               slots, width, latent, scale, scores.data(), out + (b * rows + m0) * latent);
+               slots, width, latent, scale, scores.data(), out + (b * rows + m0) * latent, ahead);
       }
   }
 }

@@ -11,7 +11,7 @@
 // panel) with the broadcast tile for weights in (in, out) layout.
 //
 // The ops (float32, CPU):
-//   r1lab::linear(x (M, K), weight (N, K)) -> (M, N); x and weight contiguous; K % 8 == 0, N % 4 == 0.
+//   r1lab::linear(x (M, K), weight (N, K)) -> (M, N); x and weight contiguous; K % 8 == 0.
 //   r1lab::head_linear(x (M, H, K), weight (H, N, K)) -> (M, H, N): out[m, h] = weight[h] @ x[m, h];
 //     x contiguous, weight rows contiguous (any head stride); K % 8 == 0, N % 4 == 0.
 //   r1lab::head_matmul(x (M, H, K), weight (H, K, N)) -> (M, H, N): out[m, h] = x[m, h] @ weight[h];
@@ -27,9 +27,15 @@
 
 namespace {
 
+// Tasks of 4 weight rows (the last may have fewer); each prefetches the next task's rows while it runs.
 void linear(const float* x, const float* w, float* out, int64_t m, int64_t n, int64_t k) {
+  const int64_t blocks = (n + 3) / 4;
 #pragma omp parallel for schedule(static)
-  for (int64_t block = 0; block < n / 4; ++block) r1lab::dot_rows(x, k, m, w + block * 4 * k, k, k, out + block * 4, n);
+  for (int64_t block = 0; block < blocks; ++block) {
+    const int64_t j = block * 4, next = std::min<int64_t>(4, n - j - 4);
+    r1lab::dot_rows(x, k, m, w + j * k, k, std::min<int64_t>(4, n - j), k, out + j, n,
+                    next > 0 ? reinterpret_cast<const char*>(w + (j + 4) * k) : nullptr, next * k * 4);
+  }
 }
 
 void head_linear(const float* x, const float* w, int64_t head_stride, float* out, int64_t m, int64_t heads, int64_t n,
@@ -38,7 +44,7 @@ void head_linear(const float* x, const float* w, int64_t head_stride, float* out
 #pragma omp parallel for schedule(static)
   for (int64_t task = 0; task < heads * blocks; ++task) {
     const int64_t h = task / blocks, block = task % blocks;
-    r1lab::dot_rows(x + h * k, heads * k, m, w + h * head_stride + block * 4 * k, k, k, out + h * n + block * 4,
+    r1lab::dot_rows(x + h * k, heads * k, m, w + h * head_stride + block * 4 * k, k, 4, k, out + h * n + block * 4,
                     heads * n);
   }
 }
@@ -62,7 +68,7 @@ void head_matmul(const float* x, const float* w, int64_t head_stride, int64_t ro
   }
 }
 
-const char* const LINEAR = "the linear kernel takes contiguous float32 CPU x (M, K) and weight (N, K) with K % 8 == 0, N % 4 == 0";
+const char* const LINEAR = "the linear kernel takes contiguous float32 CPU x (M, K) and weight (N, K) with K % 8 == 0";
 const char* const HEADS = "the per-head kernels take float32 CPU x (M, H, K) contiguous and weight (H, N, K) (head_linear: K % 8 == 0, "
                           "N % 4 == 0) or (H, K, N) (head_matmul: N % 8 == 0) with unit-stride rows";
 
@@ -71,7 +77,7 @@ void boxed_linear(StableIValue* stack, uint64_t, uint64_t) {
   r1lab::Tensor x(stack[0]), weight(stack[1]);
   const int32_t f32 = aoti_torch_dtype_float32();
   r1lab::check(x.is(f32) && weight.is(f32) && x.dim() == 2 && weight.dim() == 2 && x.contiguous() &&
-                   weight.contiguous() && weight.size(1) == x.size(1) && x.size(1) % 8 == 0 && weight.size(0) % 4 == 0,
+                   weight.contiguous() && weight.size(1) == x.size(1) && x.size(1) % 8 == 0,
                LINEAR);
   const int64_t m = x.size(0), n = weight.size(0), k = x.size(1);
   r1lab::Tensor out(r1lab::empty({m, n}, f32));
