@@ -65,6 +65,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 
 
+def mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """A dense SwiGLU block, w2(silu(w1 x) * w3 x), weights in nn.Linear's (out, in) layout: x (..., D),
+    w1 and w3 (I, D), w2 (D, I).
+
+    Three `linear`s and the gating, except in a compiled CPU step over 9 to `KERNEL_ROWS` token rows on an
+    AVX2 CPU, where it is one C++ call (`mlp_op`: both up-projections, the gating and the down-projection
+    under one parallel region, the (rows, I) projections never leaving the threads' caches)."""
+    if torch.compiler.is_compiling() and x.device.type == "cpu":
+        rows = x.numel() // x.shape[-1]
+        if (STREAMING_ROWS < rows <= KERNEL_ROWS and x.dtype == w1.dtype == w2.dtype == w3.dtype == torch.float32
+                and x.shape[-1] % 8 == 0 and w1.shape[0] % 8 == 0 and kernel_built("linear")):
+            return mlp_op(x.reshape(rows, x.shape[-1]).contiguous(), w1.contiguous(), w2.contiguous(),
+                          w3.contiguous()).view(x.shape)
+    return linear(F.silu(linear(x, w1)) * linear(x, w3), w2)
+
+
 def expert_mixture(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor,
                    w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
     """x (N, D), routing indices/weights (N, K), stacked weights w1, w3 (E, D, I), w2 (E, I, D) ->
@@ -281,6 +297,11 @@ latent_attention_op = _define(
 
 # x (M, K) @ weight (N, K)^T by the C++ kernel (csrc/linear.cpp): float32, contiguous, K % 8 == 0.
 linear_op = _define("linear(Tensor x, Tensor weight) -> Tensor", lambda x, weight: x.new_empty(x.shape[0], weight.shape[0]))
+
+
+# A dense SwiGLU block by the C++ kernel (csrc/linear.cpp): float32, contiguous; x (M, D), w1 and w3 (I, D),
+# w2 (D, I); D and I multiples of 8.
+mlp_op = _define("mlp(Tensor x, Tensor w1, Tensor w2, Tensor w3) -> Tensor", lambda x, w1, w2, w3: torch.empty_like(x))
 
 
 # -- per-head products (MLA's absorbed query and value projections) -----------------------------------

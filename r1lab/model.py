@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1lab.config import ModelConfig
-from r1lab.kernels import expert_mixture, head_linear, head_matmul, latent_attention, linear, swiglu
+from r1lab.kernels import expert_mixture, head_linear, head_matmul, latent_attention, linear, mlp, swiglu
 
 
 class Linear(nn.Linear):
@@ -222,7 +222,7 @@ class MLA(nn.Module):
 # Feed-forward: dense SwiGLU and DeepSeekMoE
 
 class MLP(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x). Used for dense layers and as each expert."""
+    """SwiGLU: w2(silu(w1 x) * w3 x). Used for dense layers and the shared experts."""
 
     def __init__(self, dim: int, inter_dim: int):
         super().__init__()
@@ -231,7 +231,7 @@ class MLP(nn.Module):
         self.w3 = Linear(dim, inter_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return mlp(x, self.w1.weight, self.w2.weight, self.w3.weight)
 
 
 @dataclass

@@ -77,7 +77,7 @@ def test_each_kernel_is_its_ops_cpu_kernel_in_cpp(name):
     # Registered from C++ (csrc/op.h), a compiled graph calls the op without entering Python.
     if not kernels.kernel_built(name):
         pytest.skip("the kernel is not built here")
-    for op in [name] + (["head_linear", "head_matmul"] if name == "linear" else []):
+    for op in [name] + (["mlp", "head_linear", "head_matmul"] if name == "linear" else []):
         cpu = [line for line in torch._C._dispatch_dump(f"r1lab::{op}").splitlines() if line.startswith("CPU:")]
         assert len(cpu) == 1 and "csrc/op.h" in cpu[0], cpu
 
@@ -160,6 +160,37 @@ def test_linear_kernel_equals_the_blas(rows, k, n):
 def test_linear_kernel_refuses_shapes_it_cannot_tile():
     with pytest.raises(ValueError, match="K % 8"):
         kernels.linear_op(torch.randn(9, 12), torch.randn(8, 12))
+
+
+@needs_linear
+@pytest.mark.parametrize("rows, dim, hidden", [
+    (9, 8, 8),        # hidden 8: one thread gets both up-projection blocks, the other none
+    (10, 16, 24),     # hidden 24: runs of 8 columns split 16 / 8, a 1-row remainder
+    (37, 40, 72),     # model dim 40: a last down-projection task of 4 rows and partial tiles
+    (64, 256, 1024),  # the benchmark's dense layer at batch 64
+])
+def test_mlp_kernel_equals_the_swiglu_block(rows, dim, hidden):
+    x = torch.randn(rows, dim)
+    w1, w3 = torch.randn(hidden, dim) / dim ** 0.5, torch.randn(hidden, dim) / dim ** 0.5
+    w2 = torch.randn(dim, hidden) / hidden ** 0.5
+    expected = torch.nn.functional.linear(torch.nn.functional.silu(x @ w1.T) * (x @ w3.T), w2)
+    torch.testing.assert_close(kernels.mlp_op(x, w1, w2, w3), expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_linear
+def test_mlp_kernel_refuses_widths_it_cannot_tile():
+    with pytest.raises(ValueError, match="I % 8"):
+        kernels.mlp_op(torch.randn(9, 8), torch.randn(12, 8), torch.randn(8, 12), torch.randn(12, 8))
+
+
+@needs_linear
+@pytest.mark.parametrize("rows", [4, 12])
+def test_compiled_mlp_takes_the_kernel_beyond_the_streaming_rows(rows):
+    graphs = []
+    x, w1, w2, w3 = torch.randn(rows, 1, 16), torch.randn(24, 16), torch.randn(16, 24), torch.randn(24, 16)
+    compiled = torch.compile(kernels.mlp, backend=capturing(graphs), dynamic=False)
+    torch.testing.assert_close(compiled(x, w1, w2, w3), kernels.mlp(x, w1, w2, w3), atol=1e-4, rtol=1e-5)
+    assert calls(graphs[0], torch.ops.r1lab.mlp) == (rows > STREAMING_ROWS)
 
 
 @needs_linear

@@ -121,11 +121,8 @@ int grouped_experts(const float* x, const int64_t* indices, const float* weights
       expert_block(start[e], start[e + 1], x_row, dim, w3 + e * dim * hidden, hidden, j, j1, h3_row, packed);
     }
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < n_assign * hidden; i += 8) {  // silu(x w1) * (x w3); hidden % 8 == 0
-      const __m256 g = _mm256_loadu_ps(h1 + i);
-      const __m256 e = r1lab::exp8(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), g), _mm256_set1_ps(88.0f)));
-      _mm256_storeu_ps(h1 + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), _mm256_loadu_ps(h3 + i)));
-    }
+    for (int64_t i = 0; i < n_assign * hidden; i += 8)  // silu(x w1) * (x w3); hidden % 8 == 0
+      _mm256_storeu_ps(h1 + i, r1lab::silu_mul8(_mm256_loadu_ps(h1 + i), _mm256_loadu_ps(h3 + i)));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < n_experts * d_blocks; ++task) {
       const int64_t e = task / d_blocks, j = (task % d_blocks) * d_cols, j1 = std::min(j + d_cols, dim);

@@ -5,6 +5,12 @@
 // with the weights out of cache). Here each task takes 4 weight rows, reads them once, and runs every
 // token row through them with the dot tile (tiles.h): 1.4-1.9x the BLAS at 64 rows, weights out of cache.
 //
+// mlp: a dense SwiGLU block, w2(silu(w1 x) * w3 x), in one call: each thread runs a contiguous range of
+// the hidden columns through both up-projections (w1's 4 rows, then w3's same 4, each prefetching the
+// next) and gates them while they are in its cache; after one barrier the down-projection runs in tasks of
+// 4 rows of w2. As three products and a gating kernel it was four calls, three parallel regions more,
+// and the two (M, I) projections written out and read back.
+//
 // head_linear, head_matmul: one small product per attention head (MLA's absorbed query and value
 // projections), which the compiled graph otherwise runs as batched GEMMs at ~10 GFLOP/s (~100 us each
 // at 64 rows of the tiny preset). Tasks are (head, 4 weight rows) with the dot tile, or (head, 16-column
@@ -12,6 +18,7 @@
 //
 // The ops (float32, CPU):
 //   r1lab::linear(x (M, K), weight (N, K)) -> (M, N); x and weight contiguous; K % 8 == 0.
+//   r1lab::mlp(x (M, D), w1 (I, D), w2 (D, I), w3 (I, D)) -> (M, D); all contiguous; D % 8 == 0, I % 8 == 0.
 //   r1lab::head_linear(x (M, H, K), weight (H, N, K)) -> (M, H, N): out[m, h] = weight[h] @ x[m, h];
 //     x contiguous, weight rows contiguous (any head stride); K % 8 == 0, N % 4 == 0.
 //   r1lab::head_matmul(x (M, H, K), weight (H, K, N)) -> (M, H, N): out[m, h] = x[m, h] @ weight[h];
@@ -21,9 +28,11 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "op.h"
 #include "tiles.h"
+#include "vmath.h"
 
 namespace {
 
@@ -35,6 +44,41 @@ void linear(const float* x, const float* w, float* out, int64_t m, int64_t n, in
     const int64_t j = block * 4, next = std::min<int64_t>(4, n - j - 4);
     r1lab::dot_rows(x, k, m, w + j * k, k, std::min<int64_t>(4, n - j), k, out + j, n,
                     next > 0 ? reinterpret_cast<const char*>(w + (j + 4) * k) : nullptr, next * k * 4);
+  }
+}
+
+// h, u: (m, hidden) scratch. Up-projection blocks of 4 hidden columns are split between the threads in
+// runs of 2 (so each thread's columns start and end on 8-float vectors for the gating).
+void mlp(const float* x, const float* w1, const float* w2, const float* w3, float* h, float* u, float* out, int64_t m,
+         int64_t d, int64_t hidden) {
+  const int64_t up_blocks = hidden / 4, down_blocks = (d + 3) / 4;
+#pragma omp parallel
+  {
+    const int64_t threads = omp_get_num_threads(), thread = omp_get_thread_num();
+    const int64_t chunk = 2 * ((up_blocks / 2 + threads - 1) / threads);
+    const int64_t b0 = std::min(up_blocks, thread * chunk), b1 = std::min(up_blocks, b0 + chunk);
+    // The first down-projection rows this thread takes under the static schedule below, prefetched last.
+    const int64_t first_down = std::min(down_blocks - 1, thread * ((down_blocks + threads - 1) / threads));
+    for (int64_t block = b0; block < b1; ++block) {
+      const int64_t j = block * 4;
+      r1lab::dot_rows(x, d, m, w1 + j * d, d, 4, d, h + j, hidden, reinterpret_cast<const char*>(w3 + j * d), 16 * d);
+      const bool last = block + 1 == b1;
+      r1lab::dot_rows(x, d, m, w3 + j * d, d, 4, d, u + j, hidden,
+                      reinterpret_cast<const char*>(last ? w2 + first_down * 4 * hidden : w1 + (j + 4) * d),
+                      last ? std::min<int64_t>(4, d - first_down * 4) * hidden * 4 : 16 * d);
+    }
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t c = 4 * b0; c < 4 * b1; c += 8) {
+        float* hr = h + r * hidden + c;
+        _mm256_storeu_ps(hr, r1lab::silu_mul8(_mm256_loadu_ps(hr), _mm256_loadu_ps(u + r * hidden + c)));
+      }
+#pragma omp barrier
+#pragma omp for schedule(static)
+    for (int64_t block = 0; block < down_blocks; ++block) {
+      const int64_t j = block * 4, next = std::min<int64_t>(4, d - j - 4);
+      r1lab::dot_rows(h, hidden, m, w2 + j * hidden, hidden, std::min<int64_t>(4, d - j), hidden, out + j, d,
+                      next > 0 ? reinterpret_cast<const char*>(w2 + (j + 4) * hidden) : nullptr, next * hidden * 4);
+    }
   }
 }
 
@@ -69,6 +113,8 @@ void head_matmul(const float* x, const float* w, int64_t head_stride, int64_t ro
 }
 
 const char* const LINEAR = "the linear kernel takes contiguous float32 CPU x (M, K) and weight (N, K) with K % 8 == 0";
+const char* const MLP = "the mlp kernel takes contiguous float32 CPU x (M, D), w1 and w3 (I, D), w2 (D, I) with D % 8 == 0, "
+                        "I % 8 == 0";
 const char* const HEADS = "the per-head kernels take float32 CPU x (M, H, K) contiguous and weight (H, N, K) (head_linear: K % 8 == 0, "
                           "N % 4 == 0) or (H, K, N) (head_matmul: N % 8 == 0) with unit-stride rows";
 
@@ -82,6 +128,26 @@ void boxed_linear(StableIValue* stack, uint64_t, uint64_t) {
   const int64_t m = x.size(0), n = weight.size(0), k = x.size(1);
   r1lab::Tensor out(r1lab::empty({m, n}, f32));
   linear(x.data<float>(), weight.data<float>(), out.data<float>(), m, n, k);
+  stack[0] = out.release();
+}
+
+// mlp(Tensor x, Tensor w1, Tensor w2, Tensor w3) -> Tensor
+void boxed_mlp(StableIValue* stack, uint64_t, uint64_t) {
+  r1lab::Tensor x(stack[0]), w1(stack[1]), w2(stack[2]), w3(stack[3]);
+  const int32_t f32 = aoti_torch_dtype_float32();
+  r1lab::check(x.is(f32) && w1.is(f32) && w2.is(f32) && w3.is(f32) && x.dim() == 2 && w1.dim() == 2 && w2.dim() == 2 &&
+                   w3.dim() == 2 && x.contiguous() && w1.contiguous() && w2.contiguous() && w3.contiguous(),
+               MLP);
+  const int64_t m = x.size(0), d = x.size(1), hidden = w1.size(0);
+  r1lab::check(w1.size(1) == d && w3.size(0) == hidden && w3.size(1) == d && w2.size(0) == d && w2.size(1) == hidden &&
+                   d % 8 == 0 && hidden % 8 == 0,
+               MLP);
+  // Scratch for the two up-projections, kept by the calling thread between calls (no page faults per step).
+  static thread_local std::vector<float> scratch;
+  if (scratch.size() < (size_t)(2 * m * hidden)) scratch.resize(2 * m * hidden);
+  r1lab::Tensor out(r1lab::empty({m, d}, f32));
+  mlp(x.data<float>(), w1.data<float>(), w2.data<float>(), w3.data<float>(), scratch.data(), scratch.data() + m * hidden,
+      out.data<float>(), m, d, hidden);
   stack[0] = out.release();
 }
 
@@ -116,6 +182,7 @@ void boxed_head_matmul(StableIValue* stack, uint64_t, uint64_t) {
 
 extern "C" int r1lab_register_linear() {
   static const int status = r1lab::register_cpu_kernel("linear", boxed_linear) |
+                            r1lab::register_cpu_kernel("mlp", boxed_mlp) |
                             r1lab::register_cpu_kernel("head_linear", boxed_head_linear) |
                             r1lab::register_cpu_kernel("head_matmul", boxed_head_matmul);
   return status;

@@ -34,6 +34,12 @@ inline __m256 exp8(__m256 x) {
   return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
 }
 
+// silu(g) * u for 8 floats: g / (1 + exp(-g)) * u (exp's argument clamped: g below -88 gives 0).
+inline __m256 silu_mul8(__m256 g, __m256 u) {
+  const __m256 e = exp8(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), g), _mm256_set1_ps(88.0f)));
+  return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), u);
+}
+
 // out[v] = exp(x[v] - top) for v < n (out may be x); returns their sum.
 inline float exp_shifted(const float* x, int64_t n, float top, float* out) {
   const __m256 top8 = _mm256_set1_ps(top);
