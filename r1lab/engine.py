@@ -469,8 +469,9 @@ class Engine:
         """All samples of all prompts: prompt i's sample j is at index i * n + j."""
         out: dict[tuple[int, int], Completion] = {}
         for ev in self.stream(prompts, params):
-            c = out.setdefault((ev.request_id, ev.sample_index),
-                               Completion(ev.request_id, ev.sample_index, [], "", []))
+            c = out.get((ev.request_id, ev.sample_index))
+            if c is None:
+                c = out[(ev.request_id, ev.sample_index)] = Completion(ev.request_id, ev.sample_index, [], "", [])
             c.token_ids.extend(ev.token_ids)
             c.logprobs.extend(ev.logprobs)
             if ev.finish_reason is not None:
