@@ -65,6 +65,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 
 
+def linear_pair(x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(linear(x, weight_a), linear(x, weight_b)): two products of one input (MLA's query and latent
+    projections). In a compiled CPU step over 9 to `KERNEL_ROWS` rows, one C++ call (`linear_pair_op`)."""
+    if torch.compiler.is_compiling() and x.device.type == "cpu":
+        rows = x.numel() // x.shape[-1]
+        if (STREAMING_ROWS < rows <= KERNEL_ROWS and x.dtype == weight_a.dtype == weight_b.dtype == torch.float32
+                and x.shape[-1] % 8 == 0 and kernel_built("linear")):
+            a, b = linear_pair_op(x.reshape(rows, x.shape[-1]).contiguous(), weight_a.contiguous(),
+                                  weight_b.contiguous())
+            return a.view(*x.shape[:-1], weight_a.shape[0]), b.view(*x.shape[:-1], weight_b.shape[0])
+    return linear(x, weight_a), linear(x, weight_b)
+
+
 def mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
     """A dense SwiGLU block, w2(silu(w1 x) * w3 x), weights in nn.Linear's (out, in) layout: x (..., D),
     w1 and w3 (I, D), w2 (D, I).
@@ -298,6 +311,10 @@ latent_attention_op = _define(
 # x (M, K) @ weight (N, K)^T by the C++ kernel (csrc/linear.cpp): float32, contiguous, K % 8 == 0.
 linear_op = _define("linear(Tensor x, Tensor weight) -> Tensor", lambda x, weight: x.new_empty(x.shape[0], weight.shape[0]))
 
+
+# Two products of one x by the C++ kernel, in one call: as linear_op, weights (A, K) and (B, K).
+linear_pair_op = _define("linear_pair(Tensor x, Tensor weight_a, Tensor weight_b) -> (Tensor, Tensor)",
+                         lambda x, a, b: (x.new_empty(x.shape[0], a.shape[0]), x.new_empty(x.shape[0], b.shape[0])))
 
 # A dense SwiGLU block by the C++ kernel (csrc/linear.cpp): float32, contiguous; x (M, D), w1 and w3 (I, D),
 # w2 (D, I); D and I multiples of 8.

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1lab.config import ModelConfig
-from r1lab.kernels import expert_mixture, head_linear, head_matmul, latent_attention, linear, mlp, swiglu
+from r1lab.kernels import (expert_mixture, head_linear, head_matmul, latent_attention, linear, linear_pair, mlp,
+                           swiglu)
 
 
 class Linear(nn.Linear):
@@ -182,11 +183,15 @@ class MLA(nn.Module):
         cfg = self.config
         B, T, _ = x.shape
         H, C, P, V, R = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-        q = self.wq(x) if cfg.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        # The query's first projection and the latent's share their input: one call where that pays.
+        if cfg.q_lora_rank == 0:
+            q, kv_a = linear_pair(x, self.wq.weight, self.wkv_a.weight)
+        else:
+            q, kv_a = linear_pair(x, self.wq_a.weight, self.wkv_a.weight)
+            q = self.wq_b(self.q_norm(q))
         q = q.view(B, T, H, C + P)
         q_nope, q_pe = q.split([C, P], dim=-1)  # (B, T, H, C), (B, T, H, P)
         q_pe = apply_rope(q_pe, rotation[:, :, None])  # one rotation for every head
-        kv_a = self.wkv_a(x)
         c_kv, k_pe = kv_a.split([R, P], dim=-1)  # (B, T, R), (B, T, P)
         k_pe = apply_rope(k_pe, rotation)  # one RoPE key shared by all heads
         c_kv = self.kv_norm(c_kv)

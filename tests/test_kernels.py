@@ -77,7 +77,7 @@ def test_each_kernel_is_its_ops_cpu_kernel_in_cpp(name):
     # Registered from C++ (csrc/op.h), a compiled graph calls the op without entering Python.
     if not kernels.kernel_built(name):
         pytest.skip("the kernel is not built here")
-    for op in [name] + (["mlp", "head_linear", "head_matmul"] if name == "linear" else []):
+    for op in [name] + (["linear_pair", "mlp", "head_linear", "head_matmul"] if name == "linear" else []):
         cpu = [line for line in torch._C._dispatch_dump(f"r1lab::{op}").splitlines() if line.startswith("CPU:")]
         assert len(cpu) == 1 and "csrc/op.h" in cpu[0], cpu
 
@@ -154,6 +154,27 @@ def test_linear_kernel_equals_the_blas(rows, k, n):
     x, weight = torch.randn(rows, k), torch.randn(n, k)
     torch.testing.assert_close(kernels.linear_op(x, weight), torch.nn.functional.linear(x, weight),
                                atol=1e-4, rtol=1e-5)
+
+
+@needs_linear
+@pytest.mark.parametrize("rows, k, n_a, n_b", [(9, 8, 5, 3), (64, 256, 256, 112), (12, 16, 4, 1)])
+def test_linear_pair_kernel_equals_two_products(rows, k, n_a, n_b):
+    # 5 + 3 rows: a task of fewer than 4 rows at the end of each product, the prefetch crossing between them.
+    x, weight_a, weight_b = torch.randn(rows, k), torch.randn(n_a, k), torch.randn(n_b, k)
+    a, b = kernels.linear_pair_op(x, weight_a, weight_b)
+    torch.testing.assert_close(a, x @ weight_a.T, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(b, x @ weight_b.T, atol=1e-4, rtol=1e-5)
+
+
+@needs_linear
+@pytest.mark.parametrize("rows", [4, 12])
+def test_compiled_linear_pair_takes_the_kernel_beyond_the_streaming_rows(rows):
+    graphs = []
+    x, weight_a, weight_b = torch.randn(rows, 1, 16), torch.randn(12, 16), torch.randn(8, 16)
+    compiled = torch.compile(kernels.linear_pair, backend=capturing(graphs), dynamic=False)
+    for got, expected in zip(compiled(x, weight_a, weight_b), (x @ weight_a.T, x @ weight_b.T)):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
+    assert calls(graphs[0], torch.ops.r1lab.linear_pair) == (rows > STREAMING_ROWS)
 
 
 @needs_linear
