@@ -68,7 +68,7 @@ class SamplingParams:
             raise ValueError(f"n must be >= 1, got {self.n}")
 
 
-@dataclass
+@dataclass(slots=True)
 class Completion:
     request_id: int
     sample_index: int
@@ -78,7 +78,7 @@ class Completion:
     text: str | None = None       # decoded and cut at a stop string, when the engine has `decode`
 
 
-@dataclass
+@dataclass(slots=True)
 class StepEvent:
     """What one sample did in one step: new tokens, and its finish reason when it ended."""
     request_id: int
@@ -89,7 +89,7 @@ class StepEvent:
     text: str | None = None       # on a stop-string finish: the whole sample's text, cut after the string
 
 
-@dataclass
+@dataclass(slots=True)
 class _Row:
     request_id: int
     sample_index: int
@@ -150,7 +150,7 @@ def sampling_modes(temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.
             bool((top_k > 0).any()), bool((top_p < 1).any()))
 
 
-@dataclass
+@dataclass(slots=True)
 class _Settings:
     """The running rows' sampling settings as tensors (B,), kept in step with the rows."""
     temperature: torch.Tensor

@@ -26,19 +26,77 @@
 
 namespace {
 
+constexpr int64_t BLOCK = 8;  // the CDF is searched block by block (see draw)
+
+// max(x[0:n]) (vectorised; n >= 1).
+float max_of(const float* x, int64_t n) {
+  __m256 top8 = _mm256_set1_ps(-INFINITY);
+  int64_t v = 0;
+  for (; v + 8 <= n; v += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(x + v));
+  __m128 t = _mm_max_ps(_mm256_castps256_ps128(top8), _mm256_extractf128_ps(top8, 1));
+  t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+  float top = _mm_cvtss_f32(_mm_max_ss(t, _mm_shuffle_ps(t, t, 1)));
+  for (; v < n; ++v) top = x[v] > top ? x[v] : top;
+  return top;
+}
+
+// The first index of the largest x (as torch's argmax).
+int64_t argmax_of(const float* x, int64_t n) {
+  int64_t best = 0;
+  for (int64_t v = 1; v < n; ++v)
+    if (x[v] > x[best]) best = v;
+  return best;
+}
+
+// The token whose cumulative weight first reaches u times the total (w >= 0, not all 0; u in (0, 1]),
+// never one of weight 0. Sums in double: each block of 8 weights is summed in one vector pass (block[b]),
+// the blocks in order; the total is the last block's running sum, so the target is always reached.
+int64_t draw(const float* w, int64_t n, double u, std::vector<double>& block) {
+  const int64_t blocks = (n + BLOCK - 1) / BLOCK;
+  block.resize(blocks);
+  double total = 0.0;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t v = b * BLOCK;
+    double sum;
+    if (v + BLOCK <= n) {
+      const __m256 x = _mm256_loadu_ps(w + v);
+      const __m256d s4 = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(x)), _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
+      const __m128d s2 = _mm_add_pd(_mm256_castpd256_pd128(s4), _mm256_extractf128_pd(s4, 1));
+      sum = _mm_cvtsd_f64(_mm_add_sd(s2, _mm_unpackhi_pd(s2, s2)));
+    } else {
+      sum = 0.0;
+      for (int64_t i = v; i < n; ++i) sum += w[i];
+    }
+    block[b] = sum;
+    total += sum;
+  }
+  const double target = u * total;  // in (0, total]
+  double cdf = 0.0;
+  for (int64_t b = 0; b < blocks; ++b) {
+    if (cdf + block[b] >= target) {  // the target is in this block (or, by rounding, just past it)
+      double c = cdf;
+      for (int64_t v = b * BLOCK; v < std::min(n, (b + 1) * BLOCK); ++v) {
+        c += w[v];
+        if (c >= target && w[v] > 0.0f) return v;
+      }
+    }
+    cdf += block[b];
+  }
+  for (int64_t v = n - 1; v > 0; --v)  // rounding left the target past every partial sum: the last live token
+    if (w[v] > 0.0f) return v;
+  return 0;
+}
+
 void sample_row(const float* logits, int64_t vocab, float temperature, int64_t top_k, float top_p, bool ban,
                 double u, int64_t eos, std::vector<float>& scaled, std::vector<float>& probs,
-                std::vector<int64_t>& order, int64_t* token, float* logp) {
+                std::vector<int64_t>& order, std::vector<double>& block, int64_t* token, float* logp) {
   scaled.assign(logits, logits + vocab);
   probs.resize(vocab);
   if (ban && eos >= 0 && eos < vocab) scaled[eos] = -INFINITY;
-  float top = -INFINITY;
-  int64_t best = 0;
-  for (int64_t v = 0; v < vocab; ++v)
-    if (scaled[v] > top) top = scaled[v], best = v;
+  const float top = max_of(scaled.data(), vocab);
   float sum = r1lab::exp_shifted(scaled.data(), vocab, top, probs.data());  // the softmax at temperature 1
   const float log_norm = top + std::log(sum);                         // log-sum-exp of the (banned) logits
-  int64_t drawn = best;
+  int64_t drawn;
   if (temperature > 0.0f) {
     const bool reshape = temperature != 1.0f || (top_k > 0 && top_k < vocab);
     if (reshape) {
@@ -51,10 +109,10 @@ void sample_row(const float* logits, int64_t vocab, float temperature, int64_t t
         for (int64_t v = 0; v < vocab; ++v)
           if (scaled[v] < kth) scaled[v] = -INFINITY;
       }
-      sum = r1lab::exp_shifted(scaled.data(), vocab, *std::max_element(scaled.begin(), scaled.end()), probs.data());
+      sum = r1lab::exp_shifted(scaled.data(), vocab, max_of(scaled.data(), vocab), probs.data());
     }
-    for (int64_t v = 0; v < vocab; ++v) probs[v] /= sum;
-    if (top_p < 1.0f) {
+    if (top_p < 1.0f) {  // the nucleus needs the normalised probabilities
+      for (int64_t v = 0; v < vocab; ++v) probs[v] /= sum;
       order.resize(vocab);
       std::iota(order.begin(), order.end(), 0);
       std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return probs[a] > probs[b]; });
@@ -65,18 +123,9 @@ void sample_row(const float* logits, int64_t vocab, float temperature, int64_t t
         above += p;
       }
     }
-    double cdf_total = 0.0;
-    for (int64_t v = 0; v < vocab; ++v) cdf_total += probs[v];
-    const double target = u * cdf_total;  // in (0, total]: some token reaches it
-    double cdf = 0.0;
-    drawn = vocab - 1;
-    for (int64_t v = 0; v < vocab; ++v) {
-      cdf += probs[v];
-      if (cdf >= target && probs[v] > 0.0f) {
-        drawn = v;
-        break;
-      }
-    }
+    drawn = draw(probs.data(), vocab, u, block);  // unnormalised weights draw the same token
+  } else {
+    drawn = argmax_of(scaled.data(), vocab);
   }
   *token = drawn;
   const float chosen = (ban && drawn == eos) ? -INFINITY : logits[drawn];
@@ -113,12 +162,13 @@ void boxed(StableIValue* stack, uint64_t, uint64_t) {
   float* out_logp = logp.data<float>();
 #pragma omp parallel if (rows * vocab >= 16384)
   {
-    std::vector<float> scaled, probs;
-    std::vector<int64_t> order;
+    static thread_local std::vector<float> scaled, probs;  // each thread's scratch, kept between calls
+    static thread_local std::vector<int64_t> order;
+    static thread_local std::vector<double> block;
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r)
-      sample_row(l + r * vocab, vocab, t[r], k[r], p[r], b[r], u[r], eos, scaled, probs, order, out_tokens + r,
-                 out_logp + r);
+      sample_row(l + r * vocab, vocab, t[r], k[r], p[r], b[r], u[r], eos, scaled, probs, order, block,
+                 out_tokens + r, out_logp + r);
   }
   stack[0] = tokens.release();
   stack[1] = logp.release();
