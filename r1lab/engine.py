@@ -305,8 +305,7 @@ class Engine:
             last_logits = self.model.logits(hidden[rows_of, (lengths - 1).to(device)])
         else:
             cache = self.model.new_cache(len(batch), slots)
-            logits = self._prefill(self.model, tokens, positions_T, cache)
-            last_logits = logits[rows_of, (lengths - 1).to(device)]  # (n_req, V)
+            last_logits = self._prefill(self.model, tokens, positions_T, cache, (lengths - 1).to(device))  # (n_req, V)
         _repeat_rows(cache, counts.to(device))
         last_logits = last_logits.repeat_interleave(counts.to(device), dim=0)
         new_rows = []
@@ -481,9 +480,15 @@ class Engine:
         return [out[(i, j)] for i in range(len(prompts)) for j in range(params.n)]
 
 
-def _prefill(model, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-    """The prompts' forward pass, writing the cache -> logits (B, T, V)."""
-    return model(tokens, positions=positions, cache=cache)
+def _prefill(model, tokens: torch.Tensor, positions: torch.Tensor, cache, last: torch.Tensor) -> torch.Tensor:
+    """The prompts' forward pass, writing the cache -> the logits (B, V) at each prompt's last position
+    `last` (B,). Compiled, only those rows go through the head; eager, every position does and the rows are
+    picked after (the products of the eager path stay those of a full forward, bit for bit)."""
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    if torch.compiler.is_compiling():
+        hidden, _ = model.trunk(tokens, positions=positions, cache=cache)
+        return model.logits(hidden[rows, last])
+    return model(tokens, positions=positions, cache=cache)[rows, last]
 
 
 def _verify(model, tokens: torch.Tensor, positions: torch.Tensor, cache, n_slots: int):

@@ -31,8 +31,8 @@ constexpr int MAX_ROWS = 8;  // query rows per sequence handled in one register 
 // Key row s of `ahead` (the next sequence's keys, or null) is prefetched into L2 meanwhile: each sequence's
 // keys are a separate stream the hardware prefetcher picks up late (with the cache out of L3, 1.5x slower).
 template <int N>
-void block_scores(const float* q, int64_t first, const float* keys, const uint8_t* mask, int64_t heads,
-                  int64_t slots, int64_t width, float scale, float* scores, const float* ahead) {
+void block_scores(const float* q, int64_t first, const float* keys, const uint8_t* mask, int64_t mask_stride,
+                  int64_t heads, int64_t slots, int64_t width, float scale, float* scores, const float* ahead) {
   for (int64_t s = 0; s < slots; ++s) {
     const float* k = keys + s * width;
     if (ahead != nullptr)
@@ -47,7 +47,7 @@ void block_scores(const float* q, int64_t first, const float* keys, const uint8_
     }
 #pragma GCC unroll 8
     for (int m = 0; m < N; ++m)
-      scores[m * slots + s] = mask[((first + m) / heads) * slots + s] ? scale * r1lab::hsum(acc[m]) : -INFINITY;
+      scores[m * slots + s] = mask[((first + m) / heads) * mask_stride + s] ? scale * r1lab::hsum(acc[m]) : -INFINITY;
   }
 }
 
@@ -104,18 +104,28 @@ void weighted_rows(const float* p, const float* keys, int64_t slots, int64_t wid
 }
 
 // Query rows [first, first + rows) of one sequence (rows <= MAX_ROWS); row m is token m / heads. `ahead`:
-// keys to prefetch while the scores run (block_scores), or null.
+// keys to prefetch while the scores run (block_scores), or null. Slots past the last one any of these rows
+// may see add nothing, so the work stops there (a prompt's early tokens in a prefill, the shorter rows of a
+// ragged batch).
 void attend(const float* q, int64_t first, int64_t rows, const float* keys, const uint8_t* mask, int64_t heads,
-            int64_t slots, int64_t width, int64_t latent, float scale, float* scores, float* out, const float* ahead) {
+            int64_t mask_slots, int64_t width, int64_t latent, float scale, float* scores, float* out,
+            const float* ahead) {
+  int64_t slots = 0;  // visible slots: [0, slots)
+  for (int64_t t = first / heads; t <= (first + rows - 1) / heads; ++t) {
+    const uint8_t* row = mask + t * mask_slots;
+    int64_t end = mask_slots;
+    while (end > slots && !row[end - 1]) --end;
+    slots = std::max(slots, end);
+  }
   switch (rows) {
-    case 1: block_scores<1>(q, first, keys, mask, heads, slots, width, scale, scores, ahead); break;
-    case 2: block_scores<2>(q, first, keys, mask, heads, slots, width, scale, scores, ahead); break;
-    case 3: block_scores<3>(q, first, keys, mask, heads, slots, width, scale, scores, ahead); break;
-    case 4: block_scores<4>(q, first, keys, mask, heads, slots, width, scale, scores, ahead); break;
-    case 5: block_scores<5>(q, first, keys, mask, heads, slots, width, scale, scores, ahead); break;
-    case 6: block_scores<6>(q, first, keys, mask, heads, slots, width, scale, scores, ahead); break;
-    case 7: block_scores<7>(q, first, keys, mask, heads, slots, width, scale, scores, ahead); break;
-    default: block_scores<8>(q, first, keys, mask, heads, slots, width, scale, scores, ahead); break;
+    case 1: block_scores<1>(q, first, keys, mask, mask_slots, heads, slots, width, scale, scores, ahead); break;
+    case 2: block_scores<2>(q, first, keys, mask, mask_slots, heads, slots, width, scale, scores, ahead); break;
+    case 3: block_scores<3>(q, first, keys, mask, mask_slots, heads, slots, width, scale, scores, ahead); break;
+    case 4: block_scores<4>(q, first, keys, mask, mask_slots, heads, slots, width, scale, scores, ahead); break;
+    case 5: block_scores<5>(q, first, keys, mask, mask_slots, heads, slots, width, scale, scores, ahead); break;
+    case 6: block_scores<6>(q, first, keys, mask, mask_slots, heads, slots, width, scale, scores, ahead); break;
+    case 7: block_scores<7>(q, first, keys, mask, mask_slots, heads, slots, width, scale, scores, ahead); break;
+    default: block_scores<8>(q, first, keys, mask, mask_slots, heads, slots, width, scale, scores, ahead); break;
   }
   float inv[MAX_ROWS];
   for (int64_t m = 0; m < rows; ++m) inv[m] = 1.0f / softmax_numerators(scores + m * slots, slots);
