@@ -201,9 +201,10 @@ class Engine:
             raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
         self.model = model
         compiled = (lambda fn: torch.compile(fn, dynamic=True, options={"cpp_wrapper": True})) if compile else (lambda fn: fn)
-        self._decoder = compiled(model)
-        # Prefill through its own function, so its graphs (one per row-count class) count against their own
-        # recompile limit, not the decode step's.
+        # The decode step and the prefill are module-level functions taking the model (compiled: its guards and
+        # entry cost less per call than a compiled module's), each with its own graphs (one per row-count class)
+        # and recompile limit.
+        self._decode = compiled(_decode)
         self._prefill = compiled(_prefill)
         # The speculative halves take the model as an argument: compiled partials (one per engine) would share
         # one wrapper frame, each engine's adding graphs to it until torch's recompile limit sent it to eager.
@@ -343,8 +344,7 @@ class Engine:
         return min(max(r.prompt_len + len(r.tokens) for r in self._rows) + ahead, self._cache.max_len)
 
     def _decode_step(self, events: list[StepEvent]) -> None:
-        logits = self._decoder(self._last[:, None], positions=self._pos[:, None], cache=self._cache,
-                               n_slots=self._n_slots())[:, -1]  # (B, V)
+        logits = self._decode(self.model, self._last[:, None], self._pos[:, None], self._cache, self._n_slots())  # (B, V)
         nxt, logp = self._sample(logits, self._rows, self._settings)
         tokens, logps = nxt.tolist(), logp.tolist()
         live = [i for i, r in enumerate(self._rows) if r.finish_reason is None]
@@ -478,6 +478,11 @@ class Engine:
                 if self.decode is not None:
                     c.text = ev.text if ev.text is not None else self.decode(c.token_ids)
         return [out[(i, j)] for i in range(len(prompts)) for j in range(params.n)]
+
+
+def _decode(model, tokens: torch.Tensor, positions: torch.Tensor, cache, n_slots: int) -> torch.Tensor:
+    """One decode step: tokens (B, 1) at positions (B, 1), attending to cache slots [0, n_slots) -> logits (B, V)."""
+    return model(tokens, positions=positions, cache=cache, n_slots=n_slots)[:, -1]
 
 
 def _prefill(model, tokens: torch.Tensor, positions: torch.Tensor, cache, last: torch.Tensor) -> torch.Tensor:
