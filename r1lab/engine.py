@@ -234,6 +234,10 @@ class Engine:
         # at admission), and how many of their samples are still running or waiting.
         self._quiet: dict[int, list[_Row]] = {}
         self._quiet_open = 0
+        # Kept with the rows so a step needs no pass over them: how many have finished (they wait for compaction),
+        # and the furthest any has reached (prompt_len + len(tokens): the cache slots a step reads).
+        self._finished = 0
+        self._front = 0
 
     # -- requests ----------------------------------------------------------------------------------
     def add_request(self, prompt: list[int], params: SamplingParams) -> int:
@@ -256,7 +260,7 @@ class Engine:
         self._cancelled.add(request_id)
 
     def has_work(self) -> bool:
-        return bool(self._waiting) or any(r.finish_reason is None for r in self._rows)
+        return bool(self._waiting) or self._finished < len(self._rows)
 
     # -- the step ------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -264,8 +268,7 @@ class Engine:
         """Admit waiting requests (prefill), then one decode step for every running row."""
         events: list[StepEvent] = []
         self._apply_cancellations(events)
-        decoding = any(r.finish_reason is None for r in self._rows)
-        if decoding:
+        if self._finished < len(self._rows):  # some row is decoding
             (self._speculative_step if self.speculative else self._decode_step)(events)
         self._admit(events)
         self._maybe_compact()
@@ -281,6 +284,7 @@ class Engine:
         for row in self._rows:
             if row.request_id in self._cancelled and row.finish_reason is None:
                 row.finish_reason = "abort"
+                self._finished += 1
                 if row.request_id in self._quiet:
                     self._quiet_open -= 1
                 else:
@@ -288,7 +292,7 @@ class Engine:
         self._cancelled.clear()
 
     def _admit(self, events: list[StepEvent]) -> None:
-        room = self.max_batch_size - sum(r.finish_reason is None for r in self._rows)
+        room = self.max_batch_size - (len(self._rows) - self._finished)
         batch = []
         while self._waiting and room >= self._waiting[0][2].n:
             item = self._waiting.popleft()
@@ -340,6 +344,7 @@ class Engine:
             draft = self.model.mtp_logits(0, mtp_hidden[torch.arange(len(first), device=device), row_lengths - 1]).argmax(-1)
         if self._cache is None or not self._rows:
             self._cache, self._rows, self._settings = cache, new_rows, settings
+            self._finished = self._front = 0
             self._last, self._pos, self._draft = first, positions.to(device), draft
         else:
             self._cache.extend(cache)
@@ -353,17 +358,17 @@ class Engine:
     def _n_slots(self, ahead: int = 0) -> int:
         """Cache slots the next step reads: every row feeds position prompt_len + len(tokens) - 1 or
         less (finished rows are frozen), plus `ahead` draft positions."""
-        return min(max(r.prompt_len + len(r.tokens) for r in self._rows) + ahead, self._cache.max_len)
+        return min(self._front + ahead, self._cache.max_len)
 
     def _decode_step(self, events: list[StepEvent]) -> None:
         logits = self._decode(self.model, self._last[:, None], self._pos[:, None], self._cache, self._n_slots())  # (B, V)
         nxt, logp = self._sample(logits, self._rows, self._settings)
         tokens, logps = nxt.tolist(), logp.tolist()
-        live = [i for i, r in enumerate(self._rows) if r.finish_reason is None]
-        if len(live) == len(self._rows):  # (the common case: no finished row waiting for compaction)
+        if not self._finished:  # (the common case: no finished row waiting for compaction)
             self._pos, self._last = self._pos + 1, nxt
             self._record(self._rows, tokens, logps, events)
             return
+        live = [i for i, r in enumerate(self._rows) if r.finish_reason is None]
         running = torch.zeros(len(self._rows), dtype=torch.bool, device=self._pos.device)
         running[live] = True
         self._pos = torch.where(running, self._pos + 1, self._pos)
@@ -417,16 +422,19 @@ class Engine:
         return tokens, logp
 
     def _record(self, rows: list[_Row], tokens: list[int], logps: list[float], events: list[StepEvent]) -> None:
-        quiet = self._quiet
+        quiet, front = self._quiet, self._front
         for row, tok, lp in zip(rows, tokens, logps):
             row.tokens.append(tok)
             row.logprobs.append(lp)
             row.finish_reason = self._finish_reason(row, tok)
+            front = max(front, row.prompt_len + len(row.tokens))
+            self._finished += row.finish_reason is not None
             if row.request_id in quiet:
                 self._quiet_open -= row.finish_reason is not None
             else:
                 events.append(StepEvent(row.request_id, row.sample_index, [tok], [lp], row.finish_reason,
                                         row.text if row.finish_reason else None))
+        self._front = front
 
     def _finish_reason(self, row: _Row, token: int) -> str | None:
         p = row.params
@@ -443,7 +451,7 @@ class Engine:
         return None
 
     def _maybe_compact(self) -> None:
-        finished = sum(r.finish_reason is not None for r in self._rows)
+        finished = self._finished
         if finished and (finished == len(self._rows) or finished >= self.compact_fraction * len(self._rows)):
             keep = [i for i, r in enumerate(self._rows) if r.finish_reason is None]
             if keep:
@@ -454,6 +462,8 @@ class Engine:
             else:
                 self._cache = None
             self._rows = [self._rows[i] for i in keep]
+            self._finished = 0
+            self._front = max((r.prompt_len + len(r.tokens) for r in self._rows), default=0)
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
