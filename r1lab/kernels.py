@@ -332,7 +332,8 @@ def head_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         B, T, H, K = x.shape
         if weight.stride(2) != 1:
             weight = weight.contiguous()
-        return head_matmul_op(x.reshape(B * T, H, K).contiguous(), weight).view(B, T, H, weight.shape[2])
+        x = x.reshape(B * T, H, K)  # a view for MLA's query slice: the kernel reads it in place
+        return head_matmul_op(x if x.stride(2) == 1 else x.contiguous(), weight).view(B, T, H, weight.shape[2])
     return torch.einsum("bthc,hcr->bthr", x, weight)
 
 
@@ -352,7 +353,8 @@ def _head_kernel(x: torch.Tensor, weight: torch.Tensor, widths_fit: bool) -> boo
             and x.dtype == weight.dtype == torch.float32 and widths_fit and kernel_built("linear"))
 
 
-# C++ kernels (csrc/linear.cpp), float32: x (M, H, K) contiguous; weight with unit-stride rows, any head stride.
+# C++ kernels (csrc/linear.cpp), float32, weight with unit-stride rows, any head stride; x (M, H, K): contiguous
+# for head_linear, unit-stride rows (any row and head strides) for head_matmul.
 head_matmul_op = _define("head_matmul(Tensor x, Tensor weight) -> Tensor",
                          lambda x, weight: x.new_empty(x.shape[0], x.shape[1], weight.shape[2]))
 head_linear_op = _define("head_linear(Tensor x, Tensor weight) -> Tensor",

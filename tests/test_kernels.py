@@ -224,6 +224,9 @@ def test_per_head_kernels_equal_the_einsums(rows, heads, k, n):
     query_part = wkv_b[:, :k, :n]  # (H, K, N), row stride k + 8, head stride (k + n)(k + 8)
     torch.testing.assert_close(kernels.head_matmul_op(x, query_part), torch.einsum("mhc,hcr->mhr", x, query_part),
                                atol=1e-4, rtol=1e-5)
+    q = torch.randn(rows, heads, k + 16)  # MLA's query: the nope slice of each head read in place (strided x)
+    torch.testing.assert_close(kernels.head_matmul_op(q[..., :k], query_part),
+                               torch.einsum("mhc,hcr->mhr", q[..., :k], query_part), atol=1e-4, rtol=1e-5)
     value_part = wkv_b[:, k:, :k]  # (H, N, K): rows of k of a (k + 8)-wide row, so not unit-stride between rows
     with pytest.raises(ValueError, match="unit-stride rows"):
         kernels.head_linear_op(x, value_part)

@@ -24,7 +24,7 @@
 //   r1lab::head_linear(x (M, H, K), weight (H, N, K)) -> (M, H, N): out[m, h] = weight[h] @ x[m, h];
 //     x contiguous, weight rows contiguous (any head stride); K % 8 == 0, N % 4 == 0.
 //   r1lab::head_matmul(x (M, H, K), weight (H, K, N)) -> (M, H, N): out[m, h] = x[m, h] @ weight[h];
-//     x contiguous, weight rows unit-stride (any row and head strides); N % 8 == 0.
+//     x and weight rows unit-stride (any row and head strides: the query slice is read in place); N % 8 == 0.
 #include <immintrin.h>
 #include <omp.h>
 
@@ -115,8 +115,9 @@ void head_linear(const float* x, const float* w, int64_t head_stride, float* out
   }
 }
 
-void head_matmul(const float* x, const float* w, int64_t head_stride, int64_t row_stride, float* out, int64_t m,
-                 int64_t heads, int64_t n, int64_t k) {
+// x[r, h] at x + r * x_row + h * x_head (k contiguous floats): MLA's query slice is read in place.
+void head_matmul(const float* x, int64_t x_row, int64_t x_head, const float* w, int64_t head_stride, int64_t row_stride,
+                 float* out, int64_t m, int64_t heads, int64_t n, int64_t k) {
   const int64_t panels = (n + r1lab::COLS - 1) / r1lab::COLS;
 #pragma omp parallel for schedule(static)
   for (int64_t task = 0; task < heads * panels; ++task) {
@@ -126,7 +127,7 @@ void head_matmul(const float* x, const float* w, int64_t head_stride, int64_t ro
       const float* a[r1lab::ROWS];
       float* c[r1lab::ROWS];
       for (int r = 0; r < rows; ++r) {
-        a[r] = x + ((s + r) * heads + h) * k;
+        a[r] = x + (s + r) * x_row + h * x_head;
         c[r] = out + ((s + r) * heads + h) * n + j;
       }
       r1lab::tile(rows, a, k, w + h * head_stride + j, row_stride, width, c);
@@ -137,8 +138,10 @@ void head_matmul(const float* x, const float* w, int64_t head_stride, int64_t ro
 const char* const LINEAR = "the linear kernels take contiguous float32 CPU x (M, K) and weights (N, K) with K % 8 == 0";
 const char* const MLP = "the mlp kernel takes contiguous float32 CPU x (M, D), w1 and w3 (I, D), w2 (D, I) with D % 8 == 0, "
                         "I % 8 == 0";
-const char* const HEADS = "the per-head kernels take float32 CPU x (M, H, K) contiguous and weight (H, N, K) (head_linear: K % 8 == 0, "
-                          "N % 4 == 0) or (H, K, N) (head_matmul: N % 8 == 0) with unit-stride rows";
+const char* const HEADS_MATMUL = "head_matmul takes float32 CPU x (M, H, K) with unit-stride rows (any row and head "
+                                 "strides) and weight (H, K, N) with unit-stride rows, N % 8 == 0";
+const char* const HEADS = "head_linear takes float32 CPU x (M, H, K) contiguous and weight (H, N, K) with unit-stride rows, "
+                          "K % 8 == 0, N % 4 == 0";
 
 // linear(Tensor x, Tensor weight) -> Tensor
 void boxed_linear(StableIValue* stack, uint64_t, uint64_t) {
@@ -209,12 +212,12 @@ void boxed_head_linear(StableIValue* stack, uint64_t, uint64_t) {
 void boxed_head_matmul(StableIValue* stack, uint64_t, uint64_t) {
   r1lab::Tensor x(stack[0]), weight(stack[1]);
   const int32_t f32 = aoti_torch_dtype_float32();
-  r1lab::check(x.is(f32) && weight.is(f32) && x.dim() == 3 && weight.dim() == 3 && x.contiguous(), HEADS);
+  r1lab::check(x.is(f32) && weight.is(f32) && x.dim() == 3 && weight.dim() == 3 && x.stride(2) == 1, HEADS_MATMUL);
   const int64_t m = x.size(0), heads = x.size(1), k = x.size(2), n = weight.size(2);
-  r1lab::check(weight.size(0) == heads && weight.size(1) == k && n % 8 == 0 && weight.stride(2) == 1, HEADS);
+  r1lab::check(weight.size(0) == heads && weight.size(1) == k && n % 8 == 0 && weight.stride(2) == 1, HEADS_MATMUL);
   r1lab::Tensor out(r1lab::empty({m, heads, n}, f32));
-  head_matmul(x.data<float>(), weight.data<float>(), weight.stride(0), weight.stride(1), out.data<float>(), m, heads, n,
-              k);
+  head_matmul(x.data<float>(), x.stride(0), x.stride(1), weight.data<float>(), weight.stride(0), weight.stride(1),
+              out.data<float>(), m, heads, n, k);
   stack[0] = out.release();
 }
 
