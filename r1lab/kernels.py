@@ -6,9 +6,10 @@ products as broadcast multiplies summed over the reduced dim, which the compiler
 that stream the weights once (this CPU class's BLAS reads weights slowly when it multiplies 1-16
 rows; benchmarks/bench_generate.py). Beyond that, on an AVX2 CPU, small C++ kernels (csrc/, built on
 first use with the C++ compiler `torch.compile` needs anyway, registered as the CPU kernels of r1lab::
-ops) take the products (up to KERNEL_ROWS rows, and MLA's per-head ones), the routed experts (a grouped
-GEMM, one opaque op so the routing's data-dependent shapes do not break the graph) and MLA attention;
-elsewhere the BLAS and the eager dispatch do. A compiled engine also draws its samples with one
+ops) take the products (up to KERNEL_ROWS rows: single, in pairs sharing an input, a whole dense
+SwiGLU block, and MLA's per-head ones), the routed experts (a grouped GEMM, one opaque op so the
+routing's data-dependent shapes do not break the graph) and MLA attention; elsewhere the BLAS and the
+eager dispatch do. Eager code gives the same numbers bit for bit whatever the compiled path does. A compiled engine also draws its samples with one
 (`sample_op`). This module knows tensors only: no config, no modules.
 
 Letters: N tokens, D model dim, E routed experts, K experts per token, I expert hidden dim.
