@@ -230,10 +230,6 @@ class Engine:
         self._pos = torch.zeros(0, dtype=torch.long)    # (B,) its position
         self._draft = torch.zeros(0, dtype=torch.long)  # (B,) speculative: the MTP guess for the token after
         self._cancelled: set[int] = set()
-        # Requests of `generate`, which reads their rows at the end and needs no events: id -> their rows (filled
-        # at admission), and how many of their samples are still running or waiting.
-        self._quiet: dict[int, list[_Row]] = {}
-        self._quiet_open = 0
         # Kept with the rows so a step needs no pass over them: how many have finished (they wait for compaction),
         # and the furthest any has reached (prompt_len + len(tokens): the cache slots a step reads).
         self._finished = 0
@@ -277,18 +273,12 @@ class Engine:
     def _apply_cancellations(self, events: list[StepEvent]) -> None:
         if not self._cancelled:
             return
-        for request_id, _, params in self._waiting:
-            if request_id in self._cancelled and request_id in self._quiet:
-                self._quiet_open -= params.n  # (generate finds no rows for it: aborted)
         self._waiting = deque(w for w in self._waiting if w[0] not in self._cancelled)
         for row in self._rows:
             if row.request_id in self._cancelled and row.finish_reason is None:
                 row.finish_reason = "abort"
                 self._finished += 1
-                if row.request_id in self._quiet:
-                    self._quiet_open -= 1
-                else:
-                    events.append(StepEvent(row.request_id, row.sample_index, [], [], "abort"))
+                events.append(StepEvent(row.request_id, row.sample_index, [], [], "abort"))
         self._cancelled.clear()
 
     def _admit(self, events: list[StepEvent]) -> None:
@@ -325,10 +315,8 @@ class Engine:
         last_logits = last_logits.repeat_interleave(counts.to(device), dim=0)
         new_rows = []
         for (request_id, prompt, params) in batch:
-            rows = [_Row(request_id, i, params, len(prompt), random.Random(_mix_seed(params.seed, i))) for i in range(params.n)]
-            new_rows.extend(rows)
-            if request_id in self._quiet:
-                self._quiet[request_id].extend(rows)
+            for i in range(params.n):
+                new_rows.append(_Row(request_id, i, params, len(prompt), random.Random(_mix_seed(params.seed, i))))
         positions = lengths.repeat_interleave(counts)
         settings = _Settings.of(new_rows, device)
         first, logp = self._sample(last_logits, new_rows, settings)
@@ -422,18 +410,15 @@ class Engine:
         return tokens, logp
 
     def _record(self, rows: list[_Row], tokens: list[int], logps: list[float], events: list[StepEvent]) -> None:
-        quiet, front = self._quiet, self._front
+        front = self._front
         for row, tok, lp in zip(rows, tokens, logps):
             row.tokens.append(tok)
             row.logprobs.append(lp)
             row.finish_reason = self._finish_reason(row, tok)
             front = max(front, row.prompt_len + len(row.tokens))
             self._finished += row.finish_reason is not None
-            if row.request_id in quiet:
-                self._quiet_open -= row.finish_reason is not None
-            else:
-                events.append(StepEvent(row.request_id, row.sample_index, [tok], [lp], row.finish_reason,
-                                        row.text if row.finish_reason else None))
+            events.append(StepEvent(row.request_id, row.sample_index, [tok], [lp], row.finish_reason,
+                                    row.text if row.finish_reason else None))
         self._front = front
 
     def _finish_reason(self, row: _Row, token: int) -> str | None:
@@ -488,30 +473,27 @@ class Engine:
                     yield event
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        """All samples of all prompts: prompt i's sample j is at index i * n + j.
-
-        The same samples as `stream` gives; its requests make no events (the rows are read at the end)."""
-        if self._quiet:
-            raise RuntimeError("generate is not re-entrant: another generate call is running on this engine")
+        """All samples of all prompts: prompt i's sample j is at index i * n + j (the samples `stream` gives;
+        the steps' events are read here directly, without a generator in between)."""
         ids = self._add_all(prompts, params)
-        self._quiet = {rid: [] for rid in ids}
-        self._quiet_open = len(ids) * params.n
-        try:
-            while self._quiet_open > 0 and self.has_work():
-                self.step()
-            out = []
-            for rid in ids:
-                rows = self._quiet[rid]
-                for j in range(params.n):
-                    if j >= len(rows):  # cancelled before it was admitted
-                        out.append(Completion(ids[rid], j, [], "abort", []))
-                        continue
-                    row = rows[j]
-                    text = row.text if row.text is not None else (self.decode(row.tokens) if self.decode else None)
-                    out.append(Completion(ids[rid], j, row.tokens, row.finish_reason or "abort", row.logprobs, text))
-            return out
-        finally:
-            self._quiet, self._quiet_open = {}, 0
+        out: dict[tuple[int, int], Completion] = {}
+        open_samples = len(ids) * params.n
+        while open_samples:
+            for ev in self.step():
+                index = ids.get(ev.request_id)
+                if index is None:
+                    continue
+                c = out.get((index, ev.sample_index))
+                if c is None:
+                    c = out[(index, ev.sample_index)] = Completion(index, ev.sample_index, [], "", [])
+                c.token_ids += ev.token_ids
+                c.logprobs += ev.logprobs
+                if ev.finish_reason is not None:
+                    open_samples -= 1
+                    c.finish_reason = ev.finish_reason
+                    if self.decode is not None:
+                        c.text = ev.text if ev.text is not None else self.decode(c.token_ids)
+        return [out[(i, j)] for i in range(len(prompts)) for j in range(params.n)]
 
     def _add_all(self, prompts: list[list[int]], params: SamplingParams) -> dict[int, int]:
         """Queue every prompt (prompt i's seed mixed from params.seed and i) -> request id: prompt index."""
