@@ -9,8 +9,9 @@ first use with the C++ compiler `torch.compile` needs anyway, registered as the 
 ops) take the products (up to KERNEL_ROWS rows: single, in pairs sharing an input, a whole dense
 SwiGLU block, and MLA's per-head ones), the routed experts (a grouped GEMM, one opaque op so the
 routing's data-dependent shapes do not break the graph) and MLA attention; elsewhere the BLAS and the
-eager dispatch do. Eager code gives the same numbers bit for bit whatever the compiled path does. A compiled engine also draws its samples with one
-(`sample_op`). This module knows tensors only: no config, no modules.
+eager dispatch do. Eager code gives the same numbers bit for bit whatever the compiled path does. A
+compiled engine also draws its samples with one (`sample_op`). This module knows tensors only: no
+config, no modules.
 
 Letters: N tokens, D model dim, E routed experts, K experts per token, I expert hidden dim.
 """
@@ -55,27 +56,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     compiled graph is specialised on which side of each threshold it is. Everywhere else (eager, more
     rows, GPUs, whose BLAS has no such weakness) it is `F.linear`.
     """
-    if torch.compiler.is_compiling() and x.device.type == "cpu":
-        rows = x.numel() // x.shape[-1]
-        if rows <= STREAMING_ROWS:
-            return (x.unsqueeze(-2) * weight).sum(dim=-1)
-        if (rows <= KERNEL_ROWS and x.dtype == weight.dtype == torch.float32 and weight.shape[1] % 8 == 0
-                and kernel_built("linear")):
-            return linear_op(x.reshape(rows, x.shape[-1]).contiguous(), weight.contiguous()).view(
-                *x.shape[:-1], weight.shape[0])
+    rows = x.numel() // x.shape[-1]
+    if torch.compiler.is_compiling() and x.device.type == "cpu" and rows <= STREAMING_ROWS:
+        return (x.unsqueeze(-2) * weight).sum(dim=-1)
+    if _product_kernel(x, rows, x.shape[-1] % 8 == 0, weight):
+        return linear_op(x.reshape(rows, x.shape[-1]).contiguous(), weight.contiguous()).view(
+            *x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
 
 
 def linear_pair(x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(linear(x, weight_a), linear(x, weight_b)): two products of one input (MLA's query and latent
     projections). In a compiled CPU step over 9 to `KERNEL_ROWS` rows, one C++ call (`linear_pair_op`)."""
-    if torch.compiler.is_compiling() and x.device.type == "cpu":
-        rows = x.numel() // x.shape[-1]
-        if (STREAMING_ROWS < rows <= KERNEL_ROWS and x.dtype == weight_a.dtype == weight_b.dtype == torch.float32
-                and x.shape[-1] % 8 == 0 and kernel_built("linear")):
-            a, b = linear_pair_op(x.reshape(rows, x.shape[-1]).contiguous(), weight_a.contiguous(),
-                                  weight_b.contiguous())
-            return a.view(*x.shape[:-1], weight_a.shape[0]), b.view(*x.shape[:-1], weight_b.shape[0])
+    rows = x.numel() // x.shape[-1]
+    if _product_kernel(x, rows, x.shape[-1] % 8 == 0, weight_a, weight_b):
+        a, b = linear_pair_op(x.reshape(rows, x.shape[-1]).contiguous(), weight_a.contiguous(), weight_b.contiguous())
+        return a.view(*x.shape[:-1], weight_a.shape[0]), b.view(*x.shape[:-1], weight_b.shape[0])
     return linear(x, weight_a), linear(x, weight_b)
 
 
@@ -86,13 +82,18 @@ def mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -
     Three `linear`s and the gating, except in a compiled CPU step over 9 to `KERNEL_ROWS` token rows on an
     AVX2 CPU, where it is one C++ call (`mlp_op`: both up-projections, the gating and the down-projection
     under one parallel region, the (rows, I) projections never leaving the threads' caches)."""
-    if torch.compiler.is_compiling() and x.device.type == "cpu":
-        rows = x.numel() // x.shape[-1]
-        if (STREAMING_ROWS < rows <= KERNEL_ROWS and x.dtype == w1.dtype == w2.dtype == w3.dtype == torch.float32
-                and x.shape[-1] % 8 == 0 and w1.shape[0] % 8 == 0 and kernel_built("linear")):
-            return mlp_op(x.reshape(rows, x.shape[-1]).contiguous(), w1.contiguous(), w2.contiguous(),
-                          w3.contiguous()).view(x.shape)
+    rows = x.numel() // x.shape[-1]
+    if _product_kernel(x, rows, x.shape[-1] % 8 == 0 and w1.shape[0] % 8 == 0, w1, w2, w3):
+        return mlp_op(x.reshape(rows, x.shape[-1]).contiguous(), w1.contiguous(), w2.contiguous(),
+                      w3.contiguous()).view(x.shape)
     return linear(F.silu(linear(x, w1)) * linear(x, w3), w2)
+
+
+def _product_kernel(x: torch.Tensor, rows: int, widths_fit: bool, *weights: torch.Tensor) -> bool:
+    """Whether a product of x's `rows` token rows runs in csrc/linear.cpp: a compiled CPU step of 9 to
+    `KERNEL_ROWS` rows, float32 throughout, widths the kernel tiles, the kernel built here."""
+    return (torch.compiler.is_compiling() and x.device.type == "cpu" and STREAMING_ROWS < rows <= KERNEL_ROWS
+            and widths_fit and all(t.dtype == torch.float32 for t in (x, *weights)) and kernel_built("linear"))
 
 
 def expert_mixture(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor,
@@ -329,7 +330,7 @@ def head_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
     An einsum (batched GEMMs) except in a compiled CPU step over 9 to `KERNEL_ROWS` tokens, where it is
     the C++ kernel `head_matmul_op` (the batched GEMMs run these tiny per-head products at ~10 GFLOP/s)."""
-    if _head_kernel(x, weight, weight.shape[2] % 8 == 0):
+    if _product_kernel(x, x.shape[0] * x.shape[1], weight.shape[2] % 8 == 0, weight):
         B, T, H, K = x.shape
         if weight.stride(2) != 1:
             weight = weight.contiguous()
@@ -340,18 +341,12 @@ def head_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def head_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (B, T, H, K) @ weight (H, N, K)^T per head -> (B, T, H, N); the kernel as in `head_matmul`."""
-    if _head_kernel(x, weight, x.shape[-1] % 8 == 0 and weight.shape[1] % 4 == 0):
+    if _product_kernel(x, x.shape[0] * x.shape[1], x.shape[-1] % 8 == 0 and weight.shape[1] % 4 == 0, weight):
         B, T, H, K = x.shape
         if weight.stride(2) != 1 or weight.stride(1) != K:
             weight = weight.contiguous()
         return head_linear_op(x.reshape(B * T, H, K).contiguous(), weight).view(B, T, H, weight.shape[1])
     return torch.einsum("bthr,hvr->bthv", x, weight)
-
-
-def _head_kernel(x: torch.Tensor, weight: torch.Tensor, widths_fit: bool) -> bool:
-    rows = x.shape[0] * x.shape[1]
-    return (torch.compiler.is_compiling() and x.device.type == "cpu" and STREAMING_ROWS < rows <= KERNEL_ROWS
-            and x.dtype == weight.dtype == torch.float32 and widths_fit and kernel_built("linear"))
 
 
 # C++ kernels (csrc/linear.cpp), float32, weight with unit-stride rows, any head stride; x (M, H, K): contiguous
