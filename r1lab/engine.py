@@ -24,7 +24,10 @@ Letter legend: B running rows, T tokens in a call, V vocabulary.
 from __future__ import annotations
 
 import itertools
+import os
 import random
+import tempfile
+import warnings
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
@@ -32,6 +35,7 @@ from typing import Callable, Iterator
 import torch
 
 from r1lab import kernels
+from r1lab.model import KVCache
 
 
 @dataclass(frozen=True)
@@ -201,10 +205,12 @@ class Engine:
             raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
         self.model = model
         compiled = (lambda fn: torch.compile(fn, dynamic=True, options={"cpp_wrapper": True})) if compile else (lambda fn: fn)
-        # The decode step and the prefill are module-level functions taking the model (compiled: its guards and
-        # entry cost less per call than a compiled module's), each with its own graphs (one per row-count class)
-        # and recompile limit.
-        self._decode = compiled(_decode)
+        # The decode step and the prefill are module-level functions taking the model, each with its own graphs
+        # (one per row-count class). The decode step over r1lab's KVCache is compiled ahead of time
+        # (`_ExportedDecode`); other decoders' steps, the prefill and the speculative halves go through
+        # torch.compile (as a module-level function: its guards and entry cost less per call than a compiled
+        # module's).
+        self._decode = _ExportedDecode(compiled(_decode)) if compile else _decode
         self._prefill = compiled(_prefill)
         # The speculative halves take the model as an argument: compiled partials (one per engine) would share
         # one wrapper frame, each engine's adding graphs to it until torch's recompile limit sent it to eager.
@@ -509,15 +515,123 @@ def _decode(model, tokens: torch.Tensor, positions: torch.Tensor, cache, n_slots
     return model(tokens, positions=positions, cache=cache, n_slots=n_slots)[:, -1]
 
 
+class _ExportedDecode:
+    """`_decode` over r1lab's KVCache compiled ahead of time: `torch.export` (non-strict) with the model's
+    parameters and buffers as inputs, then AOTInductor; one compiled step per class of row counts (1;
+    2 to `kernels.STREAMING_ROWS`; to `kernels.KERNEL_ROWS`; more), built the first time a step falls in it
+    (~15 s). The same graph torch.compile would run (outputs and cache writes bit for bit), called without
+    torch.compile's per-call guard evaluation and entry (~0.3 ms of a ~4.5 ms batch-64 step of the
+    benchmark's dense model). The weights being inputs, in-place updates (an optimiser step between
+    rollouts) and replaced tensors are followed; replacements of another shape, dtype or device, or another
+    cache layout, build the steps again. Other decoders' caches go to `fallback` (a torch.compile'd step)."""
+
+    __slots__ = ("fallback", "_model", "_names", "_slots", "_state", "_signature", "_steps")
+
+    def __init__(self, fallback: Callable):
+        self.fallback = fallback
+        self._model = None
+        self._names: list[str] = []      # the model's parameters then buffers, as named_parameters names them
+        self._slots: list[tuple[dict, str]] = []  # where each lives: (its module's _parameters or _buffers, key)
+        self._state: list[torch.Tensor] = []     # the tensors the last step read
+        self._signature: tuple = ()
+        self._steps: dict[tuple, object] = {}    # (row class, cache layout) -> the loaded AOTInductor package
+
+    def __call__(self, model, tokens: torch.Tensor, positions: torch.Tensor, cache, n_slots: int) -> torch.Tensor:
+        if not isinstance(cache, KVCache):
+            return self.fallback(model, tokens, positions, cache, n_slots)
+        if model is not self._model:
+            self._bind(model)
+        # Reading the tensors from their modules' dicts: ~3 us, against ~100 us for model.parameters().
+        state = [table[key] for table, key in self._slots]
+        if any(a is not b for a, b in zip(state, self._state)):
+            signature = tuple((t.shape, t.dtype, t.device) for t in state)
+            if signature != self._signature:
+                self._steps.clear()
+                self._signature = signature
+            self._state = state
+        first = cache.layers[0]
+        key = (_row_class(tokens.shape[0]), cache.impl, tuple((t.shape[2:], t.dtype) for t in first))
+        step = self._steps.get(key)
+        if step is None:
+            step = self._steps[key] = _export_decode(model, self._names, state, cache, *key[0])
+        layers = [t for layer in cache.layers for t in layer]
+        slots = torch.empty(n_slots, dtype=torch.int8)  # its length is the slot count (a shape, not an int input)
+        return step.loader.run([*state, tokens, positions, *layers, slots])[0]
+
+    def _bind(self, model) -> None:
+        self._model, self._steps, self._state, self._signature = model, {}, [], ()
+        self._names = [name for name, _ in model.named_parameters()] + [name for name, _ in model.named_buffers()]
+        n_params = len(self._names) - len(list(model.named_buffers()))
+        self._slots = []
+        for i, name in enumerate(self._names):
+            owner, _, key = name.rpartition(".")
+            module = model.get_submodule(owner)
+            self._slots.append((module._parameters if i < n_params else module._buffers, key))
+
+
+def _row_class(rows: int) -> tuple[int, int | None]:
+    """The range of row counts one compiled step serves (the kernels' thresholds; None: unbounded)."""
+    for low, high in ((1, 1), (2, kernels.STREAMING_ROWS), (kernels.STREAMING_ROWS + 1, kernels.KERNEL_ROWS)):
+        if rows <= high:
+            return low, high
+    return kernels.KERNEL_ROWS + 1, None
+
+
+def _export_decode(model, names: list[str], state: list[torch.Tensor], cache: KVCache, low: int,
+                   high: int | None):
+    """Export `_decode` for `low`..`high` rows over caches laid out as `cache`, the model's tensors (`names`,
+    now `state`) as inputs; compile it with AOTInductor; load it."""
+    per_layer, impl = len(cache.layers[0]), cache.impl
+
+    def step(state, tokens, positions, layers, slots):
+        grouped = [layers[i:i + per_layer] for i in range(0, len(layers), per_layer)]
+        return torch.func.functional_call(model, dict(zip(names, state)), (tokens,), dict(
+            positions=positions, cache=KVCache.over(impl, grouped), n_slots=slots.shape[0]))[:, -1]
+
+    program = _Program(step)
+    Dim = torch.export.Dim
+    rows = None if low == high else Dim("rows", min=low, max=high)  # (one row: a static shape)
+    slots, capacity = Dim("slots", min=1), Dim("capacity", min=2)
+    batch = None if rows is None else {0: rows}
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations, while packaging
+        # Fresh example tensors (the engine's own are inference tensors, which export may not write to).
+        example_rows, example_capacity = max(low, 2) if rows is not None else 1, 16
+        device = state[0].device
+        tokens = torch.zeros(example_rows, 1, dtype=torch.long, device=device)
+        layers = [torch.zeros(example_rows, example_capacity, *t.shape[2:], dtype=t.dtype, device=t.device)
+                  for layer in cache.layers for t in layer]
+        example = (state, tokens, tokens.clone(), layers, torch.empty(9, dtype=torch.int8))
+        shapes = ([None] * len(state), batch, batch,
+                  [{0: rows, 1: capacity} if rows is not None else {1: capacity}] * len(layers), {0: slots})
+        exported = torch.export.export(program, example, dynamic_shapes=shapes, strict=False)
+        with tempfile.TemporaryDirectory(prefix="r1lab-decode-") as tmp:
+            path = torch._inductor.aoti_compile_and_package(exported, package_path=os.path.join(tmp, "decode.pt2"))
+            return torch._inductor.aoti_load_package(path)
+
+
+class _Program(torch.nn.Module):
+    """The decode step as the module torch.export takes (the model is not registered: its weights stay inputs)."""
+
+    def __init__(self, fn: Callable):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, state, tokens, positions, layers, slots):
+        return self.fn(state, tokens, positions, layers, slots)
+
+
 def _prefill(model, tokens: torch.Tensor, positions: torch.Tensor, cache, last: torch.Tensor) -> torch.Tensor:
-    """The prompts' forward pass, writing the cache -> the logits (B, V) at each prompt's last position
-    `last` (B,). Compiled, only those rows go through the head; eager, every position does and the rows are
-    picked after (the products of the eager path stay those of a full forward, bit for bit)."""
-    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    """The prompts' forward pass (tokens (B, T) at positions 0..T-1), writing the cache -> the logits (B, V)
+    at each prompt's last position `last` (B,). Compiled, only those rows go through the head; eager, every
+    position does and the rows are picked after (the products of the eager path stay those of a full
+    forward, bit for bit). The slots read are the T written (passed: no read-back of the positions, which
+    would split a compiled graph)."""
+    rows, n_slots = torch.arange(tokens.shape[0], device=tokens.device), tokens.shape[1]
     if torch.compiler.is_compiling():
-        hidden, _ = model.trunk(tokens, positions=positions, cache=cache)
+        hidden, _ = model.trunk(tokens, positions=positions, cache=cache, n_slots=n_slots)
         return model.logits(hidden[rows, last])
-    return model(tokens, positions=positions, cache=cache)[rows, last]
+    return model(tokens, positions=positions, cache=cache, n_slots=n_slots)[rows, last]
 
 
 def _verify(model, tokens: torch.Tensor, positions: torch.Tensor, cache, n_slots: int):

@@ -112,6 +112,13 @@ class KVCache:
                       (batch_size, max_len, config.n_heads, config.v_head_dim)]
         self.layers = [[torch.zeros(s, dtype=dtype, device=device) for s in shapes] for _ in range(n_layers)]
 
+    @classmethod
+    def over(cls, impl: str, layers: list[list[torch.Tensor]]) -> KVCache:
+        """A cache whose layers are the given tensors (no copy): e.g. the inputs of an exported step."""
+        cache = cls.__new__(cls)
+        cache.impl, cache.layers, cache.max_len = impl, layers, layers[0][0].shape[1]
+        return cache
+
     @property
     def batch_size(self) -> int:
         return self.layers[0][0].shape[0]
