@@ -243,17 +243,16 @@ class Engine:
             raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
         self.model = model
         compiled = (lambda fn: torch.compile(fn, dynamic=True, options={"cpp_wrapper": True})) if compile else (lambda fn: fn)
-        # The decode step and the prefill are module-level functions taking the model, each with its own graphs
-        # (one per row-count class). The decode step over r1lab's KVCache is compiled ahead of time
-        # (`_ExportedDecode`); other decoders' steps, the prefill and the speculative halves go through
-        # torch.compile (as a module-level function: its guards and entry cost less per call than a compiled
-        # module's).
-        self._decode = _ExportedDecode(compiled(_decode)) if compile else _decode
+        # The steps are module-level functions taking the model, each compiled once per row-count class. Over
+        # r1lab's KVCache the decode step and the speculative halves are compiled ahead of time (`_ExportedStep`:
+        # no guards to evaluate per call); the prefill, run once per admission, and other decoders' steps go
+        # through torch.compile (module-level functions: their guards and entry cost less per call than a
+        # compiled module's, and engines do not share one wrapper frame's recompile limit).
+        steps = (lambda fn: _ExportedStep(fn, compiled(fn))) if compile else (lambda fn: fn)
+        self._decode = steps(_decode)
         self._prefill = compiled(_prefill)
-        # The speculative halves take the model as an argument: compiled partials (one per engine) would share
-        # one wrapper frame, each engine's adding graphs to it until torch's recompile limit sent it to eager.
-        self._verify = compiled(_verify) if speculative else None
-        self._draft_next = compiled(_draft_next) if speculative else None
+        self._verify = steps(_verify) if speculative else None
+        self._draft_next = steps(_draft_next) if speculative else None
         self._settings: _Settings | None = None  # the running rows' sampling settings, row for row
         self._uniforms = _Uniforms()  # and their next uniforms
         # A compiled engine also draws in one C++ call (kernels.sample_op) where built: its decode step is so
@@ -557,30 +556,33 @@ def _decode(model, tokens: torch.Tensor, positions: torch.Tensor, cache, n_slots
     return model(tokens, positions=positions, cache=cache, n_slots=n_slots)[:, -1]
 
 
-class _ExportedDecode:
-    """`_decode` over r1lab's KVCache compiled ahead of time: `torch.export` (non-strict) with the model's
-    parameters and buffers as inputs, then AOTInductor; one compiled step per class of row counts (1;
-    2 to `kernels.STREAMING_ROWS`; to `kernels.KERNEL_ROWS`; more), built the first time a step falls in it
+class _ExportedStep:
+    """A step function `fn(model, *inputs, cache, n_slots)` over r1lab's KVCache (`_decode`, `_verify`,
+    `_draft_next`), compiled ahead of time: `torch.export` (non-strict) with the model's parameters and
+    buffers as inputs, then AOTInductor; one compiled step per class of row counts (1; 2 to
+    `kernels.STREAMING_ROWS`; to `kernels.KERNEL_ROWS`; more), built the first time a call falls in it
     (~15 s). The same graph torch.compile would run (outputs and cache writes bit for bit), called without
-    torch.compile's per-call guard evaluation and entry (~0.3 ms of a ~4.5 ms batch-64 step of the
-    benchmark's dense model). The weights being inputs, in-place updates (an optimiser step between
-    rollouts) and replaced tensors are followed; replacements of another shape, dtype or device, or another
-    cache layout, build the steps again. Other decoders' caches go to `fallback` (a torch.compile'd step)."""
+    torch.compile's per-call guard evaluation and entry (~0.3 ms of a ~4.5 ms batch-64 decode step of the
+    benchmark's dense model, most of a batch-1 step). The weights being inputs, in-place updates (an
+    optimiser step between rollouts) and replaced tensors are followed; replacements of another shape,
+    dtype or device, or another cache layout, build the steps again. Other decoders' caches go to
+    `fallback` (the function through torch.compile)."""
 
-    __slots__ = ("fallback", "_model", "_names", "_slots", "_state", "_signature", "_steps")
+    __slots__ = ("fn", "fallback", "_model", "_names", "_slots", "_state", "_signature", "_steps")
 
-    def __init__(self, fallback: Callable):
-        self.fallback = fallback
+    def __init__(self, fn: Callable, fallback: Callable):
+        self.fn, self.fallback = fn, fallback
         self._model = None
         self._names: list[str] = []      # the model's parameters then buffers, as named_parameters names them
         self._slots: list[tuple[dict, str]] = []  # where each lives: (its module's _parameters or _buffers, key)
-        self._state: list[torch.Tensor] = []     # the tensors the last step read
+        self._state: list[torch.Tensor] = []     # the tensors the last call read
         self._signature: tuple = ()
-        self._steps: dict[tuple, object] = {}    # (row class, cache layout) -> the loaded AOTInductor package
+        self._steps: dict[tuple, object] = {}    # (row class, input and cache layout) -> loaded AOTInductor package
 
-    def __call__(self, model, tokens: torch.Tensor, positions: torch.Tensor, cache, n_slots: int) -> torch.Tensor:
+    def __call__(self, model, *args):
+        *inputs, cache, n_slots = args
         if not isinstance(cache, KVCache):
-            return self.fallback(model, tokens, positions, cache, n_slots)
+            return self.fallback(model, *args)
         if model is not self._model:
             self._bind(model)
         # Reading the tensors from their modules' dicts: ~3 us, against ~100 us for model.parameters().
@@ -591,14 +593,15 @@ class _ExportedDecode:
                 self._steps.clear()
                 self._signature = signature
             self._state = state
-        first = cache.layers[0]
-        key = (_row_class(tokens.shape[0]), cache.impl, tuple((t.shape[2:], t.dtype) for t in first))
+        key = (_row_class(inputs[0].shape[0], inputs[0].shape[1]), tuple((t.shape[1:], t.dtype) for t in inputs), cache.impl,
+               len(cache.layers), tuple((t.shape[2:], t.dtype) for t in cache.layers[0]))
         step = self._steps.get(key)
         if step is None:
-            step = self._steps[key] = _export_decode(model, self._names, state, cache, *key[0])
+            step = self._steps[key] = _export_step(self.fn, model, self._names, state, inputs, cache, *key[0])
         layers = [t for layer in cache.layers for t in layer]
         slots = torch.empty(n_slots, dtype=torch.int8)  # its length is the slot count (a shape, not an int input)
-        return step.loader.run([*state, tokens, positions, *layers, slots])[0]
+        out = step.loader.run([*state, *inputs, *layers, slots])
+        return out[0] if len(out) == 1 else tuple(out)
 
     def _bind(self, model) -> None:
         self._model, self._steps, self._state, self._signature = model, {}, [], ()
@@ -611,56 +614,69 @@ class _ExportedDecode:
             self._slots.append((module._parameters if i < n_params else module._buffers, key))
 
 
-def _row_class(rows: int) -> tuple[int, int | None]:
-    """The range of row counts one compiled step serves (the kernels' thresholds; None: unbounded)."""
-    for low, high in ((1, 1), (2, kernels.STREAMING_ROWS), (kernels.STREAMING_ROWS + 1, kernels.KERNEL_ROWS)):
-        if rows <= high:
-            return low, high
-    return kernels.KERNEL_ROWS + 1, None
+def _row_class(rows: int, tokens_per_row: int) -> tuple[int, int | None]:
+    """The range of row counts one compiled step serves: one row, else the kernels' thresholds on token rows
+    (`kernels.STREAMING_ROWS`, `KERNEL_ROWS`) in rows of `tokens_per_row` tokens (None: unbounded)."""
+    if rows == 1:
+        return 1, 1
+    low = 2
+    for high in (kernels.STREAMING_ROWS, kernels.KERNEL_ROWS):
+        if rows * tokens_per_row <= high:
+            return low, high // tokens_per_row
+        low = max(2, high // tokens_per_row + 1)
+    return low, None
 
 
-def _export_decode(model, names: list[str], state: list[torch.Tensor], cache: KVCache, low: int,
-                   high: int | None):
-    """Export `_decode` for `low`..`high` rows over caches laid out as `cache`, the model's tensors (`names`,
-    now `state`) as inputs; compile it with AOTInductor; load it."""
-    per_layer, impl = len(cache.layers[0]), cache.impl
+def _export_step(fn: Callable, model, names: list[str], state: list[torch.Tensor], inputs: list[torch.Tensor],
+                 cache: KVCache, low: int, high: int | None):
+    """Export `fn` for `low`..`high` rows (the inputs' first dim) over caches laid out as `cache`, the model's
+    tensors (`names`, now `state`) as inputs; compile it with AOTInductor; load it."""
+    per_layer, impl, bound = len(cache.layers[0]), cache.impl, _Bound(fn, model)
 
-    def step(state, tokens, positions, layers, slots):
+    def step(state, inputs, layers, slots):
         grouped = [layers[i:i + per_layer] for i in range(0, len(layers), per_layer)]
-        return torch.func.functional_call(model, dict(zip(names, state)), (tokens,), dict(
-            positions=positions, cache=KVCache.over(impl, grouped), n_slots=slots.shape[0]))[:, -1]
+        return torch.func.functional_call(bound, {"model." + n: t for n, t in zip(names, state)},
+                                          (*inputs, KVCache.over(impl, grouped), slots.shape[0]))
 
-    program = _Program(step)
     Dim = torch.export.Dim
     rows = None if low == high else Dim("rows", min=low, max=high)  # (one row: a static shape)
     slots, capacity = Dim("slots", min=1), Dim("capacity", min=2)
-    batch = None if rows is None else {0: rows}
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations, while packaging
         # Fresh example tensors (the engine's own are inference tensors, which export may not write to).
-        example_rows, example_capacity = max(low, 2) if rows is not None else 1, 16
-        device = state[0].device
-        tokens = torch.zeros(example_rows, 1, dtype=torch.long, device=device)
+        example_rows, example_capacity = 1 if rows is None else max(low, 2), 16
+        inputs = [torch.zeros(example_rows, *t.shape[1:], dtype=t.dtype, device=t.device) for t in inputs]
         layers = [torch.zeros(example_rows, example_capacity, *t.shape[2:], dtype=t.dtype, device=t.device)
                   for layer in cache.layers for t in layer]
-        example = (state, tokens, tokens.clone(), layers, torch.empty(9, dtype=torch.int8))
-        shapes = ([None] * len(state), batch, batch,
-                  [{0: rows, 1: capacity} if rows is not None else {1: capacity}] * len(layers), {0: slots})
-        exported = torch.export.export(program, example, dynamic_shapes=shapes, strict=False)
-        with tempfile.TemporaryDirectory(prefix="r1lab-decode-") as tmp:
-            path = torch._inductor.aoti_compile_and_package(exported, package_path=os.path.join(tmp, "decode.pt2"))
+        example = (state, inputs, layers, torch.empty(9, dtype=torch.int8))
+        shapes = ([None] * len(state), [None if rows is None else {0: rows}] * len(inputs),
+                  [{1: capacity} if rows is None else {0: rows, 1: capacity}] * len(layers), {0: slots})
+        exported = torch.export.export(_Program(step), example, dynamic_shapes=shapes, strict=False)
+        with tempfile.TemporaryDirectory(prefix="r1lab-step-") as tmp:
+            path = torch._inductor.aoti_compile_and_package(exported, package_path=os.path.join(tmp, "step.pt2"))
             return torch._inductor.aoti_load_package(path)
 
 
+class _Bound(torch.nn.Module):
+    """fn(model, ...) as a module over the model, for `torch.func.functional_call` to swap its tensors."""
+
+    def __init__(self, fn: Callable, model):
+        super().__init__()
+        self.fn, self.model = fn, model
+
+    def forward(self, *args):
+        return self.fn(self.model, *args)
+
+
 class _Program(torch.nn.Module):
-    """The decode step as the module torch.export takes (the model is not registered: its weights stay inputs)."""
+    """The step as the module torch.export takes (nothing registered: the weights stay inputs)."""
 
     def __init__(self, fn: Callable):
         super().__init__()
         self.fn = fn
 
-    def forward(self, state, tokens, positions, layers, slots):
-        return self.fn(state, tokens, positions, layers, slots)
+    def forward(self, state, inputs, layers, slots):
+        return self.fn(state, inputs, layers, slots)
 
 
 def _prefill(model, tokens: torch.Tensor, positions: torch.Tensor, cache, last: torch.Tensor) -> torch.Tensor:

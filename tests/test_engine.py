@@ -320,8 +320,8 @@ def test_exported_decode_step_follows_the_weights(make_config):
 
 
 def test_exported_decode_step_hands_other_caches_to_its_fallback():
-    from r1lab.engine import _ExportedDecode
-    step = _ExportedDecode(fallback=lambda model, tokens, positions, cache, n_slots: ("fallback", n_slots))
+    from r1lab.engine import _decode, _ExportedStep
+    step = _ExportedStep(_decode, fallback=lambda model, tokens, positions, cache, n_slots: ("fallback", n_slots))
     assert step(None, torch.zeros(2, 1), torch.zeros(2, 1), object(), 7) == ("fallback", 7)
 
 
