@@ -16,7 +16,9 @@ set against this machine's fp32 matmul peak, measured in the same run.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -176,7 +178,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if not args.warm_cache:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="r1lab-bench-inductor-")
+        cold = tempfile.mkdtemp(prefix="r1lab-bench-inductor-")
+        atexit.register(shutil.rmtree, cold, ignore_errors=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cold
     peak = measure_matmul_peak()
     print(f"fp32 matmul peak (median, square 1024/2048): {peak:.1f} GFLOP/s")
     moe_cfg = model_preset("tiny")

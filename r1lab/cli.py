@@ -257,8 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-concurrency", type=int, default=64, help="requests in flight before 429 (default 64)")
     srv.add_argument("--max-batch-size", type=int, default=256, help="samples decoded together (default 256)")
     srv.add_argument("--compile", action="store_true",
-                     help="compile the decode step and the prefill with torch.compile: ~5x faster batch-1 decoding, "
-                          "2-3.5x at larger batches, after a one-off compile of 0.5-2 min per batch-size class")
+                     help="compile the decode step (ahead of time, AOTInductor) and the prefill (torch.compile): ~8x faster "
+                          "batch-1 decoding, 2-4x at larger batches, after a one-off compile of 0.5-1 min per "
+                          "batch-size class")
     srv.set_defaults(func=cmd_serve)
 
     chat = sub.add_parser("chat", help="terminal chat with a model, reasoning shown dimmed",

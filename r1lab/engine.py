@@ -228,10 +228,12 @@ class Engine:
     def __init__(self, model, eos_id: int | None, decode: Callable[[list[int]], str] | None = None,
                  max_batch_size: int = 256, max_len: int | None = None, compact_fraction: float = 0.25,
                  speculative: bool = False, compile: bool = False):
-        """`compile`: run the decode step (with `speculative`: its verify and draft halves) through
-        `torch.compile` (inductor, dynamic shapes, C++ wrapper). One graph serves each class of batch
-        sizes (1; 2-8; 9-256; more: see `kernels.STREAMING_ROWS`, `KERNEL_ROWS`), compiled the first time
-        a step falls in it (tens of seconds); later steps are much cheaper (see benchmarks/bench_generate.py).
+        """`compile`: compile the decode step (with `speculative`: its verify and draft halves) with inductor:
+        over r1lab's KVCache ahead of time (torch.export + AOTInductor, the weights as inputs, so weight
+        updates between calls are seen), for other decoders through `torch.compile` (dynamic shapes, C++
+        wrapper). One compiled step serves each class of batch sizes (1; 2-8; 9-256; more: see
+        `kernels.STREAMING_ROWS`, `KERNEL_ROWS`), built the first time a step falls in it (15-40 s); later
+        steps are much cheaper (see benchmarks/bench_generate.py).
         Beyond 8 rows on an AVX2 CPU the products, routed experts and MLA attention call small C++ kernels,
         built once on first use (`r1lab.kernels`), and every step draws its tokens with one C++ call
         (`kernels.sample_op`, the same draw as `sample_tokens`). Prefill is compiled too (its own graphs

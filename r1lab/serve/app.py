@@ -69,7 +69,7 @@ class ServeSettings:
     """The engine's running batch, in samples."""
     compile: bool = False
     """Compile the engine's decode step and prefill (`Engine(compile=True)`): the first requests at each
-    batch shape wait while it compiles (0.5-2 min cold), later steps are much cheaper."""
+    batch shape wait while it compiles (0.5-1 min cold), later steps are much cheaper."""
     temperature: float = 0.6
     """Default sampling temperature (DeepSeek's recommendation for R1)."""
     top_p: float = 0.95
