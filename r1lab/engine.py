@@ -100,6 +100,8 @@ class _Row:
     params: SamplingParams
     prompt_len: int
     rng: random.Random  # this sample's own stream: one uniform per sampled token
+    stop_ids: frozenset[int]  # tokens that end it: its stop_token_ids, and EOS unless ignored
+    limit: int  # tokens it may reach: max_new_tokens, or fewer when the engine's max_len comes first
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
@@ -361,8 +363,11 @@ class Engine:
         last_logits = last_logits.repeat_interleave(counts.to(device), dim=0)
         new_rows = []
         for (request_id, prompt, params) in batch:
+            eos = () if self.eos_id is None or params.ignore_eos else (self.eos_id,)
+            stop_ids = frozenset((*params.stop_token_ids, *eos))
             for i in range(params.n):
-                new_rows.append(_Row(request_id, i, params, len(prompt), random.Random(_mix_seed(params.seed, i))))
+                new_rows.append(_Row(request_id, i, params, len(prompt), random.Random(_mix_seed(params.seed, i)),
+                                     stop_ids, min(params.max_new_tokens, self.max_len - len(prompt))))
         positions = lengths.repeat_interleave(counts)
         settings = _Settings.of(new_rows, device)
         first, logp = self._sample(last_logits, settings, _Uniforms.draw(new_rows, 1)[0])
@@ -458,28 +463,31 @@ class Engine:
         return tokens, logp
 
     def _record(self, rows: list[_Row], tokens: list[int], logps: list[float], events: list[StepEvent]) -> None:
-        front = self._front
+        front, finished, add = self._front, 0, events.append
         for row, tok, lp in zip(rows, tokens, logps):
             row.tokens.append(tok)
             row.logprobs.append(lp)
-            row.finish_reason = self._finish_reason(row, tok)
-            front = max(front, row.prompt_len + len(row.tokens))
-            self._finished += row.finish_reason is not None
-            events.append(StepEvent(row.request_id, row.sample_index, [tok], [lp], row.finish_reason,
-                                    row.text if row.finish_reason else None))
-        self._front = front
+            reason = row.finish_reason = self._finish_reason(row, tok)
+            if row.prompt_len + len(row.tokens) > front:
+                front = row.prompt_len + len(row.tokens)
+            if reason is None:
+                add(StepEvent(row.request_id, row.sample_index, [tok], [lp]))
+            else:
+                finished += 1
+                add(StepEvent(row.request_id, row.sample_index, [tok], [lp], reason, row.text))
+        self._front, self._finished = front, self._finished + finished
 
     def _finish_reason(self, row: _Row, token: int) -> str | None:
-        p = row.params
-        if (token == self.eos_id and not p.ignore_eos) or token in p.stop_token_ids:
+        if token in row.stop_ids:
             return "stop"
+        p = row.params
         if p.stop_strings:
             text = self.decode(row.tokens)
             cut = _stop_cut(text, p.stop_strings)
             if cut is not None:
                 row.text = text[:cut]
                 return "stop"
-        if len(row.tokens) >= p.max_new_tokens or row.prompt_len + len(row.tokens) >= self.max_len:
+        if len(row.tokens) >= row.limit:
             return "length"
         return None
 
