@@ -597,7 +597,7 @@ class _ExportedStep:
             self._bind(model)
         # Reading the tensors from their modules' dicts: ~3 us, against ~100 us for model.parameters().
         state = [table[key] for table, key in self._slots]
-        if any(a is not b for a, b in zip(state, self._state)):
+        if len(state) != len(self._state) or any(a is not b for a, b in zip(state, self._state)):
             signature = tuple((t.shape, t.dtype, t.device) for t in state)
             if signature != self._signature:
                 self._steps.clear()
@@ -607,11 +607,26 @@ class _ExportedStep:
                len(cache.layers), tuple((t.shape[2:], t.dtype) for t in cache.layers[0]))
         step = self._steps.get(key)
         if step is None:
-            step = self._steps[key] = _export_step(self.fn, model, self._names, state, inputs, cache, *key[0])
+            step = self._steps[key] = self._build(model, state, inputs, cache, *key[0])
+        if step is _NOT_EXPORTED:
+            return self.fallback(model, *args)
         layers = [t for layer in cache.layers for t in layer]
         slots = torch.empty(n_slots, dtype=torch.int8)  # its length is the slot count (a shape, not an int input)
         out = step.loader.run([*state, *inputs, *layers, slots])
         return out[0] if len(out) == 1 else tuple(out)
+
+    def _build(self, model, state: list[torch.Tensor], inputs: list[torch.Tensor], cache: KVCache, low: int,
+               high: int | None):
+        try:
+            return _export_step(self.fn, model, self._names, state, inputs, cache, low, high)
+        except torch._dynamo.exc.UserError as e:
+            if e.error_type != torch._dynamo.exc.UserErrorType.CONSTRAINT_VIOLATION:
+                raise
+            # The graph branches on the row count inside the class (e.g. the routed experts' path outside the
+            # C++ kernels' dtype): no one graph serves it; torch.compile recompiles at each branch instead.
+            warnings.warn(f"r1lab: {self.fn.__name__} for {low}-{high or 'more'} rows has a shape-dependent branch; "
+                          f"it runs through torch.compile", stacklevel=3)
+            return _NOT_EXPORTED
 
     def _bind(self, model) -> None:
         self._model, self._steps, self._state, self._signature = model, {}, [], ()
@@ -622,6 +637,9 @@ class _ExportedStep:
             owner, _, key = name.rpartition(".")
             module = model.get_submodule(owner)
             self._slots.append((module._parameters if i < n_params else module._buffers, key))
+
+
+_NOT_EXPORTED = object()  # a row class whose step could not be exported (see `_ExportedStep._build`)
 
 
 def _row_class(rows: int, tokens_per_row: int) -> tuple[int, int | None]:

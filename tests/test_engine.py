@@ -316,7 +316,22 @@ def test_exported_decode_step_follows_the_weights(make_config):
     model.norm.weight = torch.nn.Parameter(torch.rand_like(model.norm.weight) + 0.5)
     replaced = same_outputs()
     assert before != updated != replaced
-    assert len(compiled_engine._decode._steps) == 1
+    step = compiled_engine._decode
+    assert len(step._steps) == 1 and any(t is model.norm.weight for t in step._state)
+    assert (model.norm.weight.shape, torch.float32, model.norm.weight.device) in step._signature
+
+
+@pytest.mark.slow
+def test_a_row_class_that_cannot_be_exported_runs_through_torch_compile(make_config):
+    # In float64 the routed experts miss the C++ kernels and their path depends on the row count within
+    # the 9-256 class: no one exported graph serves it.
+    model = Transformer(make_config(init_std=0.1)).double().eval()
+    prompts = [[5, 6, 7], [1, 2]] * 6
+    params = SamplingParams(max_new_tokens=4, temperature=0)
+    engine = Engine(model, eos_id=None, compile=True)
+    with pytest.warns(UserWarning, match="shape-dependent branch"):
+        compiled = engine.generate(prompts, params)
+    assert [o.token_ids for o in compiled] == [o.token_ids for o in Engine(model, eos_id=None).generate(prompts, params)]
 
 
 def test_exported_decode_step_hands_other_caches_to_its_fallback():
