@@ -115,8 +115,9 @@ def run_pair(name: str, ours: Transformer, theirs, batches: list[int], new_token
         for label in engines:
             ours_s = statistics.median(ours_t[label])
             decode_s = max(ours_s - statistics.median(prefill_t[label]), 1e-9)
+            per_run = [h / o for h, o in zip(hf_t, ours_t[label])]  # each run's ratio, the two sides back to back
             records.append(dict(name=name, label=label, batch=batch, ours_tps=batch * new_tokens / ours_s, hf_tps=hf_tps,
-                                step_ms=1000 * decode_s / (new_tokens - 1),
+                                spread=f"{min(per_run):.2f}-{max(per_run):.2f}x", step_ms=1000 * decode_s / (new_tokens - 1),
                                 gflops=flops_ours * batch * (new_tokens - 1) / decode_s / 1e9,
                                 first=f"{warmup[label]:.0f} s" if label == "compiled" else "-"))
             r = records[-1]
@@ -127,7 +128,7 @@ def run_pair(name: str, ours: Transformer, theirs, batches: list[int], new_token
 
 def format_row(r: dict, peak: float) -> str:
     return (f"| {r['name']} | {r['label']} | {r['batch']} | {r['ours_tps']:,.0f} | {r['hf_tps']:,.0f} | "
-            f"**{r['ours_tps'] / r['hf_tps']:.2f}x** | {r['step_ms']:.2f} | {r['gflops']:.1f} | "
+            f"**{r['ours_tps'] / r['hf_tps']:.2f}x** | {r['spread']} | {r['step_ms']:.2f} | {r['gflops']:.1f} | "
             f"{100 * r['gflops'] / peak:.0f}% | {r['first']} |")
 
 
@@ -189,9 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     deepseek, qwen = hf_models(moe_cfg)
     flops_dense = generate_flops_per_token(DENSE, 0)
     flops_qwen = hf_flops_per_token(qwen)
-    header = ["| pair | r1lab decode | batch | r1lab tok/s | HF tok/s | ratio | r1lab ms/decode step | decode GFLOP/s "
-              "| of peak | first call (compile) |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    header = ["| pair | r1lab decode | batch | r1lab tok/s | HF tok/s | ratio | ratio per run | r1lab ms/decode step "
+              "| decode GFLOP/s | of peak | first call (compile) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     compile = not args.no_compile
     records = run_pair("(a) tiny MoE vs HF DeepseekV3", tiny, deepseek, args.batches, args.new_tokens, args.runs, compile)
     records += run_pair("(b) dense vs HF Qwen2", dense, qwen, args.batches, args.new_tokens, args.runs, compile)
@@ -211,7 +212,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{'warm (torch on-disk cache)' if args.warm_cache else 'cold (a fresh inductor cache)'}; "
             f"each batch-size class has its own graph (1; 2-8; 9-256; more: kernels.STREAMING_ROWS, KERNEL_ROWS); beyond "
             f"8 rows the products, routed experts and MLA attention run as C++ kernels (r1lab/csrc). Prompts {PROMPT_LEN} tokens, "
-            f"{args.new_tokens} new tokens, sampling at temperature 1, median of {args.runs} runs.\n"
+            f"{args.new_tokens} new tokens, sampling at temperature 1, median of {args.runs} runs (ratio: of the medians; "
+            f"ratio per run: the range of each run's HF time over r1lab's, taken back to back).\n"
             f"Matmul FLOPs per token (no attention): r1lab dense {flops_dense / 1e6:.2f}M vs Qwen2 {flops_qwen / 1e6:.2f}M; "
             f"r1lab tiny MoE {generate_flops_per_token(moe_cfg, 0) / 1e6:.2f}M active.\n\n"
             + "\n".join(header + rows)
