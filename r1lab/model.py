@@ -191,10 +191,8 @@ class MLA(nn.Module):
         B, T, _ = x.shape
         H, C, P, V, R = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
         # The query's first projection and the latent's share their input: one call where that pays.
-        if cfg.q_lora_rank == 0:
-            q, kv_a = linear_pair(x, self.wq.weight, self.wkv_a.weight)
-        else:
-            q, kv_a = linear_pair(x, self.wq_a.weight, self.wkv_a.weight)
+        q, kv_a = linear_pair(x, (self.wq if cfg.q_lora_rank == 0 else self.wq_a).weight, self.wkv_a.weight)
+        if cfg.q_lora_rank:
             q = self.wq_b(self.q_norm(q))
         q = q.view(B, T, H, C + P)
         q_nope, q_pe = q.split([C, P], dim=-1)  # (B, T, H, C), (B, T, H, P)

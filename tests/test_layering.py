@@ -14,6 +14,8 @@ FORBIDDEN = {
     "r1lab.kernels": {"r1lab."},  # tensors in, tensors out
     "r1lab.model": {"r1lab.engine", "r1lab.tokenizer", "r1lab.train", "r1lab.rewards", "r1lab.eval",
                     "r1lab.serve", "r1lab.checkpoint", "r1lab.tasks", "r1lab.cost"},
+    "r1lab.aot": {"r1lab.engine", "r1lab.tokenizer", "r1lab.train", "r1lab.rewards", "r1lab.eval", "r1lab.serve",
+                  "r1lab.tasks"},
     "r1lab.engine": {"r1lab.tokenizer", "r1lab.train", "r1lab.rewards", "r1lab.eval", "r1lab.serve", "r1lab.tasks"},
     "r1lab.tokenizer": {"r1lab.model", "r1lab.engine", "r1lab.train", "r1lab.eval", "r1lab.serve"},
     "r1lab.mathcheck": {"r1lab.model", "r1lab.engine", "r1lab.tokenizer", "r1lab.train", "r1lab.eval", "r1lab.serve"},
