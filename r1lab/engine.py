@@ -275,6 +275,9 @@ class Engine:
         self._pos = torch.zeros(0, dtype=torch.long)    # (B,) its position
         self._draft = torch.zeros(0, dtype=torch.long)  # (B,) speculative: the MTP guess for the token after
         self._cancelled: set[int] = set()
+        # generate()'s requests: request id -> the list their rows go to as they finish (generate reads the
+        # rows, so its steps build no per-token events).
+        self._collect: dict[int, list[_Row]] = {}
         # Kept with the rows so a step needs no pass over them: how many have finished (they wait for compaction),
         # and the furthest any has reached (prompt_len + len(tokens): the cache slots a step reads).
         self._finished = 0
@@ -304,16 +307,20 @@ class Engine:
         return bool(self._waiting) or self._finished < len(self._rows)
 
     # -- the step ------------------------------------------------------------------------------------
-    @torch.inference_mode()
     def step(self) -> list[StepEvent]:
         """Admit waiting requests (prefill), then one decode step for every running row."""
         events: list[StepEvent] = []
+        self._step(events)
+        return events
+
+    @torch.inference_mode()
+    def _step(self, events: list[StepEvent] | None) -> None:
+        """`step`, its events appended to `events`; with None, no per-token events are built (generate)."""
         self._apply_cancellations(events)
         if self._finished < len(self._rows):  # some row is decoding
             (self._speculative_step if self.speculative else self._decode_step)(events)
         self._admit(events)
         self._maybe_compact()
-        return events
 
     def _apply_cancellations(self, events: list[StepEvent]) -> None:
         if not self._cancelled:
@@ -323,7 +330,10 @@ class Engine:
             if row.request_id in self._cancelled and row.finish_reason is None:
                 row.finish_reason = "abort"
                 self._finished += 1
-                events.append(StepEvent(row.request_id, row.sample_index, [], [], "abort"))
+                if row.request_id in self._collect:
+                    self._collect[row.request_id].append(row)
+                if events is not None:
+                    events.append(StepEvent(row.request_id, row.sample_index, [], [], "abort"))
         self._cancelled.clear()
 
     def _admit(self, events: list[StepEvent]) -> None:
@@ -459,18 +469,21 @@ class Engine:
         logp = logits.log_softmax(dim=-1).gather(1, tokens[:, None])[:, 0]
         return tokens, logp
 
-    def _record(self, rows: list[_Row], tokens: list[int], logps: list[float], events: list[StepEvent]) -> None:
-        front, finished, add = self._front, 0, events.append
+    def _record(self, rows: list[_Row], tokens: list[int], logps: list[float], events: list[StepEvent] | None) -> None:
+        """Each row's new token: appended, finish checked; an event each (when `events` is not None), and
+        finished rows of generate()'s requests handed to it."""
+        front, finished, add = self._front, 0, None if events is None else events.append
         for row, tok, lp in zip(rows, tokens, logps):
             row.tokens.append(tok)
             row.logprobs.append(lp)
             reason = row.finish_reason = self._finish_reason(row, tok)
             if row.prompt_len + len(row.tokens) > front:
                 front = row.prompt_len + len(row.tokens)
-            if reason is None:
-                add(StepEvent(row.request_id, row.sample_index, [tok], [lp]))
-            else:
+            if reason is not None:
                 finished += 1
+                if row.request_id in self._collect:
+                    self._collect[row.request_id].append(row)
+            if add is not None:
                 add(StepEvent(row.request_id, row.sample_index, [tok], [lp], reason, row.text))
         self._front, self._finished = front, self._finished + finished
 
@@ -527,26 +540,26 @@ class Engine:
                     yield event
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        """All samples of all prompts: prompt i's sample j is at index i * n + j (the samples `stream` gives;
-        the steps' events are read here directly, without a generator in between)."""
+        """All samples of all prompts: prompt i's sample j is at index i * n + j (the samples `stream` gives).
+        Its steps build no per-token events: each sample's row comes back whole when it finishes (steps it
+        shares with other requests' rows give those no events either)."""
         ids = self._add_all(prompts, params)
-        out: dict[tuple[int, int], Completion] = {}
-        open_samples = len(ids) * params.n
-        while open_samples:
-            for ev in self.step():
-                index = ids.get(ev.request_id)
-                if index is None:
-                    continue
-                c = out.get((index, ev.sample_index))
-                if c is None:
-                    c = out[(index, ev.sample_index)] = Completion(index, ev.sample_index, [], "", [])
-                c.token_ids += ev.token_ids
-                c.logprobs += ev.logprobs
-                if ev.finish_reason is not None:
-                    open_samples -= 1
-                    c.finish_reason = ev.finish_reason
-                    if self.decode is not None:
-                        c.text = ev.text if ev.text is not None else self.decode(c.token_ids)
+        done: list[_Row] = []
+        self._collect.update((request_id, done) for request_id in ids)
+        try:
+            while len(done) < len(ids) * params.n:
+                self._step(None)
+        finally:
+            for request_id in ids:
+                self._collect.pop(request_id, None)
+        out = {}
+        for row in done:
+            index = ids[row.request_id]
+            text = None
+            if self.decode is not None:
+                text = row.text if row.text is not None else self.decode(row.tokens)
+            out[(index, row.sample_index)] = Completion(index, row.sample_index, row.tokens, row.finish_reason,
+                                                        row.logprobs, text)
         return [out[(i, j)] for i in range(len(prompts)) for j in range(params.n)]
 
     def _add_all(self, prompts: list[list[int]], params: SamplingParams) -> dict[int, int]:
