@@ -181,11 +181,14 @@ class MLA(nn.Module):
         self.scale = softmax_scale(config)
 
     def forward(self, x: torch.Tensor, rotation: torch.Tensor, mask: torch.Tensor,
-                write_at: torch.Tensor | None = None, cache: list[torch.Tensor] | None = None) -> torch.Tensor:
+                write_at: torch.Tensor | None = None, cache: list[torch.Tensor] | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, D); rotation (B, T, P/2, 2) RoPE (cos, sin); mask (B, T, S) bool, True = may attend.
 
         Without a cache the keys are the T tokens of x (S = T). With a cache, the new keys are
-        written at the flat slots `write_at` (`KVCache.write_index`) and attention runs over slots [0, S).
+        written at the flat slots `write_at` (`KVCache.write_index`) and attention runs over slots [0, S);
+        `positions` (B, T), when given, says what the mask does there (token t sees slots 0..positions[t]),
+        in the form the C++ attention kernel reads (a compiled graph then builds no mask).
         """
         cfg = self.config
         B, T, _ = x.shape
@@ -223,7 +226,7 @@ class MLA(nn.Module):
                 _write(cache[0], write_at, keys)
                 keys = cache[0][:, :S]  # (B, S, R+P)
             query = torch.cat([q_lat, q_pe], dim=-1).view(B, T * H, R + P)
-            out_lat = latent_attention(query, keys, mask, self.scale, R).view(B, T, H, R)
+            out_lat = latent_attention(query, keys, mask, self.scale, R, positions).view(B, T, H, R)
             out = head_linear(out_lat, wkv_b[:, C:])  # (B, T, H, V)
         return self.wo(out.reshape(B, T, H * V))
 
@@ -392,8 +395,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn = MoE(config) if moe else MLP(config.dim, config.inter_dim)
 
-    def forward(self, x, rotation, mask, write_at=None, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x + self.attn(self.attn_norm(x), rotation, mask, write_at, cache)
+    def forward(self, x, rotation, mask, write_at=None, cache=None, positions=None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.attn(self.attn_norm(x), rotation, mask, write_at, cache, positions)
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoE):
             y, aux = self.ffn(h)
@@ -413,9 +416,9 @@ class MTPModule(nn.Module):
         self.block = Block(config, moe=config.n_moe_layers > 0)
         self.norm = RMSNorm(config.dim, config.norm_eps)
 
-    def forward(self, h, emb, rotation, mask, write_at=None, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, h, emb, rotation, mask, write_at=None, cache=None, positions=None) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.eh_proj(torch.cat([self.hnorm(h), self.enorm(emb)], dim=-1))
-        return self.block(x, rotation, mask, write_at, cache)
+        return self.block(x, rotation, mask, write_at, cache, positions)
 
 
 @dataclass
@@ -506,7 +509,8 @@ class Transformer(nn.Module):
         h = self.embed(tokens)
         aux = h.new_zeros(())
         for i, layer in enumerate(self.layers):
-            h, layer_aux = layer(h, rotation, mask, write_at, None if cache is None else cache.layers[i])
+            h, layer_aux = layer(h, rotation, mask, write_at, None if cache is None else cache.layers[i],
+                                 None if cache is None else positions)
             aux = aux + layer_aux
         return h, aux
 
@@ -538,7 +542,8 @@ class Transformer(nn.Module):
         mask = self._mask(positions, valid, n_slots)
         layer_cache = None if cache is None else cache.layers[len(self.layers) + k]
         write_at = None if cache is None else cache.write_index(positions)
-        out, _ = self.mtp[k](h, self.embed(next_tokens), rotation, mask, write_at, layer_cache)
+        out, _ = self.mtp[k](h, self.embed(next_tokens), rotation, mask, write_at, layer_cache,
+                             None if cache is None else positions)
         return out
 
     def mtp_logits(self, k: int, h: torch.Tensor) -> torch.Tensor:

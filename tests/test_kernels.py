@@ -116,6 +116,10 @@ def test_latent_attention_kernel_equals_the_batched_products(tokens, heads, slot
     masked = keys.clone()
     masked[1, 2:] = 1e4  # slots row 1 may not see must not leak into its output
     torch.testing.assert_close(kernels.latent_attention_op(query, masked, mask, 0.3, latent)[1], got[1])
+    # The mask's cached form: each token's last visible slot (its position), the same result bit for bit.
+    positions = lengths[:, None] - tokens + torch.arange(tokens)[None, :]  # (batch, tokens)
+    assert torch.equal(kernels.latent_attention_op(query, keys, positions, 0.3, latent), got)
+    assert torch.equal(kernels.latent_attention_op(query, masked, positions, 0.3, latent)[1], got[1])
 
 
 @needs_attention
@@ -139,6 +143,8 @@ def test_the_kernels_refuse_tensors_they_cannot_read():
     query, keys, mask = torch.randn(2, 4, 40), torch.randn(2, 9, 40), torch.ones(2, 1, 9, dtype=torch.bool)
     with pytest.raises(ValueError, match="bool mask"):
         kernels.latent_attention_op(query, keys, mask.float(), 0.5, 32)
+    with pytest.raises(ValueError, match="positions 2-d"):
+        kernels.latent_attention_op(query, keys, torch.zeros(2, 1, 9, dtype=torch.long), 0.5, 32)
 
 
 needs_linear = pytest.mark.skipif(kernels._library("linear") is None,
