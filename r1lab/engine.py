@@ -476,9 +476,13 @@ class Engine:
         for row, tok, lp in zip(rows, tokens, logps):
             row.tokens.append(tok)
             row.logprobs.append(lp)
-            reason = row.finish_reason = self._finish_reason(row, tok)
-            if row.prompt_len + len(row.tokens) > front:
-                front = row.prompt_len + len(row.tokens)
+            n = len(row.tokens)
+            # The full check only where a finish is possible: a stop id, the token limit, or stop strings.
+            reason = None
+            if tok in row.stop_ids or n >= row.limit or row.params.stop_strings:
+                reason = row.finish_reason = self._finish_reason(row, tok)
+            if row.prompt_len + n > front:
+                front = row.prompt_len + n
             if reason is not None:
                 finished += 1
                 if row.request_id in self._collect:
