@@ -277,39 +277,43 @@ grouped_experts_op = _define(
 
 # -- MLA decode attention over the latent cache -------------------------------------------------------
 
-def latent_attention(query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, scale: float,
-                     latent: int, positions: torch.Tensor | None = None) -> torch.Tensor:
-    """Absorbed MLA attention: query (B, T*H, L), keys (B, S, L) (the cache's first S slots, L = R + P),
-    mask (B, T, S) bool (True = may attend) -> (B, T*H, R): softmax(scale q k^T) @ keys[..., :R].
-    `positions` (B, T), when given, is the mask's cached form: token t sees slots 0..positions[t].
+def latent_attention(query: torch.Tensor, query_rope: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor,
+                     scale: float, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Absorbed MLA attention: query (B, T*H, R) and query_rope (B, T*H, P) (each query row's latent and
+    rope halves), keys (B, S, R + P) (the cache's first S slots), mask (B, T, S) bool (True = may attend)
+    -> (B, T*H, R): softmax(scale [query, query_rope] k^T) @ keys[..., :R]. `positions` (B, T), when given,
+    is the mask's cached form: token t sees slots 0..positions[t].
 
     Batched GEMMs in eager code; in a compiled CPU step over more than `STREAMING_ROWS` tokens, one
     pass over each sequence's cache rows in C++ (csrc/latent_attention.cpp): at T*H query rows per
     sequence the batched GEMMs spend most of their time on setup (fewer tokens: the compiler's own
-    fused loops are cheaper than the call). Given `positions`, the kernel reads them instead of the mask,
-    which the graph then never builds (written per layer as bools, the mask cost ~80 us of a 64-row step).
+    fused loops are cheaper than the call). The kernel reads the two query halves where they are (no
+    concatenated query per layer) and, given `positions`, them instead of the mask, which the graph then
+    never builds (written per layer as bools, the mask cost ~80 us of a 64-row step).
     """
-    B, M, L = query.shape
+    B, M, R = query.shape
     T, S = mask.shape[1], mask.shape[2]
     if (torch.compiler.is_compiling() and B * T > STREAMING_ROWS and query.device.type == "cpu"
-            and query.dtype == keys.dtype == torch.float32 and L % 8 == 0 and latent % 8 == 0
-            and kernel_built("latent_attention")):
+            and query.dtype == query_rope.dtype == keys.dtype == torch.float32 and R % 8 == 0
+            and query_rope.shape[-1] % 8 == 0 and kernel_built("latent_attention")):
+        L = keys.shape[-1]
         if keys.stride(2) != 1 or keys.stride(1) != L:
             keys = keys.contiguous()
         visible = mask if positions is None else positions.reshape(B, T)
-        return latent_attention_op(query.contiguous(), keys, visible.contiguous(), scale, latent)
+        return latent_attention_op(query.contiguous(), query_rope.contiguous(), keys, visible.contiguous(), scale)
+    query = torch.cat([query, query_rope], dim=-1)
     scores = torch.baddbmm(query.new_empty(()), query, keys.transpose(1, 2), beta=0, alpha=scale)
     scores = torch.where(mask[:, :, None], scores.view(B, T, M // T, S), float("-inf"))  # (B, T, H, S)
     probs = scores.float().softmax(dim=-1).type_as(query)
-    return torch.bmm(probs.view(B, M, S), keys[..., :latent])
+    return torch.bmm(probs.view(B, M, S), keys[..., :R])
 
 
-# `latent_attention` by the C++ kernel (csrc/latent_attention.cpp): float32, L and R multiples of 8, query
+# `latent_attention` by the C++ kernel (csrc/latent_attention.cpp): float32, R and P multiples of 8, queries
 # and mask contiguous; keys may be a slot slice of the cache (key rows contiguous, any stride between sequences).
 # `mask` is either the bool (B, T, S) mask or int64 positions (B, T) (token t sees slots 0..positions[t]).
 latent_attention_op = _define(
-    "latent_attention(Tensor query, Tensor keys, Tensor mask, float scale, int latent) -> Tensor",
-    lambda query, keys, mask, scale, latent: query.new_empty(query.shape[0], query.shape[1], latent))
+    "latent_attention(Tensor query, Tensor query_rope, Tensor keys, Tensor mask, float scale) -> Tensor",
+    lambda query, query_rope, keys, mask, scale: query.new_empty(query.shape))
 
 
 # -- dense products of 9-256 rows ---------------------------------------------------------------------

@@ -225,8 +225,8 @@ class MLA(nn.Module):
             if cache is not None:
                 _write(cache[0], write_at, keys)
                 keys = cache[0][:, :S]  # (B, S, R+P)
-            query = torch.cat([q_lat, q_pe], dim=-1).view(B, T * H, R + P)
-            out_lat = latent_attention(query, keys, mask, self.scale, R, positions).view(B, T, H, R)
+            out_lat = latent_attention(q_lat.reshape(B, T * H, R), q_pe.reshape(B, T * H, P), keys, mask, self.scale,
+                                       positions).view(B, T, H, R)
             out = head_linear(out_lat, wkv_b[:, C:])  # (B, T, H, V)
         return self.wo(out.reshape(B, T, H * V))
 

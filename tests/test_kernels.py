@@ -110,27 +110,28 @@ def test_latent_attention_kernel_equals_the_batched_products(tokens, heads, slot
     query = torch.randn(batch, tokens * heads, width)
     lengths = torch.tensor([slots, 2, slots - 3])  # ragged: each row sees its own first slots
     mask = torch.arange(slots)[None, None, :] < (lengths[:, None, None] - (tokens - 1) + torch.arange(tokens)[None, :, None])
-    expected = kernels.latent_attention(query, keys, mask, 0.3, latent)  # eager: the batched GEMMs
-    got = kernels.latent_attention_op(query, keys, mask, 0.3, latent)
+    halves = query[..., :latent].contiguous(), query[..., latent:].contiguous()  # each row's latent and rope halves
+    expected = kernels.latent_attention(*halves, keys, mask, 0.3)  # eager: the batched GEMMs
+    got = kernels.latent_attention_op(*halves, keys, mask, 0.3)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     masked = keys.clone()
     masked[1, 2:] = 1e4  # slots row 1 may not see must not leak into its output
-    torch.testing.assert_close(kernels.latent_attention_op(query, masked, mask, 0.3, latent)[1], got[1])
+    torch.testing.assert_close(kernels.latent_attention_op(*halves, masked, mask, 0.3)[1], got[1])
     # The mask's cached form: each token's last visible slot (its position), the same result bit for bit.
     positions = lengths[:, None] - tokens + torch.arange(tokens)[None, :]  # (batch, tokens)
-    assert torch.equal(kernels.latent_attention_op(query, keys, positions, 0.3, latent), got)
-    assert torch.equal(kernels.latent_attention_op(query, masked, positions, 0.3, latent)[1], got[1])
+    assert torch.equal(kernels.latent_attention_op(*halves, keys, positions, 0.3), got)
+    assert torch.equal(kernels.latent_attention_op(*halves, masked, positions, 0.3)[1], got[1])
 
 
 @needs_attention
 def test_compiled_attention_takes_the_kernel_beyond_the_streaming_rows():
     graphs = []
     for batch in (STREAMING_ROWS, STREAMING_ROWS + 1):  # few sequences: the compiler's own loops
-        query, keys = torch.randn(batch, 4, 40), torch.randn(batch, 9, 40)
+        query, query_rope, keys = torch.randn(batch, 4, 32), torch.randn(batch, 4, 8), torch.randn(batch, 9, 40)
         mask = torch.ones(batch, 1, 9, dtype=torch.bool)
         compiled = torch.compile(kernels.latent_attention, backend=capturing(graphs), dynamic=False)
-        torch.testing.assert_close(compiled(query, keys, mask, 0.5, 32),
-                                   kernels.latent_attention(query, keys, mask, 0.5, 32), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(compiled(query, query_rope, keys, mask, 0.5),
+                                   kernels.latent_attention(query, query_rope, keys, mask, 0.5), atol=1e-5, rtol=1e-5)
     assert [calls(graph, torch.ops.r1lab.latent_attention) for graph in graphs] == [False, True]
 
 
@@ -140,11 +141,14 @@ def test_the_kernels_refuse_tensors_they_cannot_read():
     x, indices, weights, w1, w2, w3 = expert_args(3, 2, 4, 16, 8)
     with pytest.raises(ValueError, match="float32"):
         grouped_experts_op(x.double(), indices, weights, w1.double(), w2.double(), w3.double())
-    query, keys, mask = torch.randn(2, 4, 40), torch.randn(2, 9, 40), torch.ones(2, 1, 9, dtype=torch.bool)
+    query, query_rope, keys = torch.randn(2, 4, 32), torch.randn(2, 4, 8), torch.randn(2, 9, 40)
+    mask = torch.ones(2, 1, 9, dtype=torch.bool)
     with pytest.raises(ValueError, match="bool mask"):
-        kernels.latent_attention_op(query, keys, mask.float(), 0.5, 32)
+        kernels.latent_attention_op(query, query_rope, keys, mask.float(), 0.5)
     with pytest.raises(ValueError, match="positions 2-d"):
-        kernels.latent_attention_op(query, keys, torch.zeros(2, 1, 9, dtype=torch.long), 0.5, 32)
+        kernels.latent_attention_op(query, query_rope, keys, torch.zeros(2, 1, 9, dtype=torch.long), 0.5)
+    with pytest.raises(ValueError, match="disagree"):
+        kernels.latent_attention_op(query, query_rope, keys[..., :32], mask, 0.5)
 
 
 needs_linear = pytest.mark.skipif(kernels._library("linear") is None,
