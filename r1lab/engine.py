@@ -322,7 +322,7 @@ class Engine:
         self._admit(events)
         self._maybe_compact()
 
-    def _apply_cancellations(self, events: list[StepEvent]) -> None:
+    def _apply_cancellations(self, events: list[StepEvent] | None) -> None:
         if not self._cancelled:
             return
         self._waiting = deque(w for w in self._waiting if w[0] not in self._cancelled)
@@ -336,7 +336,7 @@ class Engine:
                     events.append(StepEvent(row.request_id, row.sample_index, [], [], "abort"))
         self._cancelled.clear()
 
-    def _admit(self, events: list[StepEvent]) -> None:
+    def _admit(self, events: list[StepEvent] | None) -> None:
         room = self.max_batch_size - (len(self._rows) - self._finished)
         batch = []
         while self._waiting and room >= self._waiting[0][2].n:
@@ -408,7 +408,7 @@ class Engine:
         less (finished rows are frozen), plus `ahead` draft positions."""
         return min(self._front + ahead, self._cache.max_len)
 
-    def _decode_step(self, events: list[StepEvent]) -> None:
+    def _decode_step(self, events: list[StepEvent] | None) -> None:
         logits = self._decode(self.model, self._last[:, None], self._pos[:, None], self._cache, self._n_slots())  # (B, V)
         nxt, logp = self._sample(logits, self._settings, self._uniforms.next(self._rows))
         tokens, logps = nxt.tolist(), logp.tolist()
@@ -423,7 +423,7 @@ class Engine:
         self._last = torch.where(running, nxt, self._last)
         self._record([self._rows[i] for i in live], [tokens[i] for i in live], [logps[i] for i in live], events)
 
-    def _speculative_step(self, events: list[StepEvent]) -> None:
+    def _speculative_step(self, events: list[StepEvent] | None) -> None:
         """Feed [last, draft] at [p, p+1]; sample at p+1 as usual; if that sample equals the draft, the
         logits at p+2 are valid too and a second token comes for free. Exact for any sampling settings:
         every emitted token is drawn from the model's own distribution given the tokens before it."""
