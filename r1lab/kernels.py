@@ -288,7 +288,7 @@ def latent_attention(query: torch.Tensor, query_rope: torch.Tensor, keys: torch.
     pass over each sequence's cache rows in C++ (csrc/latent_attention.cpp): at T*H query rows per
     sequence the batched GEMMs spend most of their time on setup (fewer tokens: the compiler's own
     fused loops are cheaper than the call). The kernel reads the two query halves where they are (no
-    concatenated query per layer) and, given `positions`, them instead of the mask, which the graph then
+    concatenated query per layer), and `positions`, when given, instead of the mask, which the graph then
     never builds (written per layer as bools, the mask cost ~80 us of a 64-row step).
     """
     B, M, R = query.shape

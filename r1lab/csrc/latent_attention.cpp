@@ -10,10 +10,10 @@
 // width, R latent width (the value), P = L - R rope width. The op r1lab::latent_attention(query, query_rope,
 // keys, mask, scale): each query row in two parts, its latent (R) and rope (P) halves, as MLA makes them (no
 // copy into one (B, M, L) query per layer).
-// Layouts: query (B, M, R) and query_rope (B, M, P) contiguous; keys[b, s, l] at keys + b * key_stride + s * L + l (a slot
-// slice of the cache, read in place); out (B, M, R). What each token sees: either mask (B, T, S) bool,
-// true = may attend, or (cached decoding and prefill) positions (B, T) int64, token t seeing slots
-// 0..positions[t] (no mask to build: per layer in the graph, as bools, it cost more than the reads here).
+// Layouts: query (B, M, R) and query_rope (B, M, P) contiguous; keys[b, s, l] at keys + b * key_stride +
+// s * L + l (a slot slice of the cache, read in place); out (B, M, R). What each token sees: either mask
+// (B, T, S) bool, true = may attend, or (cached decoding and prefill) positions (B, T) int64, token t seeing
+// slots 0..positions[t] (no mask to build: per layer in the graph, as bools, it cost more than the reads here).
 // R and P must be multiples of 8; every query row must see at least one slot.
 #include <immintrin.h>
 #include <omp.h>
@@ -66,6 +66,11 @@ void block_scores(const float* q, const float* qr, int64_t first, const float* k
     }
   }
 }
+
+// block_scores for a block of n rows: SCORES[n - 1].
+constexpr decltype(&block_scores<1>) SCORES[MAX_ROWS] = {block_scores<1>, block_scores<2>, block_scores<3>,
+                                                         block_scores<4>, block_scores<5>, block_scores<6>,
+                                                         block_scores<7>, block_scores<8>};
 
 // In place: row[s] = exp(row[s] - max); returns the sum.
 float softmax_numerators(float* row, int64_t slots) {
@@ -123,9 +128,9 @@ void weighted_rows(const float* p, const float* keys, int64_t slots, int64_t wid
 // keys to prefetch while the scores run (block_scores), or null. Slots past the last one any of these rows
 // may see add nothing, so the work stops there (a prompt's early tokens in a prefill, the shorter rows of a
 // ragged batch).
-void attend(const float* q, const float* qr, int64_t first, int64_t rows, const float* keys, const uint8_t* mask, const int64_t* last,
-            int64_t heads, int64_t mask_slots, int64_t width, int64_t latent, float scale, float* scores, float* out,
-            const float* ahead) {
+void attend(const float* q, const float* qr, int64_t first, int64_t rows, const float* keys, const uint8_t* mask,
+            const int64_t* last, int64_t heads, int64_t mask_slots, int64_t width, int64_t latent, float scale,
+            float* scores, float* out, const float* ahead) {
   int64_t slots = 0;  // visible slots: [0, slots)
   for (int64_t t = first / heads; t <= (first + rows - 1) / heads; ++t) {
     if (mask == nullptr) {
@@ -137,24 +142,7 @@ void attend(const float* q, const float* qr, int64_t first, int64_t rows, const 
     while (end > slots && !row[end - 1]) --end;
     slots = std::max(slots, end);
   }
-  switch (rows) {
-    case 1: block_scores<1>(q, qr, first, keys, mask, last, mask_slots, heads, slots, width, latent, scale, scores,
-                               ahead); break;
-    case 2: block_scores<2>(q, qr, first, keys, mask, last, mask_slots, heads, slots, width, latent, scale, scores,
-                               ahead); break;
-    case 3: block_scores<3>(q, qr, first, keys, mask, last, mask_slots, heads, slots, width, latent, scale, scores,
-                               ahead); break;
-    case 4: block_scores<4>(q, qr, first, keys, mask, last, mask_slots, heads, slots, width, latent, scale, scores,
-                               ahead); break;
-    case 5: block_scores<5>(q, qr, first, keys, mask, last, mask_slots, heads, slots, width, latent, scale, scores,
-                               ahead); break;
-    case 6: block_scores<6>(q, qr, first, keys, mask, last, mask_slots, heads, slots, width, latent, scale, scores,
-                               ahead); break;
-    case 7: block_scores<7>(q, qr, first, keys, mask, last, mask_slots, heads, slots, width, latent, scale, scores,
-                               ahead); break;
-    default: block_scores<8>(q, qr, first, keys, mask, last, mask_slots, heads, slots, width, latent, scale, scores,
-                                ahead); break;
-  }
+  SCORES[rows - 1](q, qr, first, keys, mask, last, mask_slots, heads, slots, width, latent, scale, scores, ahead);
   float inv[MAX_ROWS];
   for (int64_t m = 0; m < rows; ++m) inv[m] = 1.0f / softmax_numerators(scores + m * slots, slots);
   for (int64_t m0 = 0; m0 < rows; m0 += 4) {  // weighted sums four rows at a time (register budget)
@@ -170,9 +158,9 @@ void attend(const float* q, const float* qr, int64_t first, int64_t rows, const 
 }
 
 // mask (B, T, S) or, when null, last (B, T): see the top of the file.
-void latent_attention(const float* query, const float* query_rope, const float* keys, int64_t key_stride, const uint8_t* mask,
-                      const int64_t* last, float* out, int64_t batch, int64_t tokens, int64_t rows, int64_t slots,
-                      int64_t width, int64_t latent, float scale) {
+void latent_attention(const float* query, const float* query_rope, const float* keys, int64_t key_stride,
+                      const uint8_t* mask, const int64_t* last, float* out, int64_t batch, int64_t tokens, int64_t rows,
+                      int64_t slots, int64_t width, int64_t latent, float scale) {
   const int64_t heads = rows / tokens;
 #pragma omp parallel
   {
@@ -203,7 +191,8 @@ void boxed(StableIValue* stack, uint64_t, uint64_t) {
                "the latent attention kernel takes float32 CPU queries and keys and a bool mask or int64 positions");
   r1lab::check(query.dim() == 3 && query_rope.dim() == 3 && keys.dim() == 3 && mask.dim() == (by_position ? 2 : 3),
                "queries and keys must be 3-d, the mask 3-d (positions 2-d)");
-  const int64_t batch = query.size(0), rows = query.size(1), latent = query.size(2), width = latent + query_rope.size(2);
+  const int64_t batch = query.size(0), rows = query.size(1), latent = query.size(2);
+  const int64_t width = latent + query_rope.size(2);
   const int64_t tokens = mask.size(1), slots = by_position ? keys.size(1) : mask.size(2);
   r1lab::check(latent % 8 == 0 && query_rope.size(2) % 8 == 0,
                "the latent attention kernel takes latent and rope widths multiples of 8");
