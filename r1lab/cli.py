@@ -87,7 +87,7 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
                           "(or --compare A B)")
     common = {"k": args.k, "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
               "limit": args.limit, "seed": args.seed, "difficulty": args.difficulty, "out_dir": args.out, "ks": args.ks,
-              "resume": not args.fresh, "instruction": args.instruction, "grade": args.grade,
+              "resume": not args.fresh, "instruction": args.instruction, "grade": args.grade, "greedy": args.greedy,
               "progress": lambda done, total: print(f"r1lab eval: {done}/{total} items", file=sys.stderr)}
     if args.model:
         result = evaluate_checkpoint(args.model, args.bench, template=args.template, peak_gflops=args.peak_gflops,
@@ -178,11 +178,17 @@ def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
     run_dir = args.run or Path("runs") / ("demo-quick" if args.quick else "demo")
     start = time.perf_counter()
     summary = run_demo(recipe, run_dir, quiet=args.quiet)
-    h = summary["heldout"]
+    h, k = summary["heldout"], summary["eval"]["k"]
     print(f"\nr1lab demo finished in {(time.perf_counter() - start) / 60:.1f} min; report: {run_dir / 'report.md'}")
-    print(f"held-out pass@1: base {100 * h['base']['pass@1']:.1f}%, RL {100 * h['rl']['pass@1']:.1f}%, "
-          f"control {100 * h['control']['pass@1']:.1f}%; RL format rate {100 * h['rl']['format_rate']:.1f}%; "
-          f"cost ${summary['cost']['dollars']:.4f}")
+    for name in ("base", "rl", "control"):
+        best = h[name]["best"]
+        print(f"  {name:<8} held-out pass@1: greedy {100 * h[name]['greedy']['pass@1']:5.1f}%, "
+              f"T={summary['eval']['temperature']} {100 * h[name]['sampled']['pass@1']:5.1f}% "
+              f"(best: {best['decoding']}); pass@{k} {100 * h[name]['sampled']['pass@k'][str(k)]:5.1f}%")
+    for v in summary["verdicts"].values():
+        print(f"  {'held' if v['beat'] else 'did not hold'}: {v['a']} vs {v['b']}: {100 * v['margin']:+.1f} points "
+              f"at best decoding")
+    print(f"  cost ${summary['cost']['dollars']:.4f}, peak memory {summary['peak_rss_bytes'] / 2**30:.2f} GiB")
     print(f"chat with it:  r1lab chat --model {run_dir / 'rl' / 'checkpoint'}")
     return 0
 
@@ -222,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", type=Path, help="an r1lab checkpoint or a local Hugging Face model directory")
     ev.add_argument("--bench", help="math500, gsm8k, aime24, amc23, a task family (arithmetic, ...) or FILE.jsonl")
     ev.add_argument("--k", type=int, default=4, help="samples per question (default 4; the R1 report uses 4-64)")
-    ev.add_argument("--ks", type=int, nargs="+", metavar="J", help="report pass@J for each J (default: 1 and k)")
+    ev.add_argument("--ks", type=int, nargs="+", metavar="J", help="report pass@J for each J (default: 1, 2, 4, ... up to k)")
     ev.add_argument("--temperature", type=float, default=0.6, help="default 0.6 (R1)")
     ev.add_argument("--top-p", type=float, default=0.95, help="default 0.95 (R1)")
     ev.add_argument("--max-new-tokens", type=int, default=512, help="default 512")
@@ -235,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--grade", choices=["answer", "completion"], default="answer",
                     help="grade the text after </think> (default, what an endpoint returns as content) or all of it")
     ev.add_argument("--out", type=Path, help="output directory (default <model>/eval/<bench> or ./eval/<api-model>/<bench>)")
+    ev.add_argument("--no-greedy", dest="greedy", action="store_false",
+                    help="skip the greedy run (by default the items are also decoded greedily, into OUT/greedy, and "
+                         "the report gives the better of greedy and sampled pass@1: the model's best decoding)")
     ev.add_argument("--fresh", action="store_true", help="discard the samples of an earlier run in --out")
     ev.add_argument("--peak-gflops", type=float, help="known matmul peak for MFU (default: measured once)")
     ev.add_argument("--api-base", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")

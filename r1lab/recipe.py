@@ -120,6 +120,15 @@ class TrainConfig:
 
 
 @dataclass
+class ControlConfig(TrainConfig):
+    """The control: the base pretrained further on the same corpus, to measure RL against imitation."""
+
+    match: Literal["flops", "steps"] = "flops"
+    """flops: run as many steps as spend the FLOPs the RL stage spent (`steps` is then ignored);
+    steps: run `steps` steps."""
+
+
+@dataclass
 class GRPOConfig:
     """R1-Zero reinforcement learning: P prompts x G samples per step, rule-based rewards."""
 
@@ -183,11 +192,21 @@ class EvalConfig:
     """Held-out evaluation with the R1 report's protocol: k samples, pass@1 = mean correctness."""
 
     problems: int = 200
-    k: int = 4
+    """Held-out problems (the same ones for every model)."""
+    k: int = 32
+    """Samples per problem at `temperature`: pass@1 is their mean correctness, pass@j for j = 1, 2, 4, ... k."""
     temperature: float = 0.6
     top_p: float = 0.95
     max_new_tokens: int = 160
     seed: int = 1234
+    samples_shown: int = 4
+    """Held-out problems drawn at random (seeded) whose completions the report shows."""
+
+    def validate(self) -> None:
+        if self.problems < 1 or self.k < 1 or self.max_new_tokens < 1 or self.samples_shown < 0:
+            raise ConfigError("eval: problems, k and max_new_tokens must be >= 1 and samples_shown >= 0")
+        if not 0 < self.temperature or not 0 < self.top_p <= 1:
+            raise ConfigError("eval: temperature must be > 0 (greedy runs as well) and top_p in (0, 1]")
 
 
 @dataclass
@@ -211,8 +230,8 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)
     sft: TrainConfig = field(default_factory=lambda: TrainConfig(steps=200, optim=OptimConfig(lr=3e-4, warmup_steps=10)))
-    control: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100))
-    """The honest control: continued pretraining of the base for about the RL stage's wall time."""
+    control: ControlConfig = field(default_factory=lambda: ControlConfig(steps=100))
+    """The control: continued pretraining of the base, by default for the RL stage's FLOPs."""
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cost: CostConfig = field(default_factory=CostConfig)

@@ -11,11 +11,13 @@ Run directory layout:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from r1lab.checkpoint import load_checkpoint
+from r1lab.cost import train_flops_per_token
 from r1lab.model import Transformer
 from r1lab.recipe import Recipe
 from r1lab.tasks import get_family
@@ -83,13 +85,29 @@ def run_pretrain(recipe: Recipe, run_dir: Path, peak_flops: float, quiet: bool =
                             peak_flops, run_metadata(recipe), quiet)
 
 
-def run_control(recipe: Recipe, run_dir: Path, peak_flops: float, quiet: bool = False) -> StageResult:
-    """Continued pretraining of the base on the same corpus: what RL is measured against."""
+def run_control(recipe: Recipe, run_dir: Path, peak_flops: float, quiet: bool = False,
+                rl_flops: float | None = None) -> StageResult:
+    """Continued pretraining of the base on the same corpus: what RL is measured against.
+
+    With `control.match = "flops"` it runs as many steps as spend `rl_flops` (the RL stage's total:
+    rollouts and updates), at least one.
+    """
     model, tokenizer, state = load_checkpoint(run_dir / "base" / CHECKPOINT)
     cfg = recipe.control
     stream, heldout = pretraining_data(recipe, tokenizer, cfg.seed + 7)  # batches the base did not see in order
+    if cfg.match == "flops":
+        if rl_flops is None:
+            raise ValueError("control.match = \"flops\" needs the RL stage's FLOPs")
+        cfg = replace(cfg, steps=control_steps(recipe, rl_flops))
     return train_supervised(model, tokenizer, stream.batch, heldout, cfg, run_dir / "control", "control", recipe.cost,
                             peak_flops, run_metadata(recipe), quiet, optimizer_state=(state or {}).get("optimizer"))
+
+
+def control_steps(recipe: Recipe, flops: float) -> int:
+    """Supervised steps of the control that spend `flops` (rounded to the nearest step, at least one)."""
+    cfg = recipe.control
+    per_step = train_flops_per_token(recipe.model, recipe.data.seq_len) * recipe.data.seq_len * cfg.batch_size * cfg.grad_accum
+    return max(1, round(flops / per_step))
 
 
 def run_sft(recipe: Recipe, run_dir: Path, peak_flops: float, quiet: bool = False) -> StageResult:
