@@ -106,10 +106,11 @@ def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
 
     if overrides:
         raise ConfigError(f"serve takes no dotted overrides, got {' '.join(overrides)}")
-    model = load_served_model(args.model, name=args.served_model_name)
     settings = ServeSettings(api_key=args.api_key, max_tokens_cap=args.max_tokens_cap,
                              max_prompt_tokens=args.max_prompt_tokens, max_concurrency=args.max_concurrency,
-                             max_batch_size=args.max_batch_size, compile=args.compile)
+                             max_batch_size=args.max_batch_size, compile=args.compile,
+                             cors_origins=tuple(args.cors_origin or ()))
+    model = load_served_model(args.model, name=args.served_model_name)
     print(f"r1lab: serving {model.name!r} ({model.template} template, context {model.max_len}) on "
           f"http://{args.host}:{args.port}/ (web chat) and /v1 (API)", file=sys.stderr)
     run(create_app(model, settings), host=args.host, port=args.port)
@@ -265,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (default: the context - 1)")
     srv.add_argument("--max-concurrency", type=int, default=64, help="requests in flight before 429 (default 64)")
     srv.add_argument("--max-batch-size", type=int, default=256, help="samples decoded together (default 256)")
+    srv.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                     help="let pages from this origin (scheme://host[:port], or * for any) call the API from a "
+                          "browser; repeatable (default: CORS off)")
     srv.add_argument("--compile", action="store_true",
                      help="compile the decode step (ahead of time, AOTInductor) and the prefill (torch.compile): ~8x faster "
                           "batch-1 decoding, 2-4x at larger batches, after a one-off compile of 0.5-1 min per "
