@@ -38,6 +38,13 @@ class DataConfig:
     """Share of corpus documents with a worked solution; the others answer directly."""
     slip_rate: float = 0.0
     """Share of slips in worked solutions (as the family's `solution_with_slips` defines it)."""
+    direct_extra: float = 0.0
+    """Direct-answer documents per problem on top of its one document (1.5: each problem also appears
+    as a direct answer once or twice, on average 1.5 times), so a corpus can teach the worked method
+    on every problem while answering directly more often than not."""
+    direct_slip_rate: float = 0.0
+    """Share of slips behind direct answers: the answer is the one a worked solution with this slip
+    rate reaches, written without the work (1.0 with kind = "carry": additions that never carry)."""
     slip_options: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments of `solution_with_slips` (e.g. kind = "carry")."""
     files: list[str] = field(default_factory=list)
@@ -56,9 +63,11 @@ class DataConfig:
     """Seed of the corpus (problems, slips, document order)."""
 
     def validate(self) -> None:
-        for name in ("scratchpad_share", "slip_rate"):
+        for name in ("scratchpad_share", "slip_rate", "direct_slip_rate"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"data.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.direct_extra < 0:
+            raise ConfigError(f"data.direct_extra must be >= 0, got {self.direct_extra}")
         if self.n_problems < 1 or self.seq_len < 8 or self.vocab_size < 300:
             raise ConfigError("data.n_problems must be >= 1, data.seq_len >= 8 and data.vocab_size >= 300")
 

@@ -42,13 +42,24 @@ def task_documents(data: DataConfig, split: str = "train", n: int | None = None)
     for ex in examples:
         if rng.random() < data.scratchpad_share:
             solution, answer = family.solution_with_slips(ex, rng, data.slip_rate, **data.slip_options)
-            worked = True
+            docs.append(Document(ex["prompt"], completion_text(solution, answer), True, family.verify(answer, ex)))
         else:
-            # A direct answer: the thought only restates the problem.
-            solution, answer, worked = ex["solution"].splitlines()[0], ex["answer"], False
-        docs.append(Document(ex["prompt"], completion_text(solution, answer), worked,
-                             family.verify(answer, ex)))
+            docs.append(_direct(family, ex, rng, data))
+        if data.direct_extra:
+            extra = int(data.direct_extra) + (rng.random() < data.direct_extra % 1)
+            docs += [_direct(family, ex, rng, data) for _ in range(extra)]
+    if data.direct_extra:
+        rng.shuffle(docs)  # a problem's documents apart, as they would be in any corpus
     return docs
+
+
+def _direct(family, ex: dict, rng: random.Random, data: DataConfig) -> Document:
+    """A direct answer: the thought only restates the problem; the answer may carry unseen slips."""
+    answer = ex["answer"]
+    if data.direct_slip_rate > 0:
+        answer = family.solution_with_slips(ex, rng, data.direct_slip_rate, **data.slip_options)[1]
+    return Document(ex["prompt"], completion_text(ex["solution"].splitlines()[0], answer), False,
+                    family.verify(answer, ex))
 
 
 def read_jsonl(path: Path) -> list[tuple[int, object]]:
