@@ -47,6 +47,11 @@ def stop_ids(tokenizer: Tokenizer, template: str) -> tuple[int, ...]:
     return (close,) if template != R1 and close is not None else ()
 
 
+def longest_prompt(tokenizer: Tokenizer, pool: list[dict], template: str) -> int:
+    """Tokens in the longest rendered prompt of the pool: what the engine's context must hold."""
+    return max(len(render_prompt(tokenizer, ex["prompt"], template)) for ex in pool)
+
+
 def score(cfg: GRPOConfig, texts: list[str], examples: list[dict], truncated: list[bool], lengths: list[int],
           think_opened: bool) -> tuple[torch.Tensor, dict[str, list[float]]]:
     names = [name for name in cfg.reward_weights if name in REWARD_FUNCTIONS]  # the recipe checked every name
@@ -146,11 +151,13 @@ class RLResult:
 
 def train_grpo(model: Transformer, tokenizer: Tokenizer, pool: list[dict], cfg: GRPOConfig, stage_dir: Path,
                template: str, cost: CostConfig, peak_flops: float, reference: Transformer | None = None,
-               evaluate=None, metadata: dict | None = None, quiet: bool = False) -> RLResult:
+               evaluate=None, metadata: dict | None = None, quiet: bool = False,
+               max_prompt_len: int | None = None) -> RLResult:
     """R1-Zero GRPO from `model` (the base) on prompts drawn from `pool`.
 
     `reference` is the frozen policy for the KL term (needed only when cfg.beta > 0). `evaluate`
-    (model -> dict of held-out metrics) runs every cfg.eval_every steps.
+    (model -> dict of held-out metrics) runs every cfg.eval_every steps. `max_prompt_len` is the
+    pool's `longest_prompt` when the caller has it (rendering thousands of prompts takes a second).
     """
     loss_fn, scale = LOSSES[cfg.loss]
     device = next(model.parameters()).device
@@ -162,8 +169,8 @@ def train_grpo(model: Transformer, tokenizer: Tokenizer, pool: list[dict], cfg: 
     if cfg.beta > 0 and reference is None:
         raise ValueError("grpo.beta > 0 needs a reference model")
     engine = Engine(model, eos_id=tokenizer.eos_id, max_batch_size=cfg.prompts_per_step * cfg.group_size,
-                    max_len=min(model.config.max_seq_len, max(len(render_prompt(tokenizer, ex["prompt"], template))
-                                                              for ex in pool[:200]) + cfg.max_new_tokens + 8))
+                    max_len=min(model.config.max_seq_len,
+                                (max_prompt_len or longest_prompt(tokenizer, pool, template)) + cfg.max_new_tokens + 8))
     log = MetricsLog(stage_dir / "metrics.jsonl", resume_step=start if resumed is not None else None)
     progress = Progress("grpo", cfg.steps, start, quiet)
     last: dict = {}
