@@ -8,7 +8,7 @@ A checkpoint is a directory:
     tokenizer.json, tokenizer_config.json    optional, written by `Tokenizer.save`
     trainer_state.pt              optional: whatever the trainer hands over (optimizer state,
                                   step, RNG states from `rng_state()`), loaded with weights_only
-    trainer_state.json            the JSON-able top-level entries of the trainer state, for humans
+    trainer_state.json            the JSON-able top-level entries of the trainer state (humans, quick checks)
 
 Tensors that share storage (a tied embedding) are stored once; config.json's `tied_weights` maps
 each dropped name to the stored one.
@@ -265,6 +265,20 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 def read_trainer_state(path: str | Path) -> dict[str, Any] | None:
     """The trainer state dict of a checkpoint, or None if it was saved without one."""
     return _read_trainer_state(_committed_dir(Path(path)))
+
+
+def read_trainer_summary(path: str | Path) -> dict[str, Any]:
+    """The JSON-able top-level entries of the trainer state (step, ...), read without its tensors."""
+    file = _committed_dir(Path(path)) / TRAINER_STATE_JSON
+    if not file.is_file():
+        return {}
+    try:
+        summary = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(summary, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(summary).__name__}")
+    return summary
 
 
 def _read_config(root: Path) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from r1lab import checkpoint
 from r1lab.checkpoint import (
     CheckpointError, committed_checkpoint, load_checkpoint, load_model_config, load_tokenizer, read_metadata,
-    read_trainer_state, rng_state, save_checkpoint, set_rng_state,
+    read_trainer_state, read_trainer_summary, rng_state, save_checkpoint, set_rng_state,
 )
 from r1lab.config import ModelConfig
 from r1lab.model import Transformer
@@ -141,7 +141,8 @@ def test_trainer_state_round_trips(tmp_path):
         assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
     assert read_trainer_state(path)["step"] == 7
     human = json.loads((path / "trainer_state.json").read_text())
-    assert human == {"step": 7, "metrics": {"loss": 1.5}}
+    assert human == {"step": 7, "metrics": {"loss": 1.5}} == read_trainer_summary(path)
+    assert read_trainer_summary(save_checkpoint(tmp_path / "bare", model)) == {}
 
 
 def test_truncated_safetensors_names_the_file(saved):

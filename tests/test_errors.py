@@ -105,7 +105,7 @@ CASES = [
     (["pretrain", "--run", "fresh", "--data.task_options={foo = 1}"], "generate takes no option 'foo'; it takes: ops"),
     (["pretrain", "--run", "fresh", '--data.task_options={ops = ["^"]}'], "ops must be a non-empty subset"),
     (["pretrain", "--run", "fresh", '--data.slip_options={kind = "typo"}'], "slip kind must be one of"),
-    (["pretrain", "--run", "fresh", "--data.difficulty=1", "--data.n_problems=2000"],
+    (["pretrain", "--run", "fresh", "--data.difficulty=1", "--data.n_problems=500"],
      "data.n_problems: arithmetic: only 90 distinct train problems"),
     (["pretrain", "--run", "fresh", '--data.files=["broken.jsonl"]'], "broken.jsonl:2: not valid JSON"),
     (["pretrain", "--run", "fresh", '--data.files=["fieldless.jsonl"]'], "fieldless.jsonl:2: missing string field 'text'"),

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from r1lab.checkpoint import (committed_checkpoint, load_checkpoint, load_model_config, read_metadata,
-                              read_trainer_state, rng_state, save_checkpoint, set_rng_state)
+                              read_trainer_summary, rng_state, save_checkpoint, set_rng_state)
 from r1lab.config import ConfigError, ModelConfig
 from r1lab.cost import StageCost
 from r1lab.recipe import CostConfig, OptimConfig
@@ -55,6 +55,8 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # a cut killed before its rename
+            stale.unlink()
         if resume_step is not None and path.exists():
             # Rows written after the checkpoint we resume from would be duplicated: drop them.
             rows = [line for line in _whole_lines(path) if json.loads(line).get("step", -1) <= resume_step]
@@ -142,7 +144,7 @@ def save_stage(stage_dir: Path, model, tokenizer: Tokenizer | None, optimizer, s
 def check_resumable(stage_dir: Path, stage: str, config: ModelConfig, steps: int, metadata: dict | None) -> None:
     """Refuse to resume a stage's checkpoint that another recipe made (another model, task or length).
 
-    Cheap (config and trainer state only), so a stage calls it before any expensive work."""
+    Cheap (config.json and trainer_state.json only), so a stage calls it before any expensive work."""
     path = committed_checkpoint(stage_dir / CHECKPOINT)
     if path is None:
         return
@@ -155,9 +157,9 @@ def check_resumable(stage_dir: Path, stage: str, config: ModelConfig, steps: int
     if metadata is not None and saved_meta != metadata:
         changed = [f"{k} {saved_meta.get(k)!r} (now {v!r})" for k, v in metadata.items() if saved_meta.get(k) != v]
         raise ConfigError(f"{path} was trained with data {', '.join(changed)}; {hint}")
-    state = read_trainer_state(path) or {}
-    if state.get("step", 0) > steps:
-        raise ConfigError(f"{path} is at step {state['step']}, past {stage}.steps = {steps}; {hint}")
+    step = read_trainer_summary(path).get("step", 0)
+    if step > steps:
+        raise ConfigError(f"{path} is at step {step}, past {stage}.steps = {steps}; {hint}")
 
 
 def resume_stage(stage_dir: Path, device: torch.device | None = None):

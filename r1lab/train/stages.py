@@ -90,6 +90,9 @@ def run_pretrain(recipe: Recipe, run_dir: Path, peak_flops: float | None = None,
     check_resumable(run_dir / "base", "pretrain", model_cfg, cfg.steps, run_metadata(recipe))
     if (run_dir / "tokenizer" / TOKENIZER_FILE).exists():
         _check_vocab(_run_tokenizer(run_dir / "tokenizer"), model_cfg, run_dir / "tokenizer")
+    elif d.vocab_size > model_cfg.vocab_size:  # the recipe checked its own [model]; not a checkpoint's
+        raise ConfigError(f"data.vocab_size ({d.vocab_size}) exceeds the vocab_size ({model_cfg.vocab_size}) of "
+                          f"pretrain.init_from ({cfg.init_from})")
     for name in d.files:
         if not Path(name).is_file():
             raise ConfigError(f"data.files: {name}: no such file")
