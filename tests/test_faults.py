@@ -242,16 +242,32 @@ def test_grpo_killed_anywhere_resumes_bit_identically(reference):
 def test_pretraining_killed_many_times_resumes_bit_identically(reference, seed):
     tmp, run = reference, reference / f"many-{seed}"
     rng = random.Random(seed)
-    metrics = run / "base" / "metrics.jsonl"
-    for target in sorted(rng.sample(range(1, 6), 4)):
-        hold = rng.choice([None, "write:1", "swap:1"])
-        proc = launch(tmp, "pretrain", run, hold=hold)
-        if hold:
-            kill_when_held(proc, tmp / "held")
-        else:
-            kill_after(proc, metrics, target, rng.uniform(0.0, 0.4))
+    kills = kill_repeatedly(tmp, "pretrain", run, run / "base" / "metrics.jsonl", rng, sorted(rng.sample(range(1, 6), 4)))
+    assert len(kills) >= 3, kills
     finish(tmp, "pretrain", run)
     assert_same_run(tmp / "ref" / "base", run / "base")
+
+
+@pytest.mark.slow
+def test_grpo_killed_many_times_resumes_bit_identically(reference):
+    tmp, run = reference, reference / "many-grpo"
+    shutil.copytree(tmp / "ref" / "base", run / "base")
+    shutil.copytree(tmp / "ref" / "tokenizer", run / "tokenizer")
+    kills = kill_repeatedly(tmp, "grpo", run, run / "rl" / "metrics.jsonl", random.Random(11), [1, 1, 2, 2])
+    assert len(kills) >= 3, kills
+    finish(tmp, "grpo", run)
+    assert_same_run(tmp / "ref" / "rl", run / "rl")
+
+
+def kill_repeatedly(tmp: Path, command: str, run: Path, metrics: Path, rng: random.Random, targets: list[int]) -> list:
+    """One launch per target: held in a save (write or swap) or killed after that step, as `rng` picks."""
+    kills = []
+    for target in targets:
+        hold = rng.choice([None, "write:1", "swap:1"])
+        proc = launch(tmp, command, run, hold=hold)
+        if kill_when_held(proc, tmp / "held") if hold else kill_after(proc, metrics, target, rng.uniform(0.0, 0.4)):
+            kills.append(hold or f"after step {target}")
+    return kills
 
 
 def test_a_torn_metrics_line_and_rows_past_the_checkpoint_are_dropped(tmp_path):
