@@ -202,8 +202,8 @@ def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
               f"T={summary['eval']['temperature']} {100 * h[name]['sampled']['pass@1']:5.1f}% "
               f"(best: {best['decoding']}); pass@{k} {100 * h[name]['sampled']['pass@k'][str(k)]:5.1f}%")
     for v in summary["verdicts"].values():
-        print(f"  {'held' if v['beat'] else 'did not hold'}: {v['a']} vs {v['b']}: {100 * v['margin']:+.1f} points "
-              f"at best decoding")
+        print(f"  {'held' if v['beat'] else 'did not hold'}: {v['a']} beat {v['b']} {v['basis']}: "
+              f"{100 * v['margin']:+.1f} points")
     print(f"  cost ${summary['cost']['dollars']:.4f}, peak memory {summary['peak_rss_bytes'] / 2**30:.2f} GiB")
     print(f"chat with it:  r1lab chat --model {run_dir / 'rl' / 'checkpoint'}")
     return 0
