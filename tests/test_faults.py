@@ -61,7 +61,7 @@ eval_every = 3
 eval_batches = 1
 save_every = 2
 [grpo]
-steps = 3
+steps = 5
 prompts_per_step = 2
 group_size = 3
 max_new_tokens = 12
@@ -149,6 +149,12 @@ def kill_after(proc: subprocess.Popen, metrics: Path, step: int, delay: float) -
     return kill(proc)
 
 
+def step_seconds(metrics: Path) -> float:
+    """The longest step of an uninterrupted run: a random delay below it lands before the run ends."""
+    seconds = [0.0] + [json.loads(line)["seconds"] for line in metrics.read_text().splitlines()]  # cumulative
+    return max(b - a for a, b in zip(seconds, seconds[1:]))
+
+
 def kill_when_held(proc: subprocess.Popen, marker: Path) -> bool:
     while not marker.exists():
         if exited(proc):
@@ -213,7 +219,8 @@ def test_pretraining_killed_anywhere_resumes_bit_identically(reference):
     if kill_when_held(launch(tmp, "pretrain", run, hold="write:1"), tmp / "held"):
         kills.append("mid-save")
         assert [p.name[:16] for p in (run / "base").iterdir() if p.name != "metrics.jsonl"] == [".checkpoint.tmp-"]
-    if kill_after(launch(tmp, "pretrain", run), metrics, rng.randint(1, 5), rng.uniform(0.0, 0.3)):
+    delay = rng.uniform(0.0, step_seconds(tmp / "ref" / "base" / "metrics.jsonl"))
+    if kill_after(launch(tmp, "pretrain", run), metrics, rng.randint(1, 4), delay):
         kills.append("random")
     assert kills == ["mid-save", "random"], kills  # the run did not outpace a kill
     finish(tmp, "pretrain", run)
@@ -227,12 +234,15 @@ def test_grpo_killed_anywhere_resumes_bit_identically(reference):
     rng = random.Random(7)
     metrics = run / "rl" / "metrics.jsonl"
     kills = []
-    if kill_after(launch(tmp, "grpo", run), metrics, 1, rng.uniform(0.0, 0.5)):
-        kills.append("random")
-    if kill_when_held(launch(tmp, "grpo", run, hold="swap:1"), tmp / "held"):
+    # A kill with the step-1 checkpoint moved aside and the step-2 one not yet in its place, then one
+    # at a random point of the resumed run (a delay within one step, so the run cannot outpace it).
+    if kill_when_held(launch(tmp, "grpo", run, hold="swap:2"), tmp / "held"):
         kills.append("between the renames")
         assert not (run / "rl" / "checkpoint").exists()  # the old one is aside, the new one not yet in place
-    assert kills == ["random", "between the renames"], kills
+    delay = rng.uniform(0.0, step_seconds(tmp / "ref" / "rl" / "metrics.jsonl"))
+    if kill_after(launch(tmp, "grpo", run), metrics, rng.randint(1, 3), delay):
+        kills.append("random")
+    assert kills == ["between the renames", "random"], kills
     finish(tmp, "grpo", run)
     assert_same_run(tmp / "ref" / "rl", run / "rl")
 
