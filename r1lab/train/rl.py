@@ -23,12 +23,14 @@ from r1lab.cost import StageCost, generate_flops_per_token, train_flops_per_toke
 from r1lab.engine import Engine, SamplingParams
 from r1lab.model import Transformer
 from r1lab.recipe import CostConfig, GRPOConfig
-from r1lab.rewards import accuracy_reward, format_reward, language_consistency_reward, overlong_penalty, score_batch
+from r1lab.rewards import (accuracy_reward, code_reward, format_reward, language_consistency_reward, overlong_penalty,
+                           score_batch)
 from r1lab.tokenizer import ANSWER_CLOSE, R1, Tokenizer, render_prompt
 from r1lab.train.common import MetricsLog, Progress, lr_at, make_optimizer, resume_into, save_stage, set_lr, stage_cost
 from r1lab.train.grpo import LOSSES, group_advantages, keep_informative_groups
 
-REWARDS = {"accuracy": accuracy_reward, "format": format_reward, "language": language_consistency_reward}
+REWARDS = {"accuracy": accuracy_reward, "code": code_reward, "format": format_reward,
+           "language": language_consistency_reward}
 
 
 @dataclass
