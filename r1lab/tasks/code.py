@@ -5,18 +5,19 @@ words ("add 4, then multiply by 3"); the answer is a one-line program, `def f(x)
 `difficulty` d (1..MAX_DIFFICULTY) gives d + 1 steps. Integer steps: add, subtract, multiply,
 floor-divide, remainder, square, absolute value, at least k (max), at most k (min). List steps: sort,
 reverse, keep or drop the first k, and the reductions sum, length, largest, smallest, first and last
-item, after which integer steps may follow. Pipelines that only undo or repeat a step are not drawn,
-nor ones whose value is the same for every test input or that fail on one (`max` of an empty list).
+item, after which integer steps may follow. Adjacent steps that repeat or undo each other are not
+drawn (x+3-5, sorted(xs[::-1])), nor pipelines whose value is the same for every test input or that
+fail on one (`max` of an empty list).
 
 Every example carries "tests" in the sandbox's format, `{"call": "f(2)", "expected": 18}`: five
 calls, the first shown in the prompt as an example, four held out. The expected values come from
 the steps' own Python functions in this module (trusted code); no program text is run to make them.
 Train and test splits are decided by the gold program's text.
 
-The worked solution writes the expression after each step, with the parentheses precedence needs,
-and ends with the program:
+The worked solution restates the steps in the prompt's words, writes the expression after each step
+with the parentheses precedence needs, and ends with the program:
 
-    x: add 4, multiply by 3
+    x: add 4, then multiply by 3
     add 4: x+4
     multiply by 3: (x+4)*3
     def f(x): return (x+4)*3
@@ -152,7 +153,7 @@ def _write(kind: str, steps: list[tuple[str, int | None]], rng: random.Random | 
     """(worked solution, program) for the steps, each slipping with probability `rate`."""
     arg = _ARG[kind]
     expr, binds = arg, ATOM
-    lines = [f"{arg}: {', '.join(_words(n, k) for n, k in steps)}"]
+    lines = [f"{arg}: {', then '.join(_words(n, k) for n, k in steps)}"]  # the prompt's words, verbatim
     for name, k in steps:
         wrote, wk, parens = name, k, True
         if rng is not None and rate > 0 and rng.random() < rate:
