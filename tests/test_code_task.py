@@ -150,9 +150,8 @@ def test_a_failing_grader_scores_zero_for_every_copy_in_a_batch():
 
 
 def test_grpo_takes_code_as_a_reward_and_the_recipe_uses_it():
-    from r1lab.train.rl import REWARDS, score
+    from r1lab.train.rl import score
 
-    assert REWARDS["code"] is code_reward
     ex = code.generate(1, seed=0)[0]
     texts = [answer(ex["answer"]), answer("def f(x): return 'no'"), "<answer>" + ex["answer"]]
     totals, parts = score(GRPOConfig(reward_weights={"code": 1.0, "format": 0.5}), texts, [ex] * 3,
