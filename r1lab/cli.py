@@ -1,12 +1,15 @@
 """The `r1lab` command: argparse -> config -> one library call per subcommand.
 
-User-caused errors (bad recipe, missing file, corrupt checkpoint) print one line and exit 2, as
-argparse does for usage errors; `--debug` shows the traceback instead. Nothing imports this module.
+User-caused errors (bad recipe, missing file, malformed data, corrupt checkpoint, a full disk) print
+one line and exit 2, as argparse does for usage errors; `--debug` shows the traceback instead. The
+library checks what it is given before any expensive work (a training stage measures the matmul
+peak only after its checks), so a mistake costs seconds, not a run. Nothing imports this module.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import time
 from pathlib import Path
@@ -17,8 +20,11 @@ from r1lab.recipe import Recipe, load_recipe
 from r1lab.tasks.benchmarks import BenchmarkDataError
 
 # Errors a user causes (bad recipe, missing or corrupt file, malformed data): one line, exit 2.
+# ConfigError covers DataError (a data file's line) and eval's EvalError.
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, BenchmarkDataError, FileNotFoundError,
                                                  IsADirectoryError, NotADirectoryError, PermissionError)
+# What the machine refuses rather than the code gets wrong: a full disk, a quota, a read-only mount.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 def _human(n: float) -> str:
@@ -39,6 +45,7 @@ def cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
     from r1lab.cost import count_parameters, generate_flops_per_token, kv_cache_bytes, train_flops_per_token
     from r1lab.model import Transformer
 
+    _check_flags(args, context=">= 1")
     recipe = _recipe_from_args(args, overrides)
     cfg = recipe.model
     counts = count_parameters(cfg)
@@ -85,6 +92,8 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     if not args.bench or bool(args.model) == bool(args.api_base) or bool(args.api_base) != bool(args.api_model):
         raise ConfigError("eval needs --bench and either --model DIR or --api-base URL --api-model NAME "
                           "(or --compare A B)")
+    _check_flags(args, k=">= 1", temperature=">= 0", top_p="in (0, 1]", max_new_tokens=">= 1", concurrency=">= 1",
+                 peak_gflops="> 0")
     common = {"k": args.k, "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
               "limit": args.limit, "seed": args.seed, "difficulty": args.difficulty, "out_dir": args.out, "ks": args.ks,
               "resume": not args.fresh, "instruction": args.instruction, "grade": args.grade, "greedy": args.greedy,
@@ -97,6 +106,18 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
                                          concurrency=args.concurrency, **common)
     print(result.markdown(), end="")
     return 0
+
+
+def _check_flags(args: argparse.Namespace, **limits: str) -> None:
+    """Numeric flags a user can get wrong, named as typed, before a model is loaded.
+
+    `limits` maps a flag's dest to its range: ">= 0", ">= 1", "> 0" or "in (0, 1]"."""
+    tests = {">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1, "> 0": lambda v: v > 0,
+             "in (0, 1]": lambda v: 0 < v <= 1}
+    for dest, want in limits.items():
+        value = getattr(args, dest)
+        if value is not None and not tests[want](value):
+            raise ConfigError(f"{args.command} --{dest.replace('_', '-')} must be {want}, got {value}")
 
 
 def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -124,29 +145,23 @@ def cmd_chat(args: argparse.Namespace, overrides: list[str]) -> int:
 
     if overrides:
         raise ConfigError(f"chat takes no dotted overrides, got {' '.join(overrides)}")
+    _check_flags(args, temperature=">= 0", top_p="in (0, 1]", max_tokens=">= 1")
     model = load_served_model(args.model)
     return run_chat(model, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
 
 
 def _training_recipe(args: argparse.Namespace, overrides: list[str]):
+    if args.run.exists() and not args.run.is_dir():
+        raise ConfigError(f"--run {args.run} is a file, not a run directory")
     return load_recipe(args.recipe, overrides)
-
-
-def _peak(recipe) -> float:
-    from r1lab.hardware import measure_matmul_peak
-
-    return (recipe.cost.peak_gflops or measure_matmul_peak()) * 1e9
 
 
 def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
     """Next-token pretraining into <run>/base (resumes if interrupted)."""
-    from r1lab.recipe import save_recipe
     from r1lab.train.stages import run_pretrain
 
     recipe = _training_recipe(args, overrides)
-    args.run.mkdir(parents=True, exist_ok=True)
-    save_recipe(recipe, args.run / "recipe.toml")
-    result = run_pretrain(recipe, args.run, _peak(recipe))
+    result = run_pretrain(recipe, args.run)
     print(f"pretrained {result.steps} steps in {result.seconds:.0f} s: {args.run / 'base' / 'checkpoint'}")
     return 0
 
@@ -156,7 +171,7 @@ def cmd_sft(args: argparse.Namespace, overrides: list[str]) -> int:
     from r1lab.train.stages import run_sft
 
     recipe = _training_recipe(args, overrides)
-    result = run_sft(recipe, args.run, _peak(recipe))
+    result = run_sft(recipe, args.run)
     print(f"fine-tuned {result.steps} steps in {result.seconds:.0f} s: {args.run / 'sft' / 'checkpoint'}")
     return 0
 
@@ -166,7 +181,7 @@ def cmd_grpo(args: argparse.Namespace, overrides: list[str]) -> int:
     from r1lab.train.stages import run_grpo
 
     recipe = _training_recipe(args, overrides)
-    result = run_grpo(recipe, args.run, _peak(recipe))
+    result = run_grpo(recipe, args.run)
     print(f"GRPO {recipe.grpo.steps} steps in {result.seconds:.0f} s: {args.run / 'rl' / 'checkpoint'}")
     return 0
 
@@ -187,8 +202,8 @@ def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
               f"T={summary['eval']['temperature']} {100 * h[name]['sampled']['pass@1']:5.1f}% "
               f"(best: {best['decoding']}); pass@{k} {100 * h[name]['sampled']['pass@k'][str(k)]:5.1f}%")
     for v in summary["verdicts"].values():
-        print(f"  {'held' if v['beat'] else 'did not hold'}: {v['a']} vs {v['b']}: {100 * v['margin']:+.1f} points "
-              f"at best decoding")
+        print(f"  {'held' if v['beat'] else 'did not hold'}: {v['a']} beat {v['b']} {v['basis']}: "
+              f"{100 * v['margin']:+.1f} points")
     print(f"  cost ${summary['cost']['dollars']:.4f}, peak memory {summary['peak_rss_bytes'] / 2**30:.2f} GiB")
     print(f"chat with it:  r1lab chat --model {run_dir / 'rl' / 'checkpoint'}")
     return 0
@@ -300,6 +315,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"r1lab: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if args.debug or e.errno not in DISK_ERRNOS:
+            raise
+        print(f"r1lab: error: {e.filename or 'writing'}: {e.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("r1lab: interrupted", file=sys.stderr)

@@ -41,9 +41,11 @@ from r1lab.rewards import chain_of_thought
 from r1lab.tasks import get_family
 from r1lab.tokenizer import render_prompt
 from r1lab.train.common import CHECKPOINT, read_metrics
+from r1lab.train.data import task_documents
 from r1lab.train.stages import run_control, run_grpo, run_pretrain
 
 STAGES = ("base", "rl", "control")
+HELDOUT_FILE = "heldout.jsonl"
 LABELS = {"base": "base (pretrained)", "rl": "R1-Zero (GRPO)", "control": "control (pretrained, same FLOPs as RL)"}
 QUICK = ["--data.n_problems=600", "--pretrain.steps=12", "--pretrain.log_every=4", "--pretrain.eval_every=12",
          "--pretrain.batch_size=8", "--grpo.steps=2", "--grpo.prompts_per_step=4", "--grpo.group_size=4",
@@ -59,6 +61,24 @@ def demo_recipe(path: str | Path | None, overrides: list[str], quick: bool) -> R
 def heldout_examples(recipe: Recipe) -> list[dict]:
     d, e = recipe.data, recipe.eval
     return get_family(d.task).generate(e.problems, seed=e.seed, split="test", difficulty=d.difficulty, **d.task_options)
+
+
+def write_heldout(examples: list[dict], path: Path) -> None:
+    """The held-out problems as a benchmark JSONL, so any endpoint can be asked exactly these
+    (`r1lab eval --api-base URL --bench runs/demo/heldout.jsonl --instruction ''`)."""
+    rows = ({"id": ex["id"], "prompt": ex["prompt"], "answer": ex["answer"]} for ex in examples)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def corpus_summary(recipe: Recipe) -> dict:
+    """What the pretraining corpus teaches: how often a problem is worked out, and how often right."""
+    docs = [] if recipe.data.files else task_documents(recipe.data)
+    worked = [d for d in docs if d.worked]
+    direct = [d for d in docs if not d.worked]
+    share = lambda part: len(part) / len(docs) if docs else 0.0  # noqa: E731
+    right = lambda part: sum(d.correct for d in part) / len(part) if part else None  # noqa: E731
+    return {"documents": len(docs), "worked_share": share(worked), "direct_share": share(direct),
+            "worked_correct": right(worked), "direct_correct": right(direct)}
 
 
 def uses_scratchpad(text: str) -> bool:
@@ -113,8 +133,8 @@ def verdicts(results: dict[str, EvalResult]) -> dict[str, Verdict]:
     """The comparisons the demo claims, each decided on the same held-out items."""
     return {"rl_vs_control": verdict("RL", best_of(results["rl"]), "control", best_of(results["control"])),
             "rl_vs_base": verdict("RL", best_of(results["rl"]), "base", best_of(results["base"])),
-            "rl_greedy_vs_base_greedy": verdict("RL greedy", greedy_of(results["rl"]), "base greedy",
-                                                greedy_of(results["base"]))}
+            "rl_greedy_vs_base_greedy": verdict("RL", greedy_of(results["rl"]), "base", greedy_of(results["base"]),
+                                                basis="with both decoding greedily")}
 
 
 def run_demo(recipe: Recipe, run_dir: Path, quiet: bool = False) -> dict:
@@ -141,6 +161,7 @@ def run_demo(recipe: Recipe, run_dir: Path, quiet: bool = False) -> dict:
     control = stage("control", lambda: run_control(recipe, run_dir, peak, quiet, rl_flops=rl.flops))
     ledger.add(replace(control.cost, stage="control (not part of the recipe)"))
     examples = heldout_examples(recipe)
+    write_heldout(examples, run_dir / HELDOUT_FILE)
     results: dict[str, EvalResult] = {}
     for name in STAGES:
         results[name] = stage(f"eval {name}", lambda n=name: evaluate_stage(recipe, run_dir, n, examples, peak / 1e9))
@@ -161,7 +182,7 @@ def _summary(recipe, results, judged, wall, base, rl, control, ledger, peak) -> 
     heldout = {name: stage_summary(results[name]) for name in STAGES}
     k = recipe.eval.k
     return {
-        "machine": describe_machine(), "peak_gflops": peak / 1e9,
+        "machine": describe_machine(), "peak_gflops": peak / 1e9, "corpus": corpus_summary(recipe),
         "heldout": heldout,
         "verdicts": {name: v.as_dict() for name, v in judged.items()},
         "rl_beats_control": judged["rl_vs_control"].beat,
@@ -238,6 +259,17 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def _corpus_sentence(c: dict) -> str:
+    if not c["documents"]:
+        return "Pretrained on the recipe's own files."
+    parts = [f"The corpus has {c['documents']:,} documents: {_pct(c['worked_share'])} worked solutions"]
+    if c["worked_correct"] is not None:
+        parts[0] += f" ({_pct(c['worked_correct'])} of them right)"
+    if c["direct_correct"] is not None:
+        parts.append(f"{_pct(c['direct_share'])} direct answers ({_pct(c['direct_correct'])} of them right)")
+    return ", ".join(parts) + "."
+
+
 def _pass_at_k_sentence(summary: dict) -> str:
     """What RL did to the base's pass@k, at k = 1 and at the largest k, in words and points."""
     k = summary["eval"]["k"]
@@ -262,9 +294,8 @@ def _report(recipe, summary, results, judged, ledger, plots, run_dir) -> str:
     d = recipe.data
     lines = ["# r1lab demo: R1-Zero on a laptop CPU", "",
              f"Machine: {summary['machine']}; fp32 matmul peak {summary['peak_gflops']:.0f} GFLOP/s.",
-             f"Task: {d.task} (difficulty {d.difficulty}, options {d.task_options}); corpus of {d.n_problems} "
-             f"problems, {_pct(d.scratchpad_share)} with worked solutions, which slip at rate {d.slip_rate} "
-             f"({d.slip_options or 'digit'})" + (", the rest direct answers." if d.scratchpad_share < 1 else "."), "",
+             f"Task: {d.task} (difficulty {d.difficulty}, options {d.task_options}). "
+             + _corpus_sentence(summary["corpus"]), "",
              f"## Held-out results ({e.problems} problems; greedy, and k = {k} samples at temperature "
              f"{e.temperature}, top-p {e.top_p})", "",
              f"| model | greedy pass@1 | pass@1, T={e.temperature} | best decoding | cons@{k} | pass@{k} | format "

@@ -234,22 +234,25 @@ class Verdict:
     margin: float                 # A's best pass@1 minus B's, in 0..1
     stderr: float                 # standard error of that margin (paired over items)
     beat: bool                    # margin > 0 and more than `z` standard errors
+    basis: str = "at each one's best decoding"
 
     def sentence(self) -> str:
         def side(name: str, best: BestDecoding) -> str:
             return f"{name} {100 * best.pass1:.1f}% ({best.decoding})"
         held = "beat" if self.beat else "did not beat"
-        return (f"{self.a} {held} {self.b} at each one's best decoding: {side(self.a, self.a_best)} against "
+        return (f"{self.a} {held} {self.b} {self.basis}: {side(self.a, self.a_best)} against "
                 f"{side(self.b, self.b_best)}, {100 * self.margin:+.1f} points (paired standard error "
                 f"{100 * self.stderr:.1f}).")
 
     def as_dict(self) -> dict[str, Any]:
-        return {"a": self.a, "b": self.b, "beat": self.beat, "margin": self.margin, "stderr": self.stderr,
+        return {"a": self.a, "b": self.b, "basis": self.basis, "beat": self.beat, "margin": self.margin,
+                "stderr": self.stderr,
                 f"{self.a}_best": {"decoding": self.a_best.decoding, "pass@1": self.a_best.pass1},
                 f"{self.b}_best": {"decoding": self.b_best.decoding, "pass@1": self.b_best.pass1}}
 
 
-def verdict(a: str, a_best: BestDecoding, b: str, b_best: BestDecoding, z: float = 2.0) -> Verdict:
+def verdict(a: str, a_best: BestDecoding, b: str, b_best: BestDecoding, z: float = 2.0,
+            basis: str = "at each one's best decoding") -> Verdict:
     """A beat B when A's best-decoding pass@1 exceeds B's by more than z paired standard errors.
 
     The margin is the mean over items of A's score minus B's; its standard error comes from the
@@ -262,4 +265,4 @@ def verdict(a: str, a_best: BestDecoding, b: str, b_best: BestDecoding, z: float
     margin = sum(diffs) / n
     var = sum((d - margin) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
     stderr = math.sqrt(var / n)
-    return Verdict(a, b, a_best, b_best, margin, stderr, margin > 0 and margin > z * stderr)
+    return Verdict(a, b, a_best, b_best, margin, stderr, margin > 0 and margin > z * stderr, basis)

@@ -343,3 +343,11 @@ def score_batch(funcs_with_weights: Sequence[tuple[RewardFn, float]], completion
             scores.append(score)
             totals[i] += weight * score
     return BatchScores(totals, per_function, errors)
+
+
+REWARD_FUNCTIONS: dict[str, RewardFn] = {"accuracy": accuracy_reward, "format": format_reward,
+                                         "language": language_consistency_reward, "code": code_reward}
+"""The text rewards by the name `grpo.reward_weights` gives them."""
+REWARD_NAMES = (*REWARD_FUNCTIONS, "overlong")
+"""Every name `grpo.reward_weights` may use; `overlong` weighs `overlong_penalty`, which reads a
+token count rather than text, so the RL loop computes it."""

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from r1lab.cli import main
+from r1lab.tasks.benchmarks import load_benchmark
 
 
 def test_quick_demo_writes_report_summary_plots_and_checkpoints(tmp_path, capsys):
@@ -33,6 +34,10 @@ def test_quick_demo_writes_report_summary_plots_and_checkpoints(tmp_path, capsys
         assert best["decoding"] == ("greedy" if h["greedy"]["pass@1"] >= h["sampled"]["pass@1"] else "sampled")
         assert (run / stage / "checkpoint" / "model.safetensors").exists()
         assert (run / "eval" / stage / "greedy" / "samples.jsonl").exists()
+    heldout = load_benchmark(str(run / "heldout.jsonl"))  # what `r1lab eval --bench` reads
+    assert len(heldout) == summary["eval"]["problems"] == 8
+    graded = (run / "eval" / "rl" / "greedy" / "samples.jsonl").read_text().splitlines()
+    assert [ex["prompt"] for ex in heldout] == [json.loads(line)["prompt"] for line in graded]
     for name, v in summary["verdicts"].items():
         assert v["beat"] == (v["margin"] > 0 and v["margin"] > 2 * v["stderr"]), name
     rl_vs_control = summary["verdicts"]["rl_vs_control"]
