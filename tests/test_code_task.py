@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from r1lab import rewards
+from r1lab.config import ConfigError
 from r1lab.recipe import GRPOConfig, load_recipe
-from r1lab.rewards import accuracy_reward, code_reward, score_batch
+from r1lab.rewards import REWARD_FUNCTIONS, accuracy_reward, code_reward, score_batch
 from r1lab.tasks import code
 from r1lab.tasks.base import completion_text
 
@@ -160,3 +161,12 @@ def test_grpo_takes_code_as_a_reward_and_the_recipe_uses_it():
     assert totals.tolist() == [1.5, 0.5, 0.0]
     recipe = load_recipe(RECIPE)
     assert recipe.data.task == "code" and recipe.grpo.reward_weights == {"code": 1.0, "format": 0.5}
+
+
+def test_a_code_reward_weight_passes_recipe_checks_for_the_code_family_only():
+    assert REWARD_FUNCTIONS["code"] is code_reward
+    weights = "--grpo.reward_weights={code = 1.0}"
+    recipe = load_recipe(None, ["--data.task=code", '--data.task_options={kinds = ["list"]}', weights])
+    assert recipe.grpo.reward_weights == {"code": 1.0}
+    with pytest.raises(ConfigError, match="data.task 'arithmetic' has none"):
+        load_recipe(None, ["--data.task=arithmetic", weights])
