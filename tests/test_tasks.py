@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from r1lab.tasks import FAMILIES, arithmetic, countdown, get_family, linear, sorting
+from r1lab.tasks import FAMILIES, arithmetic, code, countdown, get_family, linear, sorting
 from r1lab.tasks.base import split_of
 
 
@@ -130,7 +130,7 @@ def test_other_graders_parse_reasonable_answer_forms():
 
 def test_registry_and_argument_errors():
     assert get_family("linear") is linear
-    with pytest.raises(ValueError, match="arithmetic, countdown, linear, sorting"):
+    with pytest.raises(ValueError, match="arithmetic, code, countdown, linear, sorting"):
         get_family("chess")
     with pytest.raises(ValueError, match="split"):
         arithmetic.generate(1, seed=0, split="validation")
@@ -178,3 +178,37 @@ def test_compact_notation_has_the_same_steps_and_answers_in_fewer_characters():
             assert arithmetic.solution_with_slips(ex, random.Random(0), 0.0)[1] == ex["answer"]
     with pytest.raises(ValueError, match="notation"):
         arithmetic.generate(3, seed=0, notation="terse")
+
+
+def test_code_problems_state_their_steps_show_one_test_and_hold_out_the_others():
+    for d in range(1, code.MAX_DIFFICULTY + 1):
+        for ex in code.generate(50, seed=0, difficulty=d):
+            steps, tests = ex["steps"], ex["tests"]
+            assert len(steps) == d + 1 and len(tests) == code.N_TESTS
+            assert ex["prompt"].endswith(f"Example: {tests[0]['call']} == {tests[0]['expected']!r}")
+            assert not any(t["call"] in ex["prompt"] for t in tests[1:])  # held out
+            assert len({t["call"] for t in tests}) == code.N_TESTS
+            assert len({repr(t["expected"]) for t in tests}) > 1  # no constant function
+            lines = ex["solution"].splitlines()
+            assert len(lines) == d + 3 and lines[-1] == ex["answer"]
+            assert ex["answer"].startswith("def f(x): return " if ex["kind"] == "int" else "def f(xs): return ")
+    assert {ex["kind"] for ex in code.generate(40, seed=0, kinds=("list",))} == {"list"}
+    with pytest.raises(ValueError, match="kinds"):
+        code.generate(3, seed=0, kinds=("str",))
+
+
+@pytest.mark.parametrize("kind, programs", [
+    ("parens", {"def f(x): return x+4*3"}),
+    ("constant", {f"def f(x): return (x+{a})*{b}" for a in (3, 5) for b in (2, 4)}),
+    ("operator", {"def f(x): return (x-4)//3"}),
+])
+def test_code_slips_write_the_mistakes_they_are_named_after(kind, programs):
+    ex = {"kind": "int", "steps": [["add", 4], ["mul", 3]]}
+    solution, program = code.solution_with_slips(ex, random.Random(0), 0.0, kind=kind)
+    assert program == "def f(x): return (x+4)*3" and solution.splitlines()[1:] == [
+        "add 4: x+4", "multiply by 3: (x+4)*3", program]
+    for seed in range(5):
+        solution, program = code.solution_with_slips(ex, random.Random(seed), 1.0, kind=kind)
+        assert program in programs and solution.splitlines()[-1] == program
+    with pytest.raises(ValueError, match="slip kind"):
+        code.solution_with_slips(ex, random.Random(0), 0.5, kind="typo")

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from r1lab.tasks import arithmetic, countdown, linear, sorting
+from r1lab.tasks import arithmetic, code, countdown, linear, sorting
 
 FAMILIES: dict[str, ModuleType] = {
     "arithmetic": arithmetic,
+    "code": code,
     "countdown": countdown,
     "linear": linear,
     "sorting": sorting,
