@@ -271,7 +271,25 @@ def _corpus_sentence(c: dict) -> str:
 
 
 def _pass_at_k_sentence(summary: dict) -> str:
-    """What RL did to the base's pass@k, at k = 1 and at the largest k, in words and points."""
+    """What RL did to the base's pass@k, at k = 1 and at the largest k, and where the control stands at
+    the largest k, in words and points."""
+    return _rl_against_base(summary) + " " + _rl_against_control_at_k(summary)
+
+
+def _rl_against_control_at_k(summary: dict) -> str:
+    k = summary["eval"]["k"]
+    rl, control = (summary["heldout"][name]["sampled"]["pass@k"][str(k)] for name in ("rl", "control"))
+    at_k = f"control {_pct(control)}, RL {_pct(rl)}"
+    if abs(rl - control) < 0.02:
+        return f"Against the control at k = {k} the two are level ({at_k})."
+    if rl > control:
+        return f"Against the control at k = {k} RL is {100 * (rl - control):.1f} points higher ({at_k})."
+    return (f"Against the control at k = {k} RL is {100 * (control - rl):.1f} points lower ({at_k}): given "
+            f"{k} tries and a verifier to pick the right one, the imitator reaches more problems; RL's gain is "
+            "in what it answers first.")
+
+
+def _rl_against_base(summary: dict) -> str:
     k = summary["eval"]["k"]
     base, rl = summary["heldout"]["base"]["sampled"]["pass@k"], summary["heldout"]["rl"]["sampled"]["pass@k"]
     d1, dk = rl["1"] - base["1"], rl[str(k)] - base[str(k)]

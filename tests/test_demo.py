@@ -83,3 +83,19 @@ def test_demo_bad_override_is_one_line_exit_2(tmp_path):
                              "--grpo.group_size=1"], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 2 and "group_size must be >= 2" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("rl32, control32, words", [
+    (0.84, 0.99, "RL is 15.0 points lower (control 99.0%, RL 84.0%)"),
+    (0.95, 0.80, "RL is 15.0 points higher (control 80.0%, RL 95.0%)"),
+    (0.90, 0.90, "the two are level (control 90.0%, RL 90.0%)"),
+])
+def test_report_says_what_rl_did_to_pass_at_large_k(rl32, control32, words):
+    from r1lab.demo import _pass_at_k_sentence
+
+    curve = lambda p1, p32: {"sampled": {"pass@k": {"1": p1, "32": p32}}}  # noqa: E731
+    summary = {"eval": {"k": 32}, "heldout": {"base": curve(0.30, 0.70), "rl": curve(0.70, rl32),
+                                              "control": curve(0.43, control32)}}
+    sentence = _pass_at_k_sentence(summary)
+    assert sentence.startswith("RL moved sampled pass@1 by +40.0 points (30.0% -> 70.0%)")
+    assert f"Against the control at k = 32 {words}" in sentence
