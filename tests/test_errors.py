@@ -118,6 +118,8 @@ CASES = [
     (["pretrain", "--run", "run", "--model.dim=32"], "run/base/checkpoint holds a pretrain model with dim 64 (now 32)"),
     (["pretrain", "--run", "run", "--data.difficulty=3"], "was trained with data difficulty 2 (now 3)"),
     (["pretrain", "--run", "run", "--pretrain.steps=1"], "run/base/checkpoint is at step 2, past pretrain.steps = 1"),
+    (["pretrain", "--run", "tokenizer_only", "--data.slip_rate=0.5"],
+     "tokenizer_only/tokenizer was trained for another corpus: data.slip_rate 0.0 (now 0.5)"),
     (["pretrain", "--run", "a_file"], "--run a_file is a file, not a run directory"),
     (["pretrain", "--run", "fresh", "--recipe", "section_typo.toml"], "unknown key 'pretrian'"),
     # sft

@@ -17,9 +17,10 @@ Run directory layout:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -48,10 +49,32 @@ def run_metadata(recipe: Recipe) -> dict:
             "instruction": ""}  # the task's prompt is the whole question: no extra instruction
 
 
+CORPUS_FILE = "corpus.json"  # beside the tokenizer: the [data] section it was trained for
+
+
+def corpus_config(recipe: Recipe) -> dict:
+    """The [data] fields that decide the pretraining corpus (and so the tokenizer trained on it)."""
+    return {k: v for k, v in asdict(recipe.data).items() if k != "sft_files"}
+
+
+def check_tokenizer_corpus(recipe: Recipe, run_dir: Path) -> None:
+    """Refuse a run's tokenizer that was trained for another corpus: a run directory reused with a changed
+    [data] section would otherwise pretrain on the new corpus with the old one's merges, silently."""
+    path = run_dir / "tokenizer" / CORPUS_FILE
+    if not path.exists():  # runs from before the file was written
+        return
+    saved, now = json.loads(path.read_text()), json.loads(json.dumps(corpus_config(recipe)))
+    if saved != now:
+        changed = [f"data.{k} {saved.get(k)!r} (now {v!r})" for k, v in now.items() if saved.get(k) != v]
+        raise ConfigError(f"{path.parent} was trained for another corpus: {', '.join(changed)}; use another --run, "
+                          f"or delete {run_dir} to start over")
+
+
 def prepare_tokenizer(recipe: Recipe, run_dir: Path) -> Tokenizer:
     """The run's tokenizer: loaded if the run has one, else trained on the corpus and saved."""
     path = run_dir / "tokenizer"
     if (path / TOKENIZER_FILE).exists():
+        check_tokenizer_corpus(recipe, run_dir)
         return _run_tokenizer(path)
     d = recipe.data
     if d.files:
@@ -64,6 +87,7 @@ def prepare_tokenizer(recipe: Recipe, run_dir: Path) -> Tokenizer:
     tmp = run_dir / f".tokenizer.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer.save(tmp)
+    (tmp / CORPUS_FILE).write_text(json.dumps(corpus_config(recipe), indent=2) + "\n")
     shutil.rmtree(path, ignore_errors=True)
     os.rename(tmp, path)
     return tokenizer
@@ -92,6 +116,7 @@ def run_pretrain(recipe: Recipe, run_dir: Path, peak_flops: float | None = None,
     check_resumable(run_dir / "base", "pretrain", model_cfg, cfg.steps, run_metadata(recipe))
     if (run_dir / "tokenizer" / TOKENIZER_FILE).exists():
         _check_vocab(_run_tokenizer(run_dir / "tokenizer"), model_cfg, run_dir / "tokenizer")
+        check_tokenizer_corpus(recipe, run_dir)
     elif d.vocab_size > model_cfg.vocab_size:  # the recipe checked its own [model]; not a checkpoint's
         raise ConfigError(f"data.vocab_size ({d.vocab_size}) exceeds the vocab_size ({model_cfg.vocab_size}) of "
                           f"pretrain.init_from ({cfg.init_from})")
