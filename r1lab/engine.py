@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import itertools
 import random
+import warnings
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import torch
 
-from r1lab import kernels
-from r1lab.aot import ExportedStep
+from r1lab.backends import cpu
 
 
 @dataclass(frozen=True)
@@ -227,38 +227,23 @@ class Engine:
     def __init__(self, model, eos_id: int | None, decode: Callable[[list[int]], str] | None = None,
                  max_batch_size: int = 256, max_len: int | None = None, compact_fraction: float = 0.25,
                  speculative: bool = False, compile: bool = False):
-        """`compile`: compile the decode step (with `speculative`: its verify and draft halves) with inductor:
-        over r1lab's KVCache ahead of time (torch.export + AOTInductor, the weights as inputs, so weight
-        updates between calls are seen), for other decoders through `torch.compile` (dynamic shapes, C++
-        wrapper). One compiled step serves each class of batch sizes (1; 2-8; 9-256; more: see
-        `kernels.STREAMING_ROWS`, `KERNEL_ROWS`), built the first time a step falls in it (15-40 s); later
-        steps are much cheaper (see benchmarks/bench_generate.py).
-        Beyond 8 rows on an AVX2 CPU the products, routed experts and MLA attention call small C++ kernels,
-        built once on first use (`r1lab.kernels`), and every step draws its tokens with one C++ call
-        (`kernels.sample_op`, the same draw as `sample_tokens`). Prefill is compiled too (its own graphs
-        per row-count class, ~1 min each cold: 20-37% faster at batch 64 on the benchmark's prompts); the
-        speculative engine's prefill stays eager."""
+        """`compile`: run prefill and decode steps on the CPU backend (r1lab.backends.cpu: steps compiled ahead
+        of time, one per class of batch sizes, built the first time a step falls in it; C++ kernels built once
+        on first use). A model it cannot run (another device or dtype, another decoder) decodes eagerly, with
+        a warning saying why."""
         if speculative and not getattr(model, "mtp", None):
             raise ValueError("speculative decoding drafts with the MTP module: the model has none (n_mtp_modules = 0)")
         if max_len is not None and max_len > model.config.max_seq_len:
             raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
         self.model = model
-        compiled = (lambda fn: torch.compile(fn, dynamic=True, options={"cpp_wrapper": True})) if compile else (lambda fn: fn)
-        # The steps are module-level functions taking the model, each compiled once per row-count class. Over
-        # r1lab's KVCache the decode step and the speculative halves are compiled ahead of time (`aot.ExportedStep`:
-        # no guards to evaluate per call); the prefill, run once per admission, and other decoders' steps go
-        # through torch.compile (module-level functions: their guards and entry cost less per call than a
-        # compiled module's, and engines do not share one wrapper frame's recompile limit).
-        steps = (lambda fn: ExportedStep(fn, compiled(fn))) if compile else (lambda fn: fn)
-        self._decode = steps(_decode)
-        self._prefill = compiled(_prefill)
-        self._verify = steps(_verify) if speculative else None
-        self._draft_next = steps(_draft_next) if speculative else None
+        self.steps = EagerSteps()  # what runs a step, chosen once: the model's forward or the CPU backend
+        if compile and (reason := cpu.unsupported(model)) is not None:
+            warnings.warn(f"r1lab: the CPU backend cannot run this model ({reason}); it decodes eagerly", stacklevel=2)
+        elif compile:
+            self.steps = cpu.CpuBackend()
         self._settings: _Settings | None = None  # the running rows' sampling settings, row for row
         self._uniforms = _Uniforms()  # and their next uniforms
-        # A compiled engine also draws in one C++ call (kernels.sample_op) where built: its decode step is so
-        # short that the eager draw's ~10 small tensor ops are a tenth of it.
-        self._sample_kernel = compile and kernels.kernel_built("sample")
+        self._sample_kernel = self.steps.sample
         self.speculative = speculative
         self.drafted = 0   # speculative: rows that verified a draft, and how many drafts were accepted
         self.accepted = 0
@@ -365,7 +350,7 @@ class Engine:
             last_logits = self.model.logits(hidden[rows_of, (lengths - 1).to(device)])
         else:
             cache = self.model.new_cache(len(batch), slots)
-            last_logits = self._prefill(self.model, tokens, positions_T, cache, (lengths - 1).to(device))  # (n_req, V)
+            last_logits = self.steps.prefill(self.model, tokens, positions_T, (lengths - 1).to(device), cache, T)
         _repeat_rows(cache, counts.to(device))
         last_logits = last_logits.repeat_interleave(counts.to(device), dim=0)
         new_rows = []
@@ -409,7 +394,7 @@ class Engine:
         return min(self._front + ahead, self._cache.max_len)
 
     def _decode_step(self, events: list[StepEvent] | None) -> None:
-        logits = self._decode(self.model, self._last[:, None], self._pos[:, None], self._cache, self._n_slots())  # (B, V)
+        logits = self.steps.decode(self.model, self._last[:, None], self._pos[:, None], self._cache, self._n_slots())  # (B, V)
         nxt, logp = self._sample(logits, self._settings, self._uniforms.next(self._rows))
         tokens, logps = nxt.tolist(), logp.tolist()
         if not self._finished:  # (the common case: no finished row waiting for compaction)
@@ -430,7 +415,7 @@ class Engine:
         live = torch.tensor([r.finish_reason is None for r in self._rows], device=self._pos.device)
         pos2 = torch.stack([self._pos, (self._pos + 1).clamp(max=self._cache.max_len - 1)], dim=1)  # (B, 2)
         n_slots = self._n_slots(ahead=1)
-        hidden, logits = self._verify(self.model, torch.stack([self._last, self._draft], dim=1), pos2, self._cache, n_slots)
+        hidden, logits = self.steps.verify(self.model, torch.stack([self._last, self._draft], dim=1), pos2, self._cache, n_slots)
         s0, lp0 = self._sample(logits[:, 0], self._settings, self._uniforms.next(self._rows))
         s1, lp1 = self._sample(logits[:, 1], self._settings, self._uniforms.next(self._rows))
         accept = (s0 == self._draft) & live
@@ -444,7 +429,7 @@ class Engine:
         took_two = torch.zeros_like(accept)
         took_two[second] = True
         # The next draft: MTP on (hidden at p, s0) and (hidden at p+1, s1); use the last accepted one.
-        drafts = self._draft_next(self.model, hidden, torch.stack([s0, s1], dim=1), pos2, self._cache, n_slots)  # (B, 2)
+        drafts = self.steps.draft(self.model, hidden, torch.stack([s0, s1], dim=1), pos2, self._cache, n_slots)  # (B, 2)
         self._draft = torch.where(took_two, drafts[:, 1], drafts[:, 0])
         self._last = torch.where(took_two, s1, torch.where(live, s0, self._last))
         self._pos = self._pos + live.long() + took_two.long()
@@ -457,9 +442,9 @@ class Engine:
     def _sample(self, logits: torch.Tensor, settings: _Settings, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One token per row of logits (B, V) and its log-probability, from uniforms (B,) in (0, 1]."""
         logits = logits.float()
-        if self._sample_kernel and logits.device.type == "cpu":
+        if self._sample_kernel is not None:
             eos = -1 if self.eos_id is None or settings.banning == "none" else self.eos_id
-            return kernels.sample_op(logits.contiguous(), settings.temperature.float(), settings.top_k,
+            return self._sample_kernel(logits.contiguous(), settings.temperature.float(), settings.top_k,
                                      settings.top_p.float(), settings.ban, uniforms, eos)
         if settings.banning == "all" and self.eos_id is not None:
             logits[:, self.eos_id] = float("-inf")
@@ -575,36 +560,37 @@ class Engine:
         return ids
 
 
-def _decode(model, tokens: torch.Tensor, positions: torch.Tensor, cache, n_slots: int) -> torch.Tensor:
-    """One decode step: tokens (B, 1) at positions (B, 1), attending to cache slots [0, n_slots) -> logits (B, V)."""
-    return model(tokens, positions=positions, cache=cache, n_slots=n_slots)[:, -1]
+class EagerSteps:
+    """The engine's steps as the model's own forward: any decoder, device and dtype. `cpu.CpuBackend` has
+    the same steps (and a sampling kernel), compiled."""
 
+    sample = None  # draws with `sample_tokens`
 
-def _prefill(model, tokens: torch.Tensor, positions: torch.Tensor, cache, last: torch.Tensor) -> torch.Tensor:
-    """The prompts' forward pass (tokens (B, T) at positions 0..T-1), writing the cache -> the logits (B, V)
-    at each prompt's last position `last` (B,). Compiled, only those rows go through the head; eager, every
-    position does and the rows are picked after (the products of the eager path stay those of a full
-    forward, bit for bit). The slots read are the T written (passed: no read-back of the positions, which
-    would split a compiled graph)."""
-    rows, n_slots = torch.arange(tokens.shape[0], device=tokens.device), tokens.shape[1]
-    if torch.compiler.is_compiling():
-        hidden, _ = model.trunk(tokens, positions=positions, cache=cache, n_slots=n_slots)
-        return model.logits(hidden[rows, last])
-    return model(tokens, positions=positions, cache=cache, n_slots=n_slots)[rows, last]
-
-
-def _verify(model, tokens: torch.Tensor, positions: torch.Tensor, cache, n_slots: int):
-    """Speculative step, first half: the trunk over [last, draft] -> (hidden (B, 2, D), logits (B, 2, V))."""
-    hidden, _ = model.trunk(tokens, positions=positions, cache=cache, n_slots=n_slots)
-    return hidden, model.logits(hidden)
-
-
-def _draft_next(model, hidden: torch.Tensor, following: torch.Tensor, positions: torch.Tensor, cache,
+    @staticmethod
+    def prefill(model, tokens: torch.Tensor, positions: torch.Tensor, last: torch.Tensor, cache,
                 n_slots: int) -> torch.Tensor:
-    """Speculative step, second half: the MTP module's greedy guesses (B, 2) for the token after each
-    of the two sampled ones."""
-    mtp_hidden = model.mtp_step(0, hidden, following, positions, cache=cache, n_slots=n_slots)
-    return model.mtp_logits(0, mtp_hidden).argmax(dim=-1)
+        """The prompts' forward pass (tokens (B, T) at positions 0..T-1), writing the cache -> the logits (B, V)
+        at each prompt's last position `last` (B,). The slots read are the T written (passed: no read-back)."""
+        return model(tokens, positions=positions, cache=cache, n_slots=n_slots)[torch.arange(tokens.shape[0]), last]
+
+    @staticmethod
+    def decode(model, tokens: torch.Tensor, positions: torch.Tensor, cache, n_slots: int) -> torch.Tensor:
+        """One decode step: tokens (B, 1) at positions (B, 1), reading cache slots [0, n_slots) -> logits (B, V)."""
+        return model(tokens, positions=positions, cache=cache, n_slots=n_slots)[:, -1]
+
+    @staticmethod
+    def verify(model, tokens: torch.Tensor, positions: torch.Tensor, cache, n_slots: int):
+        """Speculative step, first half: the trunk over [last, draft] -> (hidden (B, 2, D), logits (B, 2, V))."""
+        hidden, _ = model.trunk(tokens, positions=positions, cache=cache, n_slots=n_slots)
+        return hidden, model.logits(hidden)
+
+    @staticmethod
+    def draft(model, hidden: torch.Tensor, following: torch.Tensor, positions: torch.Tensor, cache,
+              n_slots: int) -> torch.Tensor:
+        """Speculative step, second half: the MTP module's greedy guesses (B, 2) for the token after each
+        of the two sampled ones."""
+        mtp_hidden = model.mtp_step(0, hidden, following, positions, cache=cache, n_slots=n_slots)
+        return model.mtp_logits(0, mtp_hidden).argmax(dim=-1)
 
 
 def _stop_cut(text: str, stops: tuple[str, ...]) -> int | None:

@@ -81,10 +81,10 @@ def test_same_seed_same_samples_and_other_seed_differs(model):
 
 
 def test_the_sampling_kernel_gives_the_eager_draws(model):
-    # A compiled engine draws with kernels.sample_op; forced on an eager engine, same samples and log-probs
-    # under mixed settings (EOS banned for some rows).
-    from r1lab import kernels
-    if not kernels.kernel_built("sample"):
+    # A compiled engine draws with the CPU backend's sampling kernel; forced on an eager engine, the same
+    # samples and log-probs under mixed settings (EOS banned for some rows).
+    from r1lab.backends.cpu import ops
+    if ops.load() is not None:
         pytest.skip("the sampling kernel is not built here")
     prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
     settings = [SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.9, n=3, seed=5),
@@ -93,7 +93,7 @@ def test_the_sampling_kernel_gives_the_eager_draws(model):
     outs = []
     for use_kernel in (False, True):
         engine = Engine(model, eos_id=2)
-        engine._sample_kernel = use_kernel
+        engine._sample_kernel = ops.sample if use_kernel else None
         for prompt, params in zip(prompts, settings):
             engine.add_request(prompt, params)
         events = []
@@ -242,6 +242,20 @@ def test_stop_strings_need_decode_and_prompts_must_fit(model):
     assert out.finish_reason == "length" and len(out.token_ids) == 4  # the cache ends at max_seq_len
 
 
+@pytest.mark.parametrize("change", ["float64", "naive"])
+def test_compile_on_a_model_the_backend_cannot_run_warns_and_decodes_eagerly(make_config, change):
+    config = make_config(init_std=0.1, attn_impl="naive" if change == "naive" else "absorb")
+    model = Transformer(config).eval()
+    if change == "float64":
+        model = model.double()
+    params = SamplingParams(max_new_tokens=6, temperature=0)
+    with pytest.warns(UserWarning, match="torch.float64" if change == "float64" else "attn_impl 'naive'"):
+        engine = Engine(model, eos_id=None, compile=True)
+    assert engine.steps.sample is None  # the eager steps
+    prompts = [[5, 6, 7], [1, 2]]
+    assert [o.token_ids for o in engine.generate(prompts, params)] == [argmax_continuation(model, p, 6) for p in prompts]
+
+
 def train_on_strides(model, steps: int = 120) -> None:
     """Teach the model (and its MTP module) sequences t, t+k, t+2k, ... so that drafts get accepted."""
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -294,12 +308,12 @@ def test_speculative_needs_an_mtp_module(make_config):
 
 @pytest.mark.slow
 def test_compiled_decode_step_gives_the_eager_tokens(make_config):
-    # MoE on. One graph per row-count class (r1lab.kernels.STREAMING_ROWS): 36 and 12 rows (on AVX2 the
-    # C++ products, grouped expert GEMM and latent attention), 3 and 1 (all fused reductions); ragged
-    # prompts; 60-120 s of compiling.
+    # MoE on. One package per row class of the CPU backend's table: 36 and 12 rows (the C++ products), 3 and
+    # 1 (fused reductions), and the prefills of one and of several prompts (one of a single token); ragged
+    # prompts; minutes of compiling.
     model = Transformer(make_config(init_std=0.1)).eval()
     ragged = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16]]
-    batches = [ragged * 12, ragged * 4, ragged, [[3, 1, 4, 1, 5]]]
+    batches = [ragged * 12, ragged * 4, ragged + [[6]], [[3, 1, 4, 1, 5]]]
     params = SamplingParams(max_new_tokens=12, temperature=0)
     eager_engine, compiled_engine = Engine(model, eos_id=None), Engine(model, eos_id=None, compile=True)
     before = [o.token_ids for o in eager_engine.generate(batches[0], params)]
