@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import torch
 
-from r1lab.engine import Engine, SamplingParams, sample_tokens
+from r1lab.engine import Engine, SamplingParams, _mix_seed, sample_tokens
 from r1lab.model import Transformer
 
 
@@ -195,7 +195,7 @@ def test_finished_rows_leave_the_batch_and_cancel_aborts(model):
     sizes = []
     while engine.has_work():
         engine.step()
-        sizes.append(engine._cache.batch_size if engine._cache is not None else 0)
+        sizes.append(engine._batch.cache.batch_size if engine._batch is not None else 0)
         if len(sizes) == 5:
             engine.cancel(long)
     assert sizes[0] == 3 and sizes[2] == 2  # the short request left after its second token
@@ -254,6 +254,28 @@ def test_compile_on_a_model_the_backend_cannot_run_warns_and_decodes_eagerly(mak
     assert engine.steps.sample is None  # the eager steps
     prompts = [[5, 6, 7], [1, 2]]
     assert [o.token_ids for o in engine.generate(prompts, params)] == [argmax_continuation(model, p, 6) for p in prompts]
+
+
+def test_generate_returns_what_the_step_events_say(model):
+    # generate() collects the events of its steps: tokens, log-probs, finish reasons and cut text.
+    prompts, params = [[2, 7, 1], [8, 2]], SamplingParams(max_new_tokens=9, temperature=1.0, seed=4, n=2,
+                                                          stop_strings=("c",))
+    engine = Engine(model, eos_id=3, decode=letters)
+    outs = engine.generate(prompts, params)
+    stepped = Engine(model, eos_id=3, decode=letters)
+    ids = [stepped.add_request(p, dataclasses.replace(params, seed=_mix_seed(params.seed, i)))
+           for i, p in enumerate(prompts)]
+    seen: dict[tuple[int, int], list] = {}
+    while stepped.has_work():
+        for ev in stepped.step():
+            tokens, logps, *_ = seen.setdefault((ev.request_id, ev.sample_index), [[], [], None, None])
+            tokens += ev.token_ids
+            logps += ev.logprobs
+            if ev.finish_reason is not None:
+                seen[(ev.request_id, ev.sample_index)][2:] = [ev.finish_reason, ev.text or letters(tokens)]
+    assert [[o.token_ids, o.logprobs, o.finish_reason, o.text] for o in outs] == [
+        seen[(ids[i], j)] for i in range(2) for j in range(2)]
+    assert any(o.finish_reason == "stop" for o in outs)
 
 
 def train_on_strides(model, steps: int = 120) -> None:
