@@ -135,9 +135,6 @@ class KVCache:
                        for mine, theirs in zip(self.layers, other.layers)]
         self.max_len = length
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer)
-
     def write_index(self, positions: torch.Tensor) -> torch.Tensor:
         """Flat slot ids (B*T,) of positions (B, T) in every layer's (B*S, ...) view: b * S + position."""
         rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
@@ -513,6 +510,15 @@ class Transformer(nn.Module):
         # A padding query that sees no key would give NaN; let it see itself.
         return mask | torch.eye(positions.shape[1], dtype=torch.bool, device=positions.device)
 
+    def _placement(self, positions: torch.Tensor, valid: torch.Tensor | None, cache: KVCache | None,
+                   n_slots: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(RoPE rotation, mask, flat cache slots to write or None) for tokens at positions (B, T)."""
+        rotation = self._rope(positions)
+        if cache is None:
+            return rotation, self._mask(positions, valid, None), None
+        n_slots = int(positions.max()) + 1 if n_slots is None else n_slots
+        return rotation, self._mask(positions, valid, n_slots), cache.write_index(positions)
+
     def default_positions(self, tokens: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         if valid is None:
             return torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
@@ -532,12 +538,7 @@ class Transformer(nn.Module):
         """
         if positions is None:
             positions = self.default_positions(tokens, valid)
-        rotation = self._rope(positions)
-        if cache is not None and n_slots is None:
-            n_slots = int(positions.max()) + 1
-        n_slots = None if cache is None else n_slots
-        mask = self._mask(positions, valid, n_slots)
-        write_at = None if cache is None else cache.write_index(positions)
+        rotation, mask, write_at = self._placement(positions, valid, cache, n_slots)
         h = self.embed(tokens)
         aux = h.new_zeros(())
         for i, layer in enumerate(self.layers):
@@ -566,13 +567,8 @@ class Transformer(nn.Module):
         """Run MTP module k (0-based) on hidden states h (B, T, D) and the embeddings of the tokens
         that follow them; returns the module's hidden state (B, T, D) (feed `logits` to predict).
         `n_slots` as in `trunk`."""
-        rotation = self._rope(positions)
-        if cache is not None and n_slots is None:
-            n_slots = int(positions.max()) + 1
-        n_slots = None if cache is None else n_slots
-        mask = self._mask(positions, valid, n_slots)
+        rotation, mask, write_at = self._placement(positions, valid, cache, n_slots)
         layer_cache = None if cache is None else cache.layers[len(self.layers) + k]
-        write_at = None if cache is None else cache.write_index(positions)
         out, _ = self.mtp[k](h, self.embed(next_tokens), rotation, mask, write_at, layer_cache)
         return out
 
@@ -597,8 +593,7 @@ class Transformer(nn.Module):
             # Module k sees positions 0..T-1-depth: its input embedding is token t+depth (targets[t+depth-1])
             # and it predicts token t+1+depth (targets[t+depth]).
             sub_valid = None if valid is None else valid[:, :T - depth]
-            rotation = self._rope(positions[:, :T - depth])
-            sub_mask = self._mask(positions[:, :T - depth], sub_valid, None)
+            rotation, sub_mask, _ = self._placement(positions[:, :T - depth], sub_valid, None, None)
             h, _ = self.mtp[k](h[:, :T - depth], self.embed(targets[:, depth - 1:T - 1]), rotation, sub_mask)
             mtp_loss = mtp_loss + _masked_ce(self.mtp_logits(k, h), targets[:, depth:], mask[:, depth:])
         if cfg.n_mtp_modules:
