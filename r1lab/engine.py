@@ -241,9 +241,6 @@ class RunningBatch:
         self.finished = 0
         self.front = 0
 
-    def __len__(self) -> int:
-        return len(self.rows)
-
     @property
     def live(self) -> int:
         return len(self.rows) - self.finished
@@ -427,36 +424,35 @@ class Engine:
     def _admit(self, events: list[StepEvent]) -> None:
         """Prefill the waiting requests that fit and join their samples to the running batch."""
         room = self.max_batch_size - (0 if self._batch is None else self._batch.live)
-        batch = []
+        admitted = []
         while self._waiting and room >= self._waiting[0][2].n:
-            item = self._waiting.popleft()
-            batch.append(item)
-            room -= item[2].n
-        if not batch and self._waiting and self._batch is None:
-            batch.append(self._waiting.popleft())  # one request larger than the batch still runs
-        if not batch:
+            admitted.append(self._waiting.popleft())
+            room -= admitted[-1][2].n
+        if not admitted and self._waiting and self._batch is None:
+            admitted.append(self._waiting.popleft())  # one request larger than the batch still runs
+        if not admitted:
             return
-        lengths = torch.tensor([len(p) for _, p, _ in batch])
+        lengths = torch.tensor([len(p) for _, p, _ in admitted])
         T = int(lengths.max())
-        tokens = torch.zeros(len(batch), T, dtype=torch.long)
-        for i, (_, prompt, _) in enumerate(batch):
+        tokens = torch.zeros(len(admitted), T, dtype=torch.long)
+        for i, (_, prompt, _) in enumerate(admitted):
             tokens[i, :len(prompt)] = torch.tensor(prompt)
         device = next(self.model.parameters()).device
-        tokens, positions = tokens.to(device), torch.arange(T, device=device).expand(len(batch), T)
+        tokens, positions = tokens.to(device), torch.arange(T, device=device).expand(len(admitted), T)
         last = (lengths - 1).to(device)
-        counts = torch.tensor([params.n for _, _, params in batch])
+        counts = torch.tensor([params.n for _, _, params in admitted])
         # Slots for what these requests can reach (prompt + max_new_tokens), not max_len: the cache is
         # zeroed, and a max_len cache costs time to allocate at large batches (and grows on `extend`).
-        slots = min(self.max_len, max(len(prompt) + params.max_new_tokens for _, prompt, params in batch))
+        slots = min(self.max_len, max(len(prompt) + params.max_new_tokens for _, prompt, params in admitted))
         if self.speculation is None:
-            cache = self.model.new_cache(len(batch), slots)
+            cache = self.model.new_cache(len(admitted), slots)
             last_logits = self.steps.prefill(self.model, tokens, positions, last, cache, T)  # (n_req, V)
         else:
             cache, last_logits, hidden = self.speculation.prefill(tokens, positions, last, slots)
         _repeat_rows(cache, counts.to(device))
         last_logits = last_logits.repeat_interleave(counts.to(device), dim=0)
         rows = []
-        for (request_id, prompt, params) in batch:
+        for (request_id, prompt, params) in admitted:
             eos = () if self.eos_id is None or params.ignore_eos else (self.eos_id,)
             stop_ids = frozenset((*params.stop_token_ids, *eos))
             for i in range(params.n):
