@@ -40,7 +40,7 @@ def test_the_row_classes_cover_every_row_count_once():
             low, high, forms = cpu.decode_class(rows, tokens)
             assert low <= rows and (high is None or rows <= high)
             token_rows = rows * tokens
-            expected = (steps.Streaming if token_rows <= cpu.STREAMING_ROWS else
+            expected = (steps.Streaming if token_rows == 1 else
                         steps.Kernels if token_rows <= cpu.KERNEL_ROWS else steps.Blas)
             assert type(forms) is expected
             seen.setdefault((tokens, low, high), set()).add(rows)
@@ -73,10 +73,11 @@ def test_each_row_class_runs_the_ops_of_the_table(make_config, rows):
 
 @needs_kernels
 def test_exported_decode_step_follows_the_weights(make_config):
-    # Two row classes (a 12-row prefill, 12 rows of decoding), a minute of compiling. The weights are inputs
-    # of the compiled steps: updated in place or replaced by tensors of the same shape, the steps see them
-    # without being built again.
-    model = Transformer(make_config(init_std=0.1)).eval()
+    # Two packages (a prefill of 12 prompts, decoding 12 rows), on a one-layer MoE model to keep the compiling
+    # short (tests/test_engine.py compiles the rest, marked slow). The weights are inputs of the compiled
+    # steps: updated in place or replaced by tensors of the same shape, the steps see them without being
+    # built again.
+    model = Transformer(make_config(init_std=0.1, n_layers=1, n_dense_layers=0, n_mtp_modules=0)).eval()
     prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16]] * 4
     params = SamplingParams(max_new_tokens=6, temperature=0)
     eager_engine, compiled_engine = Engine(model, eos_id=None), Engine(model, eos_id=None, compile=True)

@@ -330,8 +330,8 @@ def test_speculative_needs_an_mtp_module(make_config):
 
 @pytest.mark.slow
 def test_compiled_decode_step_gives_the_eager_tokens(make_config):
-    # MoE on. One package per row class of the CPU backend's table: 36 and 12 rows (the C++ products), 3 and
-    # 1 (fused reductions), and the prefills of one and of several prompts (one of a single token); ragged
+    # MoE on. One package per row class of the CPU backend's table: 36, 12 and 4 rows (the C++ products), one
+    # row (fused reductions), and the prefills of one and of several prompts (one of a single token); ragged
     # prompts; minutes of compiling.
     model = Transformer(make_config(init_std=0.1)).eval()
     ragged = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16]]

@@ -125,18 +125,18 @@ def test_the_kernels_refuse_tensors_they_cannot_read():
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows, k, n", [(9, 8, 4), (10, 40, 12), (64, 192, 512), (256, 256, 384), (9, 8, 1),
-                                        (11, 16, 6), (64, 256, 382)])
+@pytest.mark.parametrize("rows, k, n", [(2, 8, 4), (1, 16, 12), (9, 8, 4), (10, 40, 12), (64, 192, 512),
+                                        (256, 256, 384), (9, 8, 1), (11, 16, 6), (64, 256, 382)])
 def test_linear_kernel_equals_the_blas(rows, k, n):
-    # 9 and 10 rows: the 3-row tiles plus a 1-row remainder of 0 and 1; 1, 6 and 382 outputs: a last task of
-    # fewer than 4 weight rows (an LM head over a vocabulary that is not a multiple of 4).
+    # 1 and 2 rows: no 3-row tile; 9 and 10 rows: the 3-row tiles plus a 1-row remainder of 0 and 1; 1, 6 and
+    # 382 outputs: a last task of fewer than 4 weight rows (an LM head over a vocabulary not a multiple of 4).
     x, weight = torch.randn(rows, k), torch.randn(n, k)
     torch.testing.assert_close(ops.linear(x, weight), torch.nn.functional.linear(x, weight),
                                atol=1e-4, rtol=1e-5)
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows, k, n_a, n_b", [(9, 8, 5, 3), (64, 256, 256, 112), (12, 16, 4, 1)])
+@pytest.mark.parametrize("rows, k, n_a, n_b", [(2, 8, 5, 3), (9, 8, 5, 3), (64, 256, 256, 112), (12, 16, 4, 1)])
 def test_linear_pair_kernel_equals_two_products(rows, k, n_a, n_b):
     # 5 + 3 rows: a task of fewer than 4 rows at the end of each product, the prefetch crossing between them.
     x, weight_a, weight_b = torch.randn(rows, k), torch.randn(n_a, k), torch.randn(n_b, k)
@@ -153,6 +153,7 @@ def test_linear_kernel_refuses_shapes_it_cannot_tile():
 
 @needs_kernels
 @pytest.mark.parametrize("rows, dim, hidden", [
+    (2, 16, 24),      # two rows: no 3-row tile
     (9, 8, 8),        # hidden 8: one thread gets both up-projection blocks, the other none
     (10, 16, 24),     # hidden 24: runs of 8 columns split 16 / 8, a 1-row remainder
     (37, 40, 72),     # model dim 40: a last down-projection task of 4 rows and partial tiles
@@ -173,7 +174,8 @@ def test_mlp_kernel_refuses_widths_it_cannot_tile():
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows, heads, k, n", [(9, 1, 8, 8), (10, 4, 32, 24), (64, 4, 64, 32), (37, 16, 40, 72)])
+@pytest.mark.parametrize("rows, heads, k, n", [(2, 4, 16, 8), (9, 1, 8, 8), (10, 4, 32, 24), (64, 4, 64, 32),
+                                                (37, 16, 40, 72)])
 def test_per_head_kernels_equal_the_einsums(rows, heads, k, n):
     # Weights as MLA slices them: wkv_b viewed (H, C + V, R), the query part [:, :C] (in, out) per head and the
     # value part [:, C:] (out, in); 24 and 72 columns end in an 8-column panel, 9 and 10 rows in partial tiles.

@@ -7,14 +7,15 @@ decode, and speculative verify and draft) in place of the model's forward, and s
 call. Training and eager engines never see it. Each step is compiled ahead of time (`aot`), one
 package per row class, so what runs inside is fixed per class:
 
-| token rows in the step | projections, head, dense SwiGLU | MLA per-head products | attention, routed experts |
-|------------------------|---------------------------------|-----------------------|---------------------------|
-| 1-8                    | fused reductions (inductor)     | batched GEMMs         | C++ kernels               |
-| 9-256                  | C++ kernels                     | C++ kernels           | C++ kernels               |
-| more, and every prefill | BLAS                           | batched GEMMs         | C++ kernels               |
+| token rows in the step  | projections, head, dense SwiGLU | MLA per-head products | attention, routed experts |
+|-------------------------|---------------------------------|-----------------------|---------------------------|
+| 1                       | fused reductions (inductor)     | batched GEMMs         | C++ kernels               |
+| 2-256                   | C++ kernels                     | C++ kernels           | C++ kernels               |
+| more, and every prefill | BLAS                            | batched GEMMs         | C++ kernels               |
 
-(float32 only; one row is a class of its own, a static shape.) The C++ sources live in csrc/, built by
-`build` and exposed as torch ops by `ops`.
+(float32 only; a decode step's token rows are its rows, a speculative step's twice that; one row is a
+class of its own, a static shape.) The C++ sources live in csrc/, built by `build` and exposed as torch
+ops by `ops`.
 """
 
 from __future__ import annotations
@@ -25,24 +26,21 @@ from r1lab.backends.cpu import ops, steps
 from r1lab.backends.cpu.aot import ExportedStep, RowClass
 from r1lab.model import MLP, MoE, Transformer
 
-STREAMING_ROWS = 8  # up to this many token rows a step's products are fused reductions,
-KERNEL_ROWS = 256   # then C++ kernels up to this many, then the BLAS
+KERNEL_ROWS = 256  # the most token rows whose products the C++ kernels take (the table)
 _STREAMING, _KERNELS, _BLAS = steps.Streaming(), steps.Kernels(), steps.Blas()
 
 
 def decode_class(rows: int, tokens: int) -> RowClass:
-    """The table's row class of a decode step of `rows` rows of `tokens` tokens: its bounds in rows."""
-    if rows == 1 and tokens <= STREAMING_ROWS:
-        return 1, 1, _STREAMING
-    low = 2
-    for high, forms in ((STREAMING_ROWS, _STREAMING), (KERNEL_ROWS, _KERNELS)):
-        if rows * tokens <= high:
-            return low, high // tokens, forms
-        low = max(2, high // tokens + 1)
-    return low, None, _BLAS
+    """The table's row class of a decode step of `rows` rows of `tokens` tokens: its bounds in rows, its forms."""
+    if rows == 1:
+        return 1, 1, _STREAMING if tokens == 1 else _KERNELS
+    if rows * tokens <= KERNEL_ROWS:
+        return 2, KERNEL_ROWS // tokens, _KERNELS
+    return KERNEL_ROWS // tokens + 1, None, _BLAS
 
 
 def prefill_class(rows: int, tokens: int) -> RowClass:
+    """A prefill's row class: one prompt or several, any length; the BLAS forms."""
     return (1, 1, _BLAS) if rows == 1 else (2, None, _BLAS)
 
 

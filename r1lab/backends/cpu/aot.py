@@ -23,9 +23,9 @@ class ExportedStep:
     """`fn(model, forms, *inputs, cache, n_slots)` compiled ahead of time, one package per row class.
 
     `row_class(rows, tokens)` maps a call's rows (the inputs' first dim) and tokens per row (their second)
-    to its class; the package for a class is built the first time a call falls in it (seconds to a
-    minute) and then called without guard evaluation. The rows are dynamic within a class (one row is a
-    class of its own: a static shape), and so are the tokens per row when `dynamic_tokens` (a prefill).
+    to its class; the package for a class is compiled the first time a call falls in it and then called
+    without guard evaluation. The rows are dynamic within a class (one row is a class of its own: a
+    static shape), and so are the tokens per row when `dynamic_tokens` (a prefill).
     The weights are inputs of the package, so in-place updates (an optimiser step between rollouts) and
     replaced tensors are seen; a replacement of another shape, dtype or device builds the packages again.
     """

@@ -42,16 +42,16 @@ class Blas:
 
 
 class Streaming(Blas):
-    """Products for a few token rows: each a broadcast multiply summed over the reduced dim, which inductor
-    fuses with its neighbours into one loop streaming the weight once (a BLAS call or a kernel call costs
-    more than the product at these sizes)."""
+    """Products for one token row: each a broadcast multiply summed over the reduced dim, which inductor
+    fuses with its neighbours into one loop streaming the weight once (a kernel call costs more than such
+    a product, a BLAS call much more)."""
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return (x.unsqueeze(-2) * weight).sum(dim=-1)
 
 
 class Kernels(Blas):
-    """Products for tens to hundreds of token rows: the C++ kernels (csrc/linear.cpp), which read each
+    """Products for a few to a few hundred token rows: the C++ kernels (csrc/linear.cpp), which read each
     weight once for all rows where the BLAS repacks it per call."""
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-// Products for a compiled CPU decode step over tens to hundreds of token rows, where the BLAS handles the
+// Products for a compiled CPU decode step of a few to a few hundred token rows, where the BLAS handles the
 // shapes badly (the backend's table in ../__init__.py says which rows).
 //
 // linear: x @ w^T, weights in nn.Linear's (out, in) layout. At these row counts the BLAS spends much of
