@@ -164,7 +164,7 @@ def speculative_rows(new_tokens: int, runs: int, compile: bool, rows: list[str])
                     times[spec].append(time.perf_counter() - start)
             plain, spec = statistics.median(times[False]), statistics.median(times[True])
             rows.append(f"| {'compiled' if compiled else 'eager'} | {batch} | {batch * new_tokens / plain:,.0f} | "
-                        f"{batch * new_tokens / spec:,.0f} | {plain / spec:.2f}x | {100 * engines[True].acceptance_rate:.0f}% |")
+                        f"{batch * new_tokens / spec:,.0f} | {plain / spec:.2f}x | {100 * speculation.acceptance_rate:.0f}% |")
             print(rows[-1], flush=True)
 
 

@@ -321,18 +321,16 @@ class RunningBatch:
 
 
 def _finish_reason(row: _Row, token: int, decode: Callable[[list[int]], str] | None) -> str | None:
+    """Why the row ends at its new `token`, or None; a stop string cuts its text right after the string."""
     if token in row.stop_ids:
         return "stop"
-    p = row.params
-    if p.stop_strings:
+    if row.params.stop_strings:
         text = decode(row.tokens)
-        cut = _stop_cut(text, p.stop_strings)
-        if cut is not None:
-            row.text = text[:cut]
+        cuts = [text.find(s) + len(s) for s in row.params.stop_strings if s in text]
+        if cuts:
+            row.text = text[:min(cuts)]
             return "stop"
-    if len(row.tokens) >= row.limit:
-        return "length"
-    return None
+    return "length" if len(row.tokens) >= row.limit else None
 
 
 class Engine:
@@ -389,11 +387,6 @@ class Engine:
 
     def has_work(self) -> bool:
         return bool(self._waiting) or (self._batch is not None and self._batch.live > 0)
-
-    @property
-    def acceptance_rate(self) -> float:
-        """Speculative decoding: the share of drafts accepted (0 before any, or without speculation)."""
-        return 0.0 if self.speculation is None else self.speculation.acceptance_rate
 
     # -- steps -------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -528,6 +521,7 @@ class Speculation:
 
     @property
     def acceptance_rate(self) -> float:
+        """The share of drafts accepted (0 before any)."""
         return self.accepted / self.drafted if self.drafted else 0.0
 
     def prefill(self, tokens: torch.Tensor, positions: torch.Tensor, last: torch.Tensor, slots: int):
@@ -554,7 +548,8 @@ class Speculation:
         live = torch.tensor([r.finish_reason is None for r in batch.rows], device=batch.positions.device)
         pos2 = torch.stack([batch.positions, (batch.positions + 1).clamp(max=batch.cache.max_len - 1)], dim=1)  # (B, 2)
         n_slots = batch.n_slots(ahead=1)
-        hidden, logits = self.verify(self.model, torch.stack([batch.last, batch.draft], dim=1), pos2, batch.cache, n_slots)
+        fed = torch.stack([batch.last, batch.draft], dim=1)  # (B, 2)
+        hidden, logits = self.verify(self.model, fed, pos2, batch.cache, n_slots)
         s0, lp0 = self.sample(logits[:, 0], batch.settings, batch.uniforms.next(batch.rows))
         s1, lp1 = self.sample(logits[:, 1], batch.settings, batch.uniforms.next(batch.rows))
         accept = (s0 == batch.draft) & live
@@ -606,16 +601,6 @@ class EagerSteps:
         of the two sampled ones."""
         mtp_hidden = model.mtp_step(0, hidden, following, positions, cache=cache, n_slots=n_slots)
         return model.mtp_logits(0, mtp_hidden).argmax(dim=-1)
-
-
-def _stop_cut(text: str, stops: tuple[str, ...]) -> int | None:
-    """Index just past the earliest stop string in text, or None."""
-    best = None
-    for s in stops:
-        at = text.find(s)
-        if at >= 0 and (best is None or at + len(s) < best):
-            best = at + len(s)
-    return best
 
 
 def _repeat_rows(cache, counts: torch.Tensor) -> None:

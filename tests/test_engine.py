@@ -310,7 +310,7 @@ def test_speculative_greedy_equals_plain_greedy(make_config, trained):
     for a, b in zip(fast, plain):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
     if trained:
-        assert engine.acceptance_rate > 0.5
+        assert engine.speculation.acceptance_rate > 0.5
 
 
 def test_speculative_sampling_is_reproducible_and_stops(make_config):
@@ -364,4 +364,4 @@ def test_compiled_speculative_greedy_equals_plain_greedy(make_config):
     engine = Engine(model, eos_id=None, speculative=True, compile=True)
     fast = engine.generate(prompts, params)
     assert [o.token_ids for o in fast] == [o.token_ids for o in plain]
-    assert engine.acceptance_rate > 0.5
+    assert engine.speculation.acceptance_rate > 0.5

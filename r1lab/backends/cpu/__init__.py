@@ -66,10 +66,11 @@ def unsupported(model) -> str | None:
         return f"attn_impl {cfg.attn_impl!r} (the kernels read the absorbed latent cache)"
     kinds = {(t.dtype, t.device.type) for t in model.parameters()}
     if kinds != {(torch.float32, "cpu")}:
-        return f"weights of {', '.join(f'{d} on {t}' for d, t in sorted(kinds, key=str))} (the kernels take float32 on the CPU)"
+        found = ", ".join(f"{dtype} on {device}" for dtype, device in sorted(kinds, key=str))
+        return f"weights of {found} (the kernels take float32 on the CPU)"
     widths = {"dim": cfg.dim, "kv_lora_rank": cfg.kv_lora_rank, "qk_rope_head_dim": cfg.qk_rope_head_dim,
               "q_lora_rank": cfg.q_lora_rank, "n_heads * v_head_dim": cfg.n_heads * cfg.v_head_dim}
-    widths.update((f"{type(m).__name__} hidden width", m.w1.weight.shape[0]) for m in model.modules() if isinstance(m, MLP))
+    widths.update(("MLP hidden width", m.w1.weight.shape[0]) for m in model.modules() if isinstance(m, MLP))
     if any(isinstance(m, MoE) for m in model.modules()):
         widths["moe_inter_dim"] = cfg.moe_inter_dim
     odd = [f"{name} {value}" for name, value in widths.items() if value % 8]

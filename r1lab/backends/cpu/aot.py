@@ -53,9 +53,10 @@ class ExportedStep:
                 self._steps.clear()
                 self._signature = signature
             self._state = state
-        shapes = 2 if self.dynamic_tokens else 1  # the dims of an input that vary between calls
-        key = (self.row_class(inputs[0].shape[0], inputs[0].shape[1]), tuple((t.shape[shapes:], t.dtype) for t in inputs),
-               len(cache.layers), tuple((t.shape[2:], t.dtype) for t in cache.layers[0]))
+        varying = 2 if self.dynamic_tokens else 1  # the leading dims of an input that vary between calls
+        layout = tuple((t.shape[varying:], t.dtype) for t in inputs)
+        key = (self.row_class(inputs[0].shape[0], inputs[0].shape[1]), layout, len(cache.layers),
+               tuple((t.shape[2:], t.dtype) for t in cache.layers[0]))
         step = self._steps.get(key)
         if step is None:
             step = self._steps[key] = self._export(model, state, inputs, cache, *key[0])

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from r1lab.backends.cpu.build import load
+from r1lab.backends.cpu.build import load  # noqa: F401  (call it before running an op)
 
 _LIBRARY = torch.library.Library("r1lab", "FRAGMENT")
 
@@ -64,6 +64,3 @@ sample = _define(
     " -> (Tensor, Tensor)",
     lambda logits, temperature, top_k, top_p, ban, uniforms, eos: (
         logits.new_empty(logits.shape[0], dtype=torch.long), logits.new_empty(logits.shape[0])))
-
-__all__ = ["load", "linear", "linear_pair", "mlp", "head_matmul", "head_linear", "latent_attention",
-           "grouped_experts", "sample"]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from r1lab.backends.cpu import ops
-from r1lab.model import MLA, KVCache, MoE, apply_rope
+from r1lab.model import MLA, MLP, KVCache, MoE, apply_rope
 
 
 class Blas:
@@ -29,8 +29,8 @@ class Blas:
     def linear_pair(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.linear(x, a), self.linear(x, b)
 
-    def mlp(self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
-        return self.linear(F.silu(self.linear(x, w1)) * self.linear(x, w3), w2)
+    def mlp(self, x: torch.Tensor, mlp: MLP) -> torch.Tensor:
+        return self.linear(F.silu(self.linear(x, mlp.w1.weight)) * self.linear(x, mlp.w3.weight), mlp.w2.weight)
 
     def head_matmul(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x (B, T, H, K) @ weight (H, K, N) per head -> (B, T, H, N)."""
@@ -63,8 +63,9 @@ class Kernels(Blas):
         out_a, out_b = ops.linear_pair(x.reshape(rows, x.shape[-1]).contiguous(), a, b)
         return out_a.view(*x.shape[:-1], a.shape[0]), out_b.view(*x.shape[:-1], b.shape[0])
 
-    def mlp(self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
-        return ops.mlp(x.reshape(-1, x.shape[-1]).contiguous(), w1, w2, w3).view(x.shape)
+    def mlp(self, x: torch.Tensor, mlp: MLP) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        return ops.mlp(flat, mlp.w1.weight, mlp.w2.weight, mlp.w3.weight).view(x.shape)
 
     def head_matmul(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         B, T, H, K = x.shape
@@ -131,9 +132,7 @@ def _block(block, forms: Forms, x: torch.Tensor, rotation: torch.Tensor, positio
            write_at: torch.Tensor, layer_cache: list[torch.Tensor], n_slots: int) -> torch.Tensor:
     x = x + _attention(block.attn, forms, block.attn_norm(x), rotation, positions, write_at, layer_cache[0], n_slots)
     h = block.ffn_norm(x)
-    if isinstance(block.ffn, MoE):
-        return x + _moe(block.ffn, forms, h)
-    return x + forms.mlp(h, block.ffn.w1.weight, block.ffn.w2.weight, block.ffn.w3.weight)
+    return x + (_moe(block.ffn, forms, h) if isinstance(block.ffn, MoE) else forms.mlp(h, block.ffn))
 
 
 def _attention(attn: MLA, forms: Forms, x: torch.Tensor, rotation: torch.Tensor, positions: torch.Tensor,
@@ -167,6 +166,5 @@ def _moe(moe: MoE, forms: Forms, x: torch.Tensor) -> torch.Tensor:
     out = ops.grouped_experts(flat.contiguous(), routing.indices, routing.weights.contiguous(), experts.w1,
                               experts.w2, experts.w3)
     if moe.shared_experts is not None:
-        shared = moe.shared_experts
-        out = out + forms.mlp(flat, shared.w1.weight, shared.w2.weight, shared.w3.weight)
+        out = out + forms.mlp(flat, moe.shared_experts)
     return out.view(B, T, D)
