@@ -1,8 +1,8 @@
 """The CPU backend: the compiled steps and C++ kernels an `Engine(compile=True)` decodes with on a CPU.
 
-The engine builds it once, when it is built, for a model the backend can run (`unsupported` says why
-it cannot: another decoder, device or dtype, the naive MLA cache, widths the kernels do not tile, a
-CPU without AVX2 or no C++ compiler); the engine then runs the backend's steps (`steps`: prefill,
+An engine built with compile=True makes one `CpuBackend` if the backend can run its model (`unsupported`
+says why not: another decoder, device or dtype, the naive MLA cache, widths the kernels do not tile, a
+CPU without AVX2 or no C++ compiler), and from then on runs the backend's steps (`steps`: prefill,
 decode, and speculative verify and draft) in place of the model's forward, and samples with one C++
 call. Training and eager engines never see it. Each step is compiled ahead of time (`aot`), one
 package per row class, so what runs inside is fixed per class:
@@ -58,7 +58,7 @@ class CpuBackend:
 
 
 def unsupported(model) -> str | None:
-    """Why the backend cannot run `model`, or None when it can."""
+    """Why the backend cannot run `model`, or None when it can (the kernels are then built and loaded)."""
     if not isinstance(model, Transformer):
         return f"{type(model).__name__} is not r1lab's Transformer"
     cfg = model.config
