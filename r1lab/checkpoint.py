@@ -8,7 +8,7 @@ A checkpoint is a directory:
     tokenizer.json, tokenizer_config.json    optional, written by `Tokenizer.save`
     trainer_state.pt              optional: whatever the trainer hands over (optimizer state,
                                   step, RNG states from `rng_state()`), loaded with weights_only
-    trainer_state.json            the JSON-able top-level entries of the trainer state, for humans
+    trainer_state.json            the JSON-able top-level entries of the trainer state (humans, quick checks)
 
 Tensors that share storage (a tied embedding) are stored once; config.json's `tied_weights` maps
 each dropped name to the stored one.
@@ -23,6 +23,10 @@ A kill before step 3 leaves the old checkpoint in place and a stale temp dir. A 
 and 4 leaves no `ckpt` but a complete `.ckpt.tmp-<token>` next to its `.ckpt.old-<token>`: the
 pair proves the temp dir was complete, so loading reads it and the next save moves it into place.
 A kill after 4 leaves only a stale `.old` dir. At no moment is a half-written directory read.
+A write that fails (a full disk) deletes the temp dir and raises `CheckpointError`; the old
+checkpoint was never touched. Weights and trainer state are serialised in memory and written by
+Python's own file objects, because safetensors' and torch's writers report a full disk as their
+own exception types (or "unexpected pos 576 vs 534"), which cannot be told from a bug.
 
 This module knows the file layout and the model's state dict. It does not know how a model is
 trained or run: a trainer passes its state as a plain dict and gets the same dict back.
@@ -31,6 +35,7 @@ trained or run: a trainer passes its state as a plain dict and gets the same dic
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import random
@@ -42,7 +47,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from r1lab import __version__
 from r1lab.config import ConfigError, ModelConfig, model_config_from_dict
@@ -104,10 +109,17 @@ def save_checkpoint(path: str | Path, model: Transformer, tokenizer: Tokenizer |
         if tokenizer is not None:
             tokenizer.save(tmp)
         if trainer_state is not None:
-            torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
+            buffer = io.BytesIO()
+            torch.save(trainer_state, buffer)
+            _write_bytes(tmp / TRAINER_STATE_FILE, buffer.getbuffer())
             _write_json(tmp / TRAINER_STATE_JSON,
                         {k: v for k, v in trainer_state.items() if _is_jsonable(v)})
         _fsync_tree(tmp)
+    except OSError as e:  # a full disk, a quota, a read-only file system: the user's to fix
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{target}: cannot save ({e.strerror or e}); "
+                              f"{'the previous checkpoint is unchanged' if target.exists() else 'nothing written'}"
+                              ) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -153,6 +165,16 @@ def _write_weights(directory: Path, state: dict[str, torch.Tensor], max_shard_by
     return tied
 
 
+def save_file(tensors: dict[str, torch.Tensor], filename: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file`, with the bytes written by Python (see the module docstring)."""
+    _write_bytes(Path(filename), safetensors_bytes(tensors, metadata=metadata))
+
+
+def _write_bytes(file: Path, data: bytes | memoryview) -> None:
+    with open(file, "wb") as f:
+        f.write(data)
+
+
 def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Keep the first name of each set of identical tensor views; safetensors refuses shared
     storage, so other overlapping views are copied."""
@@ -189,18 +211,34 @@ def load_checkpoint(path: str | Path, device: torch.device | None = None
     root = _committed_dir(Path(path))
     doc = _read_config(root)
     config = _model_config(root, doc)
-    tokenizer = None
-    if (root / TOKENIZER_FILE).is_file():
-        try:
-            tokenizer = Tokenizer.load(root)
-        except ValueError as e:
-            raise CheckpointError(str(e)) from None
-        if tokenizer.vocab_size > config.vocab_size:
-            raise CheckpointError(f"{root / TOKENIZER_FILE}: {tokenizer.vocab_size} ids exceed "
-                                  f"model.vocab_size={config.vocab_size} in {CONFIG_FILE}")
+    tokenizer = load_tokenizer(root)
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(f"{root / TOKENIZER_FILE}: {tokenizer.vocab_size} ids exceed "
+                              f"model.vocab_size={config.vocab_size} in {CONFIG_FILE}")
     model = new_model(config, device)
     _load_weights(root, model, doc["tied_weights"])
     return model, tokenizer, _read_trainer_state(root)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer | None:
+    """The tokenizer saved with a checkpoint (None if it has none), without reading the weights."""
+    root = _committed_dir(Path(path))
+    if not (root / TOKENIZER_FILE).is_file():
+        return None
+    try:
+        return Tokenizer.load(root)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def committed_checkpoint(path: str | Path) -> Path | None:
+    """Where the last committed checkpoint for `path` is, or None when no save to it ever finished.
+
+    A save killed before its first commit leaves only a temp dir: that is no checkpoint."""
+    try:
+        return _committed_dir(Path(path))
+    except CheckpointError:
+        return None
 
 
 def new_model(config: ModelConfig, device: torch.device | None = None) -> Transformer:
@@ -227,6 +265,20 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 def read_trainer_state(path: str | Path) -> dict[str, Any] | None:
     """The trainer state dict of a checkpoint, or None if it was saved without one."""
     return _read_trainer_state(_committed_dir(Path(path)))
+
+
+def read_trainer_summary(path: str | Path) -> dict[str, Any]:
+    """The JSON-able top-level entries of the trainer state (step, ...), read without its tensors."""
+    file = _committed_dir(Path(path)) / TRAINER_STATE_JSON
+    if not file.is_file():
+        return {}
+    try:
+        summary = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(summary, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(summary).__name__}")
+    return summary
 
 
 def _read_config(root: Path) -> dict[str, Any]:
@@ -449,6 +501,8 @@ def _committed_dir(target: Path) -> Path:
     for token, old in left["old"].items():
         tmp = left["tmp"].get(token)  # an .old dir exists only once its .tmp partner is complete
         return tmp if tmp is not None and (tmp / CONFIG_FILE).is_file() else old
+    if target.exists():
+        raise CheckpointError(f"{target}: not a checkpoint directory (a file)")
     raise CheckpointError(f"{target}: no checkpoint here (directory missing)")
 
 

@@ -1,12 +1,15 @@
 """The `r1lab` command: argparse -> config -> one library call per subcommand.
 
-User-caused errors (bad recipe, missing file, corrupt checkpoint) print one line and exit 2, as
-argparse does for usage errors; `--debug` shows the traceback instead. Nothing imports this module.
+User-caused errors (bad recipe, missing file, malformed data, corrupt checkpoint, a full disk) print
+one line and exit 2, as argparse does for usage errors; `--debug` shows the traceback instead. The
+library checks what it is given before any expensive work (a training stage measures the matmul
+peak only after its checks), so a mistake costs seconds, not a run. Nothing imports this module.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import time
 from pathlib import Path
@@ -17,8 +20,11 @@ from r1lab.recipe import Recipe, load_recipe
 from r1lab.tasks.benchmarks import BenchmarkDataError
 
 # Errors a user causes (bad recipe, missing or corrupt file, malformed data): one line, exit 2.
+# ConfigError covers DataError (a data file's line) and eval's EvalError.
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, BenchmarkDataError, FileNotFoundError,
                                                  IsADirectoryError, NotADirectoryError, PermissionError)
+# What the machine refuses rather than the code gets wrong: a full disk, a quota, a read-only mount.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 def _human(n: float) -> str:
@@ -39,6 +45,7 @@ def cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
     from r1lab.cost import count_parameters, generate_flops_per_token, kv_cache_bytes, train_flops_per_token
     from r1lab.model import Transformer
 
+    _check_flags(args, context=">= 1")
     recipe = _recipe_from_args(args, overrides)
     cfg = recipe.model
     counts = count_parameters(cfg)
@@ -85,9 +92,11 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     if not args.bench or bool(args.model) == bool(args.api_base) or bool(args.api_base) != bool(args.api_model):
         raise ConfigError("eval needs --bench and either --model DIR or --api-base URL --api-model NAME "
                           "(or --compare A B)")
+    _check_flags(args, k=">= 1", temperature=">= 0", top_p="in (0, 1]", max_new_tokens=">= 1", concurrency=">= 1",
+                 peak_gflops="> 0")
     common = {"k": args.k, "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
               "limit": args.limit, "seed": args.seed, "difficulty": args.difficulty, "out_dir": args.out, "ks": args.ks,
-              "resume": not args.fresh, "instruction": args.instruction, "grade": args.grade,
+              "resume": not args.fresh, "instruction": args.instruction, "grade": args.grade, "greedy": args.greedy,
               "progress": lambda done, total: print(f"r1lab eval: {done}/{total} items", file=sys.stderr)}
     if args.model:
         result = evaluate_checkpoint(args.model, args.bench, template=args.template, peak_gflops=args.peak_gflops,
@@ -99,6 +108,18 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _check_flags(args: argparse.Namespace, **limits: str) -> None:
+    """Numeric flags a user can get wrong, named as typed, before a model is loaded.
+
+    `limits` maps a flag's dest to its range: ">= 0", ">= 1", "> 0" or "in (0, 1]"."""
+    tests = {">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1, "> 0": lambda v: v > 0,
+             "in (0, 1]": lambda v: 0 < v <= 1}
+    for dest, want in limits.items():
+        value = getattr(args, dest)
+        if value is not None and not tests[want](value):
+            raise ConfigError(f"{args.command} --{dest.replace('_', '-')} must be {want}, got {value}")
+
+
 def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
     """OpenAI-compatible API (reasoning_content) and web chat for a model directory."""
     from r1lab.serve import ServeSettings, create_app, load_served_model
@@ -106,10 +127,11 @@ def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
 
     if overrides:
         raise ConfigError(f"serve takes no dotted overrides, got {' '.join(overrides)}")
-    model = load_served_model(args.model, name=args.served_model_name)
     settings = ServeSettings(api_key=args.api_key, max_tokens_cap=args.max_tokens_cap,
                              max_prompt_tokens=args.max_prompt_tokens, max_concurrency=args.max_concurrency,
-                             max_batch_size=args.max_batch_size, compile=args.compile)
+                             max_batch_size=args.max_batch_size, compile=args.compile,
+                             cors_origins=tuple(args.cors_origin or ()))
+    model = load_served_model(args.model, name=args.served_model_name)
     print(f"r1lab: serving {model.name!r} ({model.template} template, context {model.max_len}) on "
           f"http://{args.host}:{args.port}/ (web chat) and /v1 (API)", file=sys.stderr)
     run(create_app(model, settings), host=args.host, port=args.port)
@@ -123,29 +145,23 @@ def cmd_chat(args: argparse.Namespace, overrides: list[str]) -> int:
 
     if overrides:
         raise ConfigError(f"chat takes no dotted overrides, got {' '.join(overrides)}")
+    _check_flags(args, temperature=">= 0", top_p="in (0, 1]", max_tokens=">= 1")
     model = load_served_model(args.model)
     return run_chat(model, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
 
 
 def _training_recipe(args: argparse.Namespace, overrides: list[str]):
+    if args.run.exists() and not args.run.is_dir():
+        raise ConfigError(f"--run {args.run} is a file, not a run directory")
     return load_recipe(args.recipe, overrides)
-
-
-def _peak(recipe) -> float:
-    from r1lab.hardware import measure_matmul_peak
-
-    return (recipe.cost.peak_gflops or measure_matmul_peak()) * 1e9
 
 
 def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
     """Next-token pretraining into <run>/base (resumes if interrupted)."""
-    from r1lab.recipe import save_recipe
     from r1lab.train.stages import run_pretrain
 
     recipe = _training_recipe(args, overrides)
-    args.run.mkdir(parents=True, exist_ok=True)
-    save_recipe(recipe, args.run / "recipe.toml")
-    result = run_pretrain(recipe, args.run, _peak(recipe))
+    result = run_pretrain(recipe, args.run)
     print(f"pretrained {result.steps} steps in {result.seconds:.0f} s: {args.run / 'base' / 'checkpoint'}")
     return 0
 
@@ -155,7 +171,7 @@ def cmd_sft(args: argparse.Namespace, overrides: list[str]) -> int:
     from r1lab.train.stages import run_sft
 
     recipe = _training_recipe(args, overrides)
-    result = run_sft(recipe, args.run, _peak(recipe))
+    result = run_sft(recipe, args.run)
     print(f"fine-tuned {result.steps} steps in {result.seconds:.0f} s: {args.run / 'sft' / 'checkpoint'}")
     return 0
 
@@ -165,7 +181,7 @@ def cmd_grpo(args: argparse.Namespace, overrides: list[str]) -> int:
     from r1lab.train.stages import run_grpo
 
     recipe = _training_recipe(args, overrides)
-    result = run_grpo(recipe, args.run, _peak(recipe))
+    result = run_grpo(recipe, args.run)
     print(f"GRPO {recipe.grpo.steps} steps in {result.seconds:.0f} s: {args.run / 'rl' / 'checkpoint'}")
     return 0
 
@@ -178,11 +194,17 @@ def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
     run_dir = args.run or Path("runs") / ("demo-quick" if args.quick else "demo")
     start = time.perf_counter()
     summary = run_demo(recipe, run_dir, quiet=args.quiet)
-    h = summary["heldout"]
+    h, k = summary["heldout"], summary["eval"]["k"]
     print(f"\nr1lab demo finished in {(time.perf_counter() - start) / 60:.1f} min; report: {run_dir / 'report.md'}")
-    print(f"held-out pass@1: base {100 * h['base']['pass@1']:.1f}%, RL {100 * h['rl']['pass@1']:.1f}%, "
-          f"control {100 * h['control']['pass@1']:.1f}%; RL format rate {100 * h['rl']['format_rate']:.1f}%; "
-          f"cost ${summary['cost']['dollars']:.4f}")
+    for name in ("base", "rl", "control"):
+        best = h[name]["best"]
+        print(f"  {name:<8} held-out pass@1: greedy {100 * h[name]['greedy']['pass@1']:5.1f}%, "
+              f"T={summary['eval']['temperature']} {100 * h[name]['sampled']['pass@1']:5.1f}% "
+              f"(best: {best['decoding']}); pass@{k} {100 * h[name]['sampled']['pass@k'][str(k)]:5.1f}%")
+    for v in summary["verdicts"].values():
+        print(f"  {'held' if v['beat'] else 'did not hold'}: {v['a']} beat {v['b']} {v['basis']}: "
+              f"{100 * v['margin']:+.1f} points")
+    print(f"  cost ${summary['cost']['dollars']:.4f}, peak memory {summary['peak_rss_bytes'] / 2**30:.2f} GiB")
     print(f"chat with it:  r1lab chat --model {run_dir / 'rl' / 'checkpoint'}")
     return 0
 
@@ -222,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", type=Path, help="an r1lab checkpoint or a local Hugging Face model directory")
     ev.add_argument("--bench", help="math500, gsm8k, aime24, amc23, a task family (arithmetic, ...) or FILE.jsonl")
     ev.add_argument("--k", type=int, default=4, help="samples per question (default 4; the R1 report uses 4-64)")
-    ev.add_argument("--ks", type=int, nargs="+", metavar="J", help="report pass@J for each J (default: 1 and k)")
+    ev.add_argument("--ks", type=int, nargs="+", metavar="J", help="report pass@J for each J (default: 1, 2, 4, ... up to k)")
     ev.add_argument("--temperature", type=float, default=0.6, help="default 0.6 (R1)")
     ev.add_argument("--top-p", type=float, default=0.95, help="default 0.95 (R1)")
     ev.add_argument("--max-new-tokens", type=int, default=512, help="default 512")
@@ -235,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--grade", choices=["answer", "completion"], default="answer",
                     help="grade the text after </think> (default, what an endpoint returns as content) or all of it")
     ev.add_argument("--out", type=Path, help="output directory (default <model>/eval/<bench> or ./eval/<api-model>/<bench>)")
+    ev.add_argument("--no-greedy", dest="greedy", action="store_false",
+                    help="skip the greedy run (by default the items are also decoded greedily, into OUT/greedy, and "
+                         "the report gives the better of greedy and sampled pass@1: the model's best decoding)")
     ev.add_argument("--fresh", action="store_true", help="discard the samples of an earlier run in --out")
     ev.add_argument("--peak-gflops", type=float, help="known matmul peak for MFU (default: measured once)")
     ev.add_argument("--api-base", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
@@ -256,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (default: the context - 1)")
     srv.add_argument("--max-concurrency", type=int, default=64, help="requests in flight before 429 (default 64)")
     srv.add_argument("--max-batch-size", type=int, default=256, help="samples decoded together (default 256)")
+    srv.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                     help="let pages from this origin (scheme://host[:port], or * for any) call the API from a "
+                          "browser; repeatable (default: CORS off)")
     srv.add_argument("--compile", action="store_true",
                      help="compile the decode step (ahead of time, AOTInductor) and the prefill (torch.compile): ~8x faster "
                           "batch-1 decoding, 2-4x at larger batches, after a one-off compile of 0.5-1 min per "
@@ -287,6 +315,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"r1lab: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if args.debug or e.errno not in DISK_ERRNOS:
+            raise
+        print(f"r1lab: error: {e.filename or 'writing'}: {e.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("r1lab: interrupted", file=sys.stderr)

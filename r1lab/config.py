@@ -22,6 +22,10 @@ class ConfigError(ValueError):
     """A user-caused configuration problem; the message is one line naming the key or file."""
 
 
+class DataError(ConfigError):
+    """A user's data file that cannot be used; the message names the file (and line, for JSONL)."""
+
+
 @dataclass
 class ModelConfig:
     """Shape of a DeepSeek-V3-style transformer. Field names follow DeepSeek's inference code."""
@@ -278,7 +282,14 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         kwargs[key] = _convert(value, hints[key], full)
     obj = cls(**kwargs)
     if hasattr(obj, "validate"):
-        obj.validate()
+        try:
+            obj.validate()
+        except ConfigError as e:
+            # A section's own check names its fields bare ("steps must be >= 1"); say which section.
+            message = str(e)
+            if prefix and not message.startswith(f"{prefix}."):
+                message = f"{prefix}.{message}"
+            raise ConfigError(message) from None
     return obj
 
 

@@ -44,7 +44,14 @@ from r1lab.checkpoint import read_metadata
 from r1lab.config import ConfigError, ModelConfig
 from r1lab.cost import generate_flops_per_token
 from r1lab.engine import Engine, SamplingParams
-from r1lab.evalreport import pass_at_k, results_markdown, summarize  # noqa: F401 (pass_at_k is re-exported)
+from r1lab.evalreport import (  # noqa: F401 (pass_at_k is re-exported)
+    best_decoding,
+    default_ks,
+    item_scores,
+    pass_at_k,
+    results_markdown,
+    summarize,
+)
 from r1lab.hardware import describe_machine, measure_matmul_peak
 from r1lab.hf import load_causal_lm
 from r1lab.mathcheck import extract_answer, normalize, quick_equal
@@ -287,13 +294,40 @@ class EvalResult:
     cost: dict[str, Any]                       # wall time, FLOPs, core-hours, MFU
     settings: dict[str, Any]                   # everything needed to reproduce the run
     items: list[dict] = field(default_factory=list, repr=False)  # the samples.jsonl records
+    greedy: EvalResult | None = None           # the same items decoded greedily, when asked for
+
+    def best(self) -> dict[str, Any] | None:
+        """The better of greedy and sampled pass@1 (None without a greedy run)."""
+        if self.greedy is None:
+            return None
+        best = best_decoding(item_scores(self.greedy.items), item_scores(self.items))
+        return {"decoding": best.decoding, "pass@1": best.pass1}
 
     def to_dict(self) -> dict[str, Any]:
         """results.json: everything but the per-item records."""
-        return {"metrics": self.metrics, "breakdown": self.breakdown, "cost": self.cost, "settings": self.settings}
+        doc = {"metrics": self.metrics, "breakdown": self.breakdown, "cost": self.cost, "settings": self.settings}
+        if self.greedy is not None:
+            g = self.greedy.metrics
+            doc["greedy"] = {key: g[key] for key in GREEDY_KEYS if key in g}
+            doc["best"] = self.best()
+        return doc
 
     def markdown(self) -> str:
         return results_markdown(self.to_dict())
+
+
+GREEDY_KEYS = ("pass@1", "format_rate", "answer_rate", "mean_tokens", "truncated", "skipped_items")
+"""What results.json keeps of the greedy run (its samples stay in <out>/greedy/samples.jsonl)."""
+
+
+def with_greedy(sampled: EvalResult, greedy: EvalResult, out_dir: str | os.PathLike | None) -> EvalResult:
+    """The sampled result with its greedy twin attached (and its results files rewritten)."""
+    if [str(it["id"]) for it in greedy.items] != [str(it["id"]) for it in sampled.items]:
+        raise EvalError("the greedy and sampled runs must grade the same items")
+    result = replace(sampled, greedy=greedy)
+    if out_dir is not None:
+        _write_results(Path(out_dir), result)
+    return result
 
 
 def run_evaluation(sample_chunk: SampleChunk, examples: list[dict], *, k: int, settings: dict[str, Any],
@@ -304,7 +338,7 @@ def run_evaluation(sample_chunk: SampleChunk, examples: list[dict], *, k: int, s
     """Sample, grade and summarise `examples` chunk by chunk; the engine-free core of every evaluation."""
     if grade not in GRADES:
         raise EvalError(f"grade must be one of {GRADES}, got {grade!r}")
-    ks = sorted(set(ks or (1, k)))
+    ks = sorted(set(ks or default_ks(k)))
     if k < 1 or any(not 1 <= j <= k for j in ks):
         raise EvalError(f"need k >= 1 and every pass@j with 1 <= j <= k, got k={k}, ks={ks}")
     if chunk_size < 1:
@@ -337,9 +371,13 @@ def run_evaluation(sample_chunk: SampleChunk, examples: list[dict], *, k: int, s
     cost = _cost(items, time.perf_counter() - started, cores, peak_gflops)
     result = EvalResult(metrics, breakdown, cost, settings, items)
     if out:
-        _write_atomic(out / RESULTS_JSON, json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n")
-        _write_atomic(out / RESULTS_MD, result.markdown())
+        _write_results(out, result)
     return result
+
+
+def _write_results(out: Path, result: EvalResult) -> None:
+    _write_atomic(out / RESULTS_JSON, json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    _write_atomic(out / RESULTS_MD, result.markdown())
 
 
 def _cost(items: list[dict], run_seconds: float, cores: int | None, peak_gflops: float | None) -> dict[str, Any]:
@@ -416,8 +454,12 @@ def evaluate(engine: Engine, tokenizer: Tokenizer, examples: list[dict], *, k: i
              ks: Sequence[int] | None = None, out_dir: str | os.PathLike | None = None, resume: bool = True,
              instruction: str | None = None, grade: str = "answer", chunk_size: int | None = None,
              peak_gflops: float | None = None, settings: dict[str, Any] | None = None,
-             progress: Callable[[int, int], None] | None = None) -> EvalResult:
+             progress: Callable[[int, int], None] | None = None, greedy: bool = False) -> EvalResult:
     """Evaluate an in-memory model (behind `engine`) on `examples` with k samples each.
+
+    With `greedy`, the same items are also decoded greedily (one sample, temperature 0) into
+    `out_dir/greedy`, and the result carries both and the better of the two (`EvalResult.best`):
+    a model is judged at its best decoding.
 
     `params` default to R1's protocol (temperature 0.6, top-p 0.95); its `n` is set to k, a seed of
     None means 0. Generation stops at the engine's EOS and, under R1-Zero, after `</answer>`.
@@ -446,10 +488,20 @@ def evaluate(engine: Engine, tokenizer: Tokenizer, examples: list[dict], *, k: i
                 "instruction": instruction, "think_opened": think_opened, "sampling": sampling,
                 "max_len": engine.max_len}
     sample_chunk = engine_sampler(engine, tokenizer, params, template, instruction, think_opened)
-    return run_evaluation(sample_chunk, examples, k=k, settings=settings, ks=ks, out_dir=out_dir, resume=resume,
-                          chunk_size=chunk_size or max(1, engine.max_batch_size // k), grade=grade,
-                          think_opened=think_opened, cores=torch.get_num_threads(), peak_gflops=peak_gflops,
-                          progress=progress)
+    result = run_evaluation(sample_chunk, examples, k=k, settings=settings, ks=ks, out_dir=out_dir, resume=resume,
+                            chunk_size=chunk_size or max(1, engine.max_batch_size // k), grade=grade,
+                            think_opened=think_opened, cores=torch.get_num_threads(), peak_gflops=peak_gflops,
+                            progress=progress)
+    if not greedy:
+        return result
+    if params.temperature == 0:  # the run was greedy already
+        return with_greedy(result, result, out_dir)
+    greedy_params = replace(params, temperature=0.0, top_p=1.0, top_k=0, n=1)
+    greedy_run = evaluate(engine, tokenizer, examples, k=1, params=greedy_params, template=template,
+                          think_opened=think_opened, out_dir=None if out_dir is None else Path(out_dir) / "greedy",
+                          resume=resume, instruction=instruction, grade=grade, peak_gflops=peak_gflops,
+                          settings=settings, progress=progress)
+    return with_greedy(result, greedy_run, out_dir)
 
 
 def evaluate_checkpoint(model_dir: str | os.PathLike, bench: str, *, k: int = DEFAULT_K,

@@ -9,8 +9,10 @@ samples.jsonl alone. Fractions stay in 0..1 in JSON; tables print percentages as
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,11 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     for i in range(n - c + 1, n + 1):
         miss *= 1.0 - k / i
     return 1.0 - miss
+
+
+def default_ks(k: int) -> list[int]:
+    """The pass@j a run reports by default: 1, 2, 4, ... up to k, and k itself."""
+    return sorted({2**i for i in range(k.bit_length()) if 2**i <= k} | {k})
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -93,6 +100,11 @@ def _rows(doc: dict[str, Any]) -> list[tuple[str, str, float | None, bool]]:
     m, cost = doc["metrics"], doc["cost"]
     rows = [("items", "items", m.get("items"), False),
             ("k", "samples per item (k)", doc["settings"].get("k"), False)]
+    if "greedy" in doc:
+        best = doc["best"]
+        rows += [("greedy pass@1", "greedy pass@1", doc["greedy"].get("pass@1"), True),
+                 ("best decoding", "best decoding (the higher pass@1)", best["decoding"], False),
+                 ("best pass@1", "pass@1 at the best decoding", best["pass@1"], True)]
     rows += [(key, key, m[key], True) for key in m if key.startswith("pass@")]
     rows += [(key, f"{key} (majority vote)", m[key], True) for key in m if key.startswith("cons@")]
     rows += [("cons_ties", "items with a tied vote", m.get("cons_ties"), False),
@@ -183,3 +195,74 @@ def compare_results(a: str | os.PathLike, b: str | os.PathLike) -> str:
         if sa.get(name) != sb.get(name):
             lines.append(f"\nnote: the runs differ in {name} ({sa.get(name)!r} vs {sb.get(name)!r})")
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------- verdicts
+GREEDY, SAMPLED = "greedy", "sampled"
+
+
+def item_scores(items: list[dict]) -> dict[str, float]:
+    """Item id -> its pass@1 (mean correctness of its samples; 0 or 1 for one greedy sample)."""
+    return {str(it["id"]): _item_pass1(it) for it in items}
+
+
+@dataclass(frozen=True)
+class BestDecoding:
+    """A model's held-out score at its best decoding: the higher of greedy and sampled pass@1."""
+
+    decoding: str                 # GREEDY or SAMPLED
+    pass1: float
+    scores: dict[str, float]      # item id -> score at that decoding
+
+
+def best_decoding(greedy: dict[str, float], sampled: dict[str, float]) -> BestDecoding:
+    """The decoding with the higher mean score over the same items (greedy wins a tie: it is free)."""
+    if set(greedy) != set(sampled):
+        raise ValueError("greedy and sampled scores must cover the same items")
+    g, s = _mean(list(greedy.values())) or 0.0, _mean(list(sampled.values())) or 0.0
+    return BestDecoding(GREEDY, g, greedy) if g >= s else BestDecoding(SAMPLED, s, sampled)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether model A beat model B, each at its best decoding, on the same items."""
+
+    a: str
+    b: str
+    a_best: BestDecoding
+    b_best: BestDecoding
+    margin: float                 # A's best pass@1 minus B's, in 0..1
+    stderr: float                 # standard error of that margin (paired over items)
+    beat: bool                    # margin > 0 and more than `z` standard errors
+    basis: str = "at each one's best decoding"
+
+    def sentence(self) -> str:
+        def side(name: str, best: BestDecoding) -> str:
+            return f"{name} {100 * best.pass1:.1f}% ({best.decoding})"
+        held = "beat" if self.beat else "did not beat"
+        return (f"{self.a} {held} {self.b} {self.basis}: {side(self.a, self.a_best)} against "
+                f"{side(self.b, self.b_best)}, {100 * self.margin:+.1f} points (paired standard error "
+                f"{100 * self.stderr:.1f}).")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"a": self.a, "b": self.b, "basis": self.basis, "beat": self.beat, "margin": self.margin,
+                "stderr": self.stderr,
+                f"{self.a}_best": {"decoding": self.a_best.decoding, "pass@1": self.a_best.pass1},
+                f"{self.b}_best": {"decoding": self.b_best.decoding, "pass@1": self.b_best.pass1}}
+
+
+def verdict(a: str, a_best: BestDecoding, b: str, b_best: BestDecoding, z: float = 2.0,
+            basis: str = "at each one's best decoding") -> Verdict:
+    """A beat B when A's best-decoding pass@1 exceeds B's by more than z paired standard errors.
+
+    The margin is the mean over items of A's score minus B's; its standard error comes from the
+    spread of those per-item differences, so a gain carried by a handful of items is not a win.
+    """
+    if set(a_best.scores) != set(b_best.scores) or not a_best.scores:
+        raise ValueError("a verdict compares two models on the same, non-empty set of items")
+    diffs = [a_best.scores[i] - b_best.scores[i] for i in a_best.scores]
+    n = len(diffs)
+    margin = sum(diffs) / n
+    var = sum((d - margin) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
+    stderr = math.sqrt(var / n)
+    return Verdict(a, b, a_best, b_best, margin, stderr, margin > 0 and margin > z * stderr, basis)

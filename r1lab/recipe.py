@@ -9,17 +9,23 @@
     [cost]     prices and the peak used for MFU
 
 Every key is typed by its dataclass; `--section.field=value` on the command line overrides it.
-This module describes runs; it runs nothing and imports no torch.
+Each section checks its own values, and the recipe checks what sections imply for each other (a
+task family that exists, options it takes, reward names RL knows), so a mistake is one line naming
+the key before any work starts. This module describes runs; it runs nothing and imports no torch.
 """
 
 from __future__ import annotations
 
+import inspect
+import random
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from r1lab.config import ConfigError, ModelConfig, apply_overrides, from_dict, model_preset, to_dict
+from r1lab.rewards import REWARD_FUNCTIONS, REWARD_NAMES
+from r1lab.tasks import FAMILIES
 
 
 @dataclass
@@ -38,6 +44,13 @@ class DataConfig:
     """Share of corpus documents with a worked solution; the others answer directly."""
     slip_rate: float = 0.0
     """Share of slips in worked solutions (as the family's `solution_with_slips` defines it)."""
+    direct_extra: float = 0.0
+    """Direct-answer documents per problem on top of its one document (1.5: each problem also appears
+    as a direct answer once or twice, on average 1.5 times), so a corpus can teach the worked method
+    on every problem while answering directly more often than not."""
+    direct_slip_rate: float = 0.0
+    """Share of slips behind direct answers: the answer is the one a worked solution with this slip
+    rate reaches, written without the work (1.0 with kind = "carry": additions that never carry)."""
     slip_options: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments of `solution_with_slips` (e.g. kind = "carry")."""
     files: list[str] = field(default_factory=list)
@@ -56,11 +69,38 @@ class DataConfig:
     """Seed of the corpus (problems, slips, document order)."""
 
     def validate(self) -> None:
-        for name in ("scratchpad_share", "slip_rate"):
+        for name in ("scratchpad_share", "slip_rate", "direct_slip_rate"):
             if not 0 <= getattr(self, name) <= 1:
-                raise ConfigError(f"data.{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.n_problems < 1 or self.seq_len < 8 or self.vocab_size < 300:
-            raise ConfigError("data.n_problems must be >= 1, data.seq_len >= 8 and data.vocab_size >= 300")
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.direct_extra < 0:
+            raise ConfigError(f"direct_extra must be >= 0, got {self.direct_extra}")
+        for name, low in (("n_problems", 1), ("seq_len", 8), ("vocab_size", 300)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if not self.text_field:
+            raise ConfigError("text_field must not be empty")
+        self._check_task()
+
+    def _check_task(self) -> None:
+        """The family exists and takes this difficulty and these options: one problem tells."""
+        if self.task not in FAMILIES:
+            raise ConfigError(f"task: unknown task family {self.task!r}; known: {', '.join(sorted(FAMILIES))}")
+        family = FAMILIES[self.task]
+        if not 1 <= self.difficulty <= family.MAX_DIFFICULTY:
+            raise ConfigError(f"difficulty must be in 1..{family.MAX_DIFFICULTY} for task {self.task!r}, "
+                              f"got {self.difficulty}")
+        _check_options(self.task_options, family.generate, "task_options", ("n", "seed", "split", "difficulty"))
+        _check_options(self.slip_options, family.solution_with_slips, "slip_options",
+                       ("example", "rng", "slip_rate"))
+        try:
+            (example,) = family.generate(1, seed=self.seed, split="train", difficulty=self.difficulty,
+                                         **self.task_options)
+        except ValueError as e:
+            raise ConfigError(f"task_options {self.task_options}: {e}") from None
+        try:
+            family.solution_with_slips(example, random.Random(0), self.slip_rate, **self.slip_options)
+        except ValueError as e:
+            raise ConfigError(f"slip_options {self.slip_options}: {e}") from None
 
 
 @dataclass
@@ -81,10 +121,16 @@ class OptimConfig:
     """Clip the global gradient norm (0: off)."""
 
     def validate(self) -> None:
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
-            raise ConfigError("optim: lr must be > 0, min_lr_ratio in [0, 1], warmup_steps >= 0")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ConfigError("optim.beta1 and optim.beta2 must be in [0, 1)")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _at_least(self, 0, "warmup_steps")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError(f"weight_decay and grad_clip must be >= 0, got {self.weight_decay} and {self.grad_clip}")
 
 
 @dataclass
@@ -114,9 +160,17 @@ class TrainConfig:
     """Checkpoint to start from (empty: a fresh model)."""
 
     def validate(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
-            raise ConfigError("steps, batch_size and grad_accum must be >= 1")
-        self.optim.validate()
+        _at_least(self, 1, "steps", "batch_size", "grad_accum", "eval_batches", "log_every")
+        _at_least(self, 0, "eval_every", "save_every")
+
+
+@dataclass
+class ControlConfig(TrainConfig):
+    """The control: the base pretrained further on the same corpus, to measure RL against imitation."""
+
+    match: Literal["flops", "steps"] = "flops"
+    """flops: run as many steps as spend the FLOPs the RL stage spent (`steps` is then ignored);
+    steps: run `steps` steps."""
 
 
 @dataclass
@@ -165,17 +219,30 @@ class GRPOConfig:
     """The base checkpoint RL starts from."""
 
     def validate(self) -> None:
-        if min(self.steps, self.prompts_per_step, self.group_size, self.max_new_tokens, self.epochs,
-               self.minibatch_size) < 1:
-            raise ConfigError("grpo: steps, prompts_per_step, group_size, max_new_tokens, epochs and "
-                              "minibatch_size must be >= 1")
+        _at_least(self, 1, "steps", "prompts_per_step", "max_new_tokens", "epochs", "minibatch_size", "log_every")
+        _at_least(self, 0, "max_refill_rounds", "overlong_buffer", "eval_every", "save_every")
         if self.group_size < 2:
-            raise ConfigError("grpo.group_size must be >= 2: advantages compare samples within a group")
-        if self.eps_low < 0 or self.eps_high < 0 or self.beta < 0 or self.temperature <= 0:
-            raise ConfigError("grpo: eps_low, eps_high and beta must be >= 0 and temperature > 0")
+            raise ConfigError(f"group_size must be >= 2: advantages compare samples within a group, got {self.group_size}")
+        for name in ("eps_low", "eps_high", "beta"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.overlong_buffer >= self.max_new_tokens:
-            raise ConfigError("grpo.overlong_buffer must be smaller than grpo.max_new_tokens")
-        self.optim.validate()
+            raise ConfigError(f"overlong_buffer ({self.overlong_buffer}) must be smaller than max_new_tokens "
+                              f"({self.max_new_tokens})")
+        unknown = sorted(set(self.reward_weights) - set(REWARD_NAMES))
+        if unknown:
+            raise ConfigError(f"reward_weights: unknown reward {', '.join(map(repr, unknown))}; "
+                              f"known: {', '.join(REWARD_NAMES)}")
+        if "overlong" in self.reward_weights and not self.overlong_buffer:
+            raise ConfigError("reward_weights.overlong weighs the overlong penalty, which is off: "
+                              "set grpo.overlong_buffer > 0")
+        if not self.overlong_buffer and not any(self.reward_weights.get(n) for n in REWARD_FUNCTIONS):
+            raise ConfigError(f"reward_weights gives no reward a nonzero weight ({self.reward_weights}): "
+                              f"every sample would score 0")
 
 
 @dataclass
@@ -183,11 +250,23 @@ class EvalConfig:
     """Held-out evaluation with the R1 report's protocol: k samples, pass@1 = mean correctness."""
 
     problems: int = 200
-    k: int = 4
+    """Held-out problems (the same ones for every model)."""
+    k: int = 32
+    """Samples per problem at `temperature`: pass@1 is their mean correctness, pass@j for j = 1, 2, 4, ... k."""
     temperature: float = 0.6
     top_p: float = 0.95
     max_new_tokens: int = 160
     seed: int = 1234
+    samples_shown: int = 4
+    """Held-out problems drawn at random (seeded) whose completions the report shows."""
+
+    def validate(self) -> None:
+        _at_least(self, 1, "problems", "k", "max_new_tokens")
+        _at_least(self, 0, "samples_shown")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0 (the greedy run is made as well), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 @dataclass
@@ -211,8 +290,8 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)
     sft: TrainConfig = field(default_factory=lambda: TrainConfig(steps=200, optim=OptimConfig(lr=3e-4, warmup_steps=10)))
-    control: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100))
-    """The honest control: continued pretraining of the base for about the RL stage's wall time."""
+    control: ControlConfig = field(default_factory=lambda: ControlConfig(steps=100))
+    """The control: continued pretraining of the base, by default for the RL stage's FLOPs."""
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cost: CostConfig = field(default_factory=CostConfig)
@@ -221,6 +300,14 @@ class Recipe:
         self.model.validate()
         if self.data.vocab_size > self.model.vocab_size:
             raise ConfigError(f"data.vocab_size ({self.data.vocab_size}) exceeds model.vocab_size ({self.model.vocab_size})")
+        if self.grpo.reward_weights.get("code"):
+            # The code reward runs each example's tests; a family without them would score every sample 0.
+            family = FAMILIES[self.data.task]
+            (example,) = family.generate(1, seed=self.data.seed, split="train", difficulty=self.data.difficulty,
+                                         **self.data.task_options)
+            if not example.get("tests"):
+                raise ConfigError(f"grpo.reward_weights.code needs examples with tests to run, and data.task "
+                                  f"{self.data.task!r} has none: every sample would score 0 (use accuracy)")
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -255,6 +342,21 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
     return apply_overrides(recipe, overrides) if overrides else recipe
+
+
+def _at_least(section: Any, low: int, *names: str) -> None:
+    for name in names:
+        if getattr(section, name) < low:
+            raise ConfigError(f"{name} must be >= {low}, got {getattr(section, name)}")
+
+
+def _check_options(options: dict[str, Any], fn: Any, key: str, fixed: tuple[str, ...]) -> None:
+    """Each key of `options` is a keyword argument `fn` takes besides its `fixed` ones."""
+    takes = [p for p in inspect.signature(fn).parameters if p not in fixed]
+    unknown = sorted(set(options) - set(takes))
+    if unknown:
+        raise ConfigError(f"{key}: {fn.__module__}.{fn.__name__} takes no option {', '.join(map(repr, unknown))}; "
+                          f"it takes: {', '.join(takes) or 'none'}")
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:

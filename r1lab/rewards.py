@@ -1,12 +1,14 @@
 """Rule-based rewards: plain functions `(completion, example) -> float`, shared by RL and eval.
 
 A completion is the generated text only (the caller strips an EOS token); an example is a dict
-with at least "answer" (task families add "family" and their fields; code examples carry "tests").
+with at least "answer" (task families add "family" and their fields; code examples carry "tests",
+see `code_tests`).
   accuracy_reward             1.0 when the extracted final answer is right (mathcheck or the
                               example's task family grader), else 0.0; never hangs (time limit)
   format_reward               1.0 for exactly `<think>...</think> <answer>...</answer>`
   language_consistency_reward share of the chain of thought written in the target language
-  code_reward                 share of the example's tests the extracted program passes
+  code_reward                 share of the example's tests the extracted program passes, its
+                              values judged here, outside the sandbox that ran it
   overlong_penalty            DAPO's soft length penalty, from a token count
 `score_batch` applies weighted reward functions to a batch; a function that raises (or returns
 something that is not a finite number) scores 0 and is reported, never propagated.
@@ -17,6 +19,7 @@ Rewards know only text: this module imports no model code and no torch; it uses
 
 from __future__ import annotations
 
+import ast
 import logging
 import math
 import re
@@ -25,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from r1lab.mathcheck import CheckTimeout, answer_block, answers_equal, extract_answer
-from r1lab.sandbox import run_python
+from r1lab.sandbox import plain_data, run_python
 from r1lab.tasks import FAMILIES
 
 log = logging.getLogger(__name__)
@@ -162,27 +165,99 @@ def extract_code(completion: str) -> str | None:
     return None
 
 
-def code_reward(completion: str, example: dict) -> float:
-    """Share of `example["tests"]` the extracted program passes in the sandbox.
+def _parse_assert(test: str) -> tuple[str, object]:
+    """`assert <expression> == <literal>` (either side) as (expression, literal); else ValueError."""
+    try:
+        body = ast.parse(test).body
+    except SyntaxError as exc:
+        raise ValueError(f"code test {test!r} is not Python: {exc.msg}") from None
+    compare = body[0].test if len(body) == 1 and isinstance(body[0], ast.Assert) else None
+    if not (isinstance(compare, ast.Compare) and len(compare.ops) == 1 and isinstance(compare.ops[0], ast.Eq)):
+        raise ValueError(f"code test {test!r} is not of the form `assert <call> == <literal>`")
+    sides = [compare.left, compare.comparators[0]]
+    for literal, call in (sides, sides[::-1]):
+        try:
+            expected = ast.literal_eval(literal)
+        except (ValueError, TypeError):
+            continue
+        try:
+            ast.literal_eval(call)
+        except (ValueError, TypeError):
+            return ast.unparse(call), expected
+    raise ValueError(f"code test {test!r} must compare one expression with one literal")
 
-    Tests are either strings, statements run after the program (usually `assert f(2) == 4`),
-    all in one sandboxed run; or dicts {"input": str, "output": str}, each a separate run with
-    that stdin, passing when the printed output equals "output" up to whitespace.
-    `example.get("timeout", 5.0)` is the wall-clock limit per run.
+
+def code_tests(tests: Sequence) -> tuple[list[tuple[str, object]], list[tuple[str, str]]]:
+    """An example's code tests as (call, expected value) pairs and (stdin, stdout) cases.
+
+    Each test is one of
+      {"call": "solve(2)", "expected": 4}  an expression evaluated after the program; its value
+                                           comes back as plain data and is compared here
+      "assert solve(2) == 4"               the same, read with `ast` (the only statement form)
+      {"input": "1 2\n", "output": "3"}    a run of its own with that stdin, passing when it exits
+                                           0 and prints "output" (compared up to whitespace)
+    Expected values must be plain data (`sandbox.plain_data`). A malformed test raises ValueError.
     """
-    tests = list(example["tests"])
+    calls, cases = [], []
+    for test in tests:
+        if isinstance(test, str):
+            call, expected = _parse_assert(test)
+        elif isinstance(test, dict) and test.keys() == {"call", "expected"} and isinstance(test["call"], str):
+            call, expected = test["call"], test["expected"]
+            try:
+                ast.parse(call, mode="eval")
+            except SyntaxError as exc:
+                raise ValueError(f"code test call {call!r} is not a Python expression: {exc.msg}") from None
+        elif isinstance(test, dict) and test.keys() == {"input", "output"}:
+            cases.append((str(test["input"]), str(test["output"])))
+            continue
+        else:
+            raise ValueError(f"code test {test!r} is none of: an assert string, {{'call', 'expected'}}, "
+                             "{'input', 'output'}")
+        try:
+            calls.append((call, plain_data(expected)))
+        except ValueError as exc:
+            raise ValueError(f"code test {test!r}: the expected value is {exc}") from None
+    return calls, cases
+
+
+def values_equal(got, want) -> bool:
+    """Equality of plain data, stricter than `==`: a bool equals only a bool (True is not 1),
+    numbers compare by value (4 == 4.0), lists and dicts element by element."""
+    if type(got) is bool or type(want) is bool:
+        return type(got) is type(want) and got == want
+    if type(got) in (int, float) and type(want) in (int, float):
+        return got == want
+    if type(got) is not type(want):
+        return False
+    if type(got) is list:
+        return len(got) == len(want) and all(map(values_equal, got, want))
+    if type(got) is dict:
+        return got.keys() == want.keys() and all(values_equal(got[k], want[k]) for k in got)
+    return got == want
+
+
+def code_reward(completion: str, example: dict) -> float:
+    """Share of `example["tests"]` (see `code_tests`) the extracted program passes.
+
+    The program runs in the sandbox; call tests are judged here, outside it: a value counts only
+    when it came back as plain data equal to the expected one, so exceptions, exits, forged output
+    and objects that claim equality with anything all fail. `example.get("timeout", 5.0)` is the
+    wall-clock limit per run (one run for all call tests, one per stdin case).
+    """
+    calls, cases = code_tests(example["tests"])
     code = extract_code(completion)
-    if not tests or code is None:
+    if code is None or not (calls or cases):
         return 0.0
     timeout = float(example.get("timeout", 5.0))
     passed = 0
-    asserts = [t for t in tests if isinstance(t, str)]
-    if asserts:
-        passed += run_python(code, asserts, timeout=timeout).passed
-    for case in (t for t in tests if not isinstance(t, str)):
-        result = run_python(code, stdin=str(case["input"]), timeout=timeout)
-        passed += int(result.ok and result.stdout.split() == str(case["output"]).split())
-    return passed / len(tests)
+    if calls:
+        result = run_python(code, [call for call, _ in calls], timeout=timeout)
+        passed += sum(r.ok and values_equal(r.value, want) for r, (_, want) in zip(result.calls, calls, strict=True))
+    for stdin, want in cases:
+        result = run_python(code, stdin=stdin, timeout=timeout)
+        passed += result.ok and result.stdout.split() == want.split()
+    return passed / (len(calls) + len(cases))
 
 
 @dataclass
@@ -225,3 +300,11 @@ def score_batch(funcs_with_weights: Sequence[tuple[RewardFn, float]], completion
             scores.append(score)
             totals[i] += weight * score
     return BatchScores(totals, per_function, errors)
+
+
+REWARD_FUNCTIONS: dict[str, RewardFn] = {"accuracy": accuracy_reward, "format": format_reward,
+                                         "language": language_consistency_reward, "code": code_reward}
+"""The text rewards by the name `grpo.reward_weights` gives them."""
+REWARD_NAMES = (*REWARD_FUNCTIONS, "overlong")
+"""Every name `grpo.reward_weights` may use; `overlong` weighs `overlong_penalty`, which reads a
+token count rather than text, so the RL loop computes it."""

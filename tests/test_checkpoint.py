@@ -1,3 +1,4 @@
+import errno
 import json
 import os
 import random
@@ -13,8 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from r1lab import checkpoint
 from r1lab.checkpoint import (
-    CheckpointError, load_checkpoint, load_model_config, read_metadata, read_trainer_state,
-    rng_state, save_checkpoint, set_rng_state,
+    CheckpointError, committed_checkpoint, load_checkpoint, load_model_config, load_tokenizer, read_metadata,
+    read_trainer_state, read_trainer_summary, rng_state, save_checkpoint, set_rng_state,
 )
 from r1lab.config import ModelConfig
 from r1lab.model import Transformer
@@ -140,7 +141,8 @@ def test_trainer_state_round_trips(tmp_path):
         assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
     assert read_trainer_state(path)["step"] == 7
     human = json.loads((path / "trainer_state.json").read_text())
-    assert human == {"step": 7, "metrics": {"loss": 1.5}}
+    assert human == {"step": 7, "metrics": {"loss": 1.5}} == read_trainer_summary(path)
+    assert read_trainer_summary(save_checkpoint(tmp_path / "bare", model)) == {}
 
 
 def test_truncated_safetensors_names_the_file(saved):
@@ -239,10 +241,11 @@ def test_error_inside_the_writer_keeps_the_previous_checkpoint(saved, monkeypatc
 
     def half_write(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"partial")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
 
     monkeypatch.setattr(checkpoint, "save_file", half_write)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match=r"ckpt: cannot save \(No space left on device\); "
+                                              r"the previous checkpoint is unchanged"):
         save_checkpoint(path, make_model(seed=1))
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
     assert torch.equal(logits(load_checkpoint(path)[0]), old_logits)
@@ -293,6 +296,30 @@ if point == "cleanup":  # die after the swap, before the old copy is deleted
     shutil.rmtree = rmtree
 save_checkpoint(path, make_model(seed=1), trainer_state={{"step": 1}})
 """
+
+
+def test_a_first_save_killed_mid_write_is_no_checkpoint(tmp_path, monkeypatch, tok):
+    path = tmp_path / "ckpt"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "_fsync_tree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, make_model(), tok)
+    assert committed_checkpoint(path) is None
+    stale = tmp_path / ".ckpt.tmp-1-deadbeef"  # what a SIGKILL (no cleanup) leaves
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    assert committed_checkpoint(path) is None
+    monkeypatch.undo()
+    save_checkpoint(path, make_model(), tok)
+    assert committed_checkpoint(path) == path and [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    assert load_tokenizer(path).encode("12 + 12") == tok.encode("12 + 12")
+    assert load_tokenizer(save_checkpoint(tmp_path / "bare", make_model())) is None
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
+        load_model_config(tmp_path / "file")
 
 
 @pytest.mark.parametrize("point, survivor", [("write", 0), ("swap", 1), ("cleanup", 1)])

@@ -31,6 +31,7 @@ def test_info_from_recipe_with_override(tmp_path, capsys):
     (["info", "--model.dim=abc"], "model.dim must be an int"),
     (["info", "--recipe", "/no/such/recipe.toml"], "recipe file not found"),
     (["info", "--preset", "nope"], "unknown preset 'nope'"),
+    (["sft", "--run", "/nonexistent/run"], "sft needs data.sft_files"),  # before the matmul peak is measured
 ])
 def test_user_errors_are_one_line_with_exit_code_2(args, message):
     result = run_cli(*args)

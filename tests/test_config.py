@@ -97,3 +97,28 @@ def test_saved_recipe_reloads_identically(tmp_path):
     recipe = load_recipe(None, ["--data.task_options={ops = [\"+\", \"-\"]}", "--grpo.beta=0.001"])
     save_recipe(recipe, tmp_path / "resolved.toml")
     assert load_recipe(tmp_path / "resolved.toml") == recipe
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--pretrain.steps=0", "pretrain.steps must be >= 1, got 0"),
+    ("--control.save_every=-1", "control.save_every must be >= 0, got -1"),
+    ("--sft.optim.min_lr_ratio=2", "sft.optim.min_lr_ratio must be in [0, 1], got 2.0"),
+    ("--grpo.optim.beta2=1", "grpo.optim.beta2 must be in [0, 1), got 1.0"),
+    ("--grpo.log_every=0", "grpo.log_every must be >= 1, got 0"),
+    ("--grpo.reward_weights={format = 1.0, lenght = 1.0}", "grpo.reward_weights: unknown reward 'lenght'"),
+    ("--data.task=Arithmetic", "data.task: unknown task family 'Arithmetic'"),
+    ("--data.vocab_size=100", "data.vocab_size must be >= 300, got 100"),
+])
+def test_each_section_names_itself_in_its_errors(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_recipe(None, [override])
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_task_options_are_checked_against_the_family():
+    assert load_recipe(None, ["--data.task=countdown", "--data.difficulty=4"]).data.difficulty == 4
+    with pytest.raises(ConfigError, match=r"data.difficulty must be in 1..4 for task 'countdown', got 5"):
+        load_recipe(None, ["--data.task=countdown", "--data.difficulty=5"])
+    with pytest.raises(ConfigError, match="takes no option 'kind'"):
+        load_recipe(None, ["--data.task=sorting", "--data.slip_options={kind = \"carry\"}"])
+    assert load_recipe(None, ["--data.slip_options={kind = \"carry\"}"]).data.slip_options == {"kind": "carry"}

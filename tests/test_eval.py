@@ -28,7 +28,7 @@ from r1lab.eval import (
     question_text,
 )
 from r1lab.evalapi import EndpointError, _samples, evaluate_endpoint
-from r1lab.evalreport import compare_results
+from r1lab.evalreport import GREEDY, SAMPLED, BestDecoding, best_decoding, compare_results, default_ks, verdict
 from r1lab.model import Transformer
 from r1lab.tasks.benchmarks import BenchmarkNotFoundError, candidate_dirs
 from r1lab.tokenizer import R1, R1_ZERO, R1_ZERO_PROMPT, Tokenizer, render_prompt
@@ -243,6 +243,63 @@ def test_real_model_counts_flops_and_skips_prompts_that_do_not_fit(tokenizer):
     assert cost["flops"] > 0 and cost["cores"] == torch.get_num_threads()
     assert cost["mfu"] == pytest.approx(cost["flops"] / cost["wall_seconds"] / 10e9)
     assert cost["core_hours"] == pytest.approx(cost["wall_seconds"] * cost["cores"] / 3600)
+
+
+def test_greedy_run_is_deterministic_and_attached_with_the_best_decoding(tokenizer, tmp_path):
+    model = Transformer(tiny_config(vocab_size=tokenizer.vocab_size, max_seq_len=96, original_seq_len=96)).eval()
+    examples = [{"id": f"q{i}", "prompt": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(5)]
+    runs = []
+    for name in ("a", "b"):
+        engine = Engine(model, tokenizer.eos_id, max_len=96)
+        runs.append(evaluate(engine, tokenizer, examples, k=4, params=replace_tokens(PARAMS, 12), template=R1,
+                             out_dir=tmp_path / name, peak_gflops=1.0, greedy=True))
+    a, b = runs
+    assert a.greedy is not None and a.greedy.settings["sampling"]["temperature"] == 0.0
+    texts = [[c["text"] for c in it["completions"]] for it in a.greedy.items]
+    assert all(len(t) == 1 for t in texts) and texts == [[c["text"] for c in it["completions"]] for it in b.greedy.items]
+    assert a.greedy.metrics == b.greedy.metrics
+    best = a.best()
+    assert best["pass@1"] == max(a.greedy.metrics["pass@1"], a.metrics["pass@1"])
+    doc = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert doc["greedy"]["pass@1"] == a.greedy.metrics["pass@1"] and doc["best"] == best
+    assert (tmp_path / "a" / "greedy" / "samples.jsonl").is_file()
+    assert "| greedy pass@1 (%) |" in (tmp_path / "a" / "results.md").read_text()
+    assert set(a.settings["ks"]) == {1, 2, 4}
+
+
+def test_default_ks_are_powers_of_two_up_to_k():
+    assert default_ks(1) == [1] and default_ks(4) == [1, 2, 4] and default_ks(32) == [1, 2, 4, 8, 16, 32]
+    assert default_ks(12) == [1, 2, 4, 8, 12]
+
+
+def _scores(n_right: int, n: int, value: float = 1.0) -> dict[str, float]:
+    return {f"q{i}": (value if i < n_right else 0.0) for i in range(n)}
+
+
+def test_verdict_is_decided_at_each_models_best_decoding():
+    # What a fresh clone measured: at T=0.6 RL is ahead, but the control's greedy decoding wins.
+    rl = best_decoding(greedy=_scores(177, 200), sampled=_scores(172, 200))
+    control = best_decoding(greedy=_scores(199, 200), sampled=_scores(137, 200))
+    assert (rl.decoding, control.decoding) == (GREEDY, GREEDY)
+    v = verdict("RL", rl, "control", control)
+    assert not v.beat and v.margin == pytest.approx((177 - 199) / 200)
+    assert "did not beat" in v.sentence()
+    # Compared at T=0.6 only, the same numbers would have looked like a win: that is what the verdict refuses.
+    at_t06 = verdict("RL", BestDecoding(SAMPLED, 0.86, _scores(172, 200)), "control",
+                     BestDecoding(SAMPLED, 0.685, _scores(137, 200)))
+    assert at_t06.beat
+    # A clear win at best decoding beats; a margin inside the noise does not.
+    strong = verdict("RL", best_decoding(_scores(180, 200), _scores(170, 200)), "base",
+                     best_decoding(_scores(100, 200), _scores(90, 200)))
+    assert strong.beat and strong.margin == pytest.approx(0.4) and "RL beat base" in strong.sentence()
+    noisy_a = {f"q{i}": float(i % 2) for i in range(20)}
+    noisy_b = {f"q{i}": float((i + 1) % 2 if i < 2 else i % 2) for i in range(20)}  # differ on two items
+    noisy = verdict("A", best_decoding(noisy_a, noisy_a), "B", best_decoding(noisy_b, noisy_b))
+    assert noisy.margin == 0.0 and not noisy.beat
+    one_item = verdict("A", best_decoding(_scores(11, 20), _scores(0, 20)), "B", best_decoding(_scores(10, 20), _scores(0, 20)))
+    assert one_item.margin == pytest.approx(0.05) and not one_item.beat
+    with pytest.raises(ValueError):
+        verdict("A", best_decoding(_scores(1, 3), _scores(1, 3)), "B", best_decoding(_scores(1, 4), _scores(1, 4)))
 
 
 def replace_tokens(params: SamplingParams, n: int) -> SamplingParams:

@@ -8,8 +8,8 @@ import pytest
 
 from r1lab import mathcheck
 from r1lab.mathcheck import CheckTimeout, MathChecker, answers_equal, extract_answer, normalize
-from r1lab.rewards import (accuracy_reward, chain_of_thought, code_reward, extract_code, format_reward,
-                           language_consistency_reward, overlong_penalty, score_batch)
+from r1lab.rewards import (accuracy_reward, chain_of_thought, code_reward, code_tests, extract_code, format_reward,
+                           language_consistency_reward, overlong_penalty, score_batch, values_equal)
 
 
 @pytest.mark.parametrize("text, want", [
@@ -183,11 +183,39 @@ def test_code_extraction_and_reward():
     assert extract_code(fenced).strip() == "def add(a, b):\n    return a + b"
     assert extract_code("<answer>def f(): return 1</answer>") == "def f(): return 1"
     assert extract_code("no code") is None
-    tests = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]
+    tests = ["assert add(1, 2) == 3", {"call": "add(-1, 1)", "expected": 0}]
     assert code_reward(fenced, {"tests": tests}) == 1.0
     half = fenced.replace("a + b", "a + b if a > 0 else 7")
     assert code_reward(half, {"tests": tests}) == 0.5
     io_program = "<answer>```python\nprint(sum(map(int, input().split())))\n```</answer>"
     cases = [{"input": "1 2\n", "output": "3"}, {"input": "5 5\n", "output": "10\n"}, {"input": "1 1", "output": "3"}]
     assert code_reward(io_program, {"tests": cases}) == pytest.approx(2 / 3)
+    failing_exit = io_program.replace("\n```", "\nraise SystemExit(4)\n```")  # right output, failed run
+    assert code_reward(failing_exit, {"tests": cases[:1]}) == 0.0
     assert code_reward("no code", {"tests": tests}) == 0.0
+    tuples = "```python\ndef pair(x):\n    return (x, [x])\n```"
+    assert code_reward(tuples, {"tests": ["assert pair(2) == (2, [2])", "assert (3, [3]) == pair(3)"]}) == 1.0
+
+
+def test_code_tests_format():
+    calls, cases = code_tests(["assert f(1, 'a') == [1, (2, None)]", "assert -3 == g ( )",
+                               {"call": "h()", "expected": {"k": (1.5, True)}}, {"input": 1, "output": "2"}])
+    assert calls == [("f(1, 'a')", [1, [2, None]]), ("g()", -3), ("h()", {"k": [1.5, True]})]
+    assert cases == [("1", "2")]
+    for bad, message in [("assert f(1)", "is not of the form"), ("import os", "is not of the form"),
+                         ("assert f(1) == 2; import os", "is not of the form"),
+                         ("assert f(1) != 2", "is not of the form"), ("assert 1 == 1", "one expression"),
+                         ("assert f(1) == g(1)", "one literal"), ("assert f(", "is not Python"),
+                         ({"call": "f(", "expected": 1}, "not a Python expression"),
+                         ({"call": "f()", "expected": {1, 2}}, "not plain data: set"),
+                         ({"call": "f()"}, "is none of"), (7, "is none of")]:
+        with pytest.raises(ValueError, match=message):
+            code_tests([bad])
+
+
+def test_values_equal_is_plain_and_strict():
+    assert values_equal([1, {"a": 2.0}], [1.0, {"a": 2}])
+    assert not values_equal(True, 1) and not values_equal(0, False) and values_equal(False, False)
+    assert not values_equal([1, 2], [1, 2, 3]) and not values_equal({"a": 1}, {"a": 1, "b": 2})
+    assert not values_equal("1", 1) and not values_equal(None, 0) and not values_equal(float("nan"), float("nan"))
+    assert not values_equal([[1]], [[2]]) and values_equal(None, None)

@@ -371,7 +371,7 @@ BAD_REQUESTS = [
     ("empty messages", "/v1/chat/completions", {**GOOD, "messages": []}, None, 422, "invalid_value"),
     ("ends with assistant", "/v1/chat/completions",
      {**GOOD, "messages": [{"role": "assistant", "content": "hi"}]}, None, 400, "invalid_value"),
-    ("huge prompt", "/v1/chat/completions", {**GOOD, "messages": ask("seven " * 3000)}, None, 413,
+    ("huge prompt", "/v1/chat/completions", {**GOOD, "messages": ask("seven " * 3000)}, None, 400,
      "context_length_exceeded"),
     ("body over the byte limit", "/v1/chat/completions", {**GOOD, "messages": ask("x" * 300_000)}, None, 413,
      "request_too_large"),

@@ -154,3 +154,27 @@ def test_carry_slips_forget_carries_and_borrows():
     rates = [arithmetic.solution_with_slips({"a": 999, "b": 1, "op": "+"}, random.Random(s), 0.3, kind="carry")[1] == "1000"
              for s in range(400)]
     assert 0.25 < sum(rates) / 400 < 0.45  # three carries kept with probability 0.7^3 = 0.34
+
+
+def test_compact_notation_has_the_same_steps_and_answers_in_fewer_characters():
+    import random
+
+    from r1lab.tasks import arithmetic
+
+    long = arithmetic.generate(300, seed=3, difficulty=3)
+    compact = arithmetic.generate(300, seed=3, difficulty=3, notation="compact")
+    for a, b in zip(long, compact, strict=True):
+        assert (a["prompt"], a["answer"], a["id"]) == (b["prompt"], b["answer"], b["id"])
+        assert len(a["solution"].splitlines()) == len(b["solution"].splitlines())
+        assert len(b["solution"]) < 0.6 * len(a["solution"])
+        assert b["solution"].splitlines()[-1] == f"={b['answer']}"
+    ex = {"a": 478, "b": 356, "op": "+", "notation": "compact"}
+    solution, answer = arithmetic.solution_with_slips(ex, random.Random(0), 0.0)
+    assert (solution, answer) == ("478+356\n8+6=14 c1 4\n7+5+1=13 c1 34\n4+3+1=8 c0 834\n=834", "834")
+    solution, answer = arithmetic.solution_with_slips(ex, random.Random(0), 1.0, kind="carry")
+    assert (solution, answer) == ("478+356\n8+6=14 c0 4\n7+5=12 c0 24\n4+3=7 c0 724\n=724", "724")
+    for op in "-*":
+        for ex in arithmetic.generate(100, seed=1, difficulty=2, ops=(op,), notation="compact"):
+            assert arithmetic.solution_with_slips(ex, random.Random(0), 0.0)[1] == ex["answer"]
+    with pytest.raises(ValueError, match="notation"):
+        arithmetic.generate(3, seed=0, notation="terse")

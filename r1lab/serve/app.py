@@ -1,18 +1,25 @@
 """The OpenAI-compatible HTTP API and the web chat, as a FastAPI app: `create_app(model, settings)`.
 
-Routes: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`, `GET /health`, and
-the web chat at `/` (static files under `/static`). Chat replies carry the chain of thought in
-`message.reasoning_content` (streaming: `delta.reasoning_content` chunks first, then
-`delta.content`), as DeepSeek's API does; `usage.completion_tokens_details.reasoning_tokens` counts
-the tokens spent thinking. `/v1/completions` is plain text continuation (BOS + prompt, no template,
-no tag handling).
+Routes: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`, `GET /health`,
+`GET /openapi.json` (the API's OpenAPI schema: request bodies as `schemas.py` validates them, with
+this server's model id and limits), and the web chat at `/` (static files under `/static`). Chat
+replies carry the chain of thought in `message.reasoning_content` (streaming:
+`delta.reasoning_content` chunks first, then `delta.content`), as DeepSeek's API does;
+`usage.completion_tokens_details.reasoning_tokens` counts the tokens spent thinking.
+`/v1/completions` is plain text continuation (BOS + prompt, no template, no tag handling).
 
 Limits and their errors (OpenAI's error JSON, never a 500 for anything a client sends):
-  400 invalid JSON, an unrenderable conversation, max_tokens over the cap, n over the limit;
-  401 missing or wrong `Authorization: Bearer KEY` when the server has an API key (every API route;
-      `/health` and the web chat's static files are public: the page asks for the key);
-  404 unknown model or route; 413 body or prompt too long; 422 a field of the wrong type or range;
+  400 invalid JSON (NaN and lone UTF-16 surrogates included), an unrenderable conversation, a prompt
+      longer than the server takes (`context_length_exceeded`, as OpenAI answers it), max_tokens over
+      the cap, n over the limit, a request the engine refuses;
+  401 missing or wrong `Authorization: Bearer KEY` when the server has an API key (every API route
+      and the schema; `/health` and the web chat's static files are public: the page asks for the key);
+  404 unknown model or route; 413 body too large; 422 a field of the wrong type or range;
   429 more than `max_concurrency` requests in flight.
+A 500 is the server's fault: the engine failed (its message says how), or a bug, whose traceback
+goes to the log under the request's id (`observe.py`: request ids, the access log, the 500 JSON).
+CORS is off (browsers may call the API only from the page it serves) unless `cors_origins` names
+the origins allowed to.
 
 Defaults differ from OpenAI's where R1 differs: temperature 0.6 and top_p 0.95 (DeepSeek's
 recommendation for R1) unless the request says otherwise; max_tokens defaults to what is left of
@@ -28,6 +35,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -36,7 +45,9 @@ from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -44,11 +55,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from r1lab.config import ConfigError
 from r1lab.engine import SamplingParams, StepEvent
 from r1lab.serve.assistant import RAW, ServedModel, chat_prompt, make_engine, text_prompt
-from r1lab.serve.schemas import (APIError, ChatCompletionRequest, CompletionRequest, ReplyBuilder, error_body,
-                                 parse_request)
-from r1lab.serve.worker import EngineWorker, Generation, GenerationError
+from r1lab.serve.observe import REQUEST_ID_HEADER, CatchErrors, RequestLog, request_id
+from r1lab.serve.schemas import (APIError, ChatCompletionRequest, CompletionRequest, ReplyBuilder, decode_json,
+                                 error_body, openapi_schema, parse_request)
+from r1lab.serve.worker import EngineWorker, Generation, GenerationError, GenerationRefused
 
 STATIC = Path(__file__).resolve().parent / "static"
+log = logging.getLogger(__name__)
+# An origin as browsers send it: scheme://host[:port], no path and no trailing slash.
+_ORIGIN = re.compile(r"https?://[^/\s]+")
 
 
 @dataclass(frozen=True)
@@ -74,6 +89,9 @@ class ServeSettings:
     """Default sampling temperature (DeepSeek's recommendation for R1)."""
     top_p: float = 0.95
     """Default nucleus mass."""
+    cors_origins: tuple[str, ...] = ()
+    """Origins (e.g. "http://localhost:3000", or "*" for any) whose pages may call the API from a browser;
+    empty: CORS off, no Access-Control-Allow-Origin header is ever sent."""
 
     def __post_init__(self):
         for name in ("max_tokens_cap", "max_prompt_tokens", "max_concurrency", "max_n", "max_body_bytes",
@@ -83,6 +101,10 @@ class ServeSettings:
                 raise ConfigError(f"serve {name} must be >= 1, got {value}")
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("serve api_key must not be empty")
+        for origin in self.cors_origins:
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise ConfigError(f"serve cors origin {origin!r} is not an origin: write scheme://host[:port] "
+                                  "(no path, no trailing slash), or * for any")
 
 
 class _Counter:
@@ -105,27 +127,42 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None) -> Fas
         yield
         worker.stop()
 
-    app = FastAPI(title="r1lab", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="r1lab", version="1", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.worker = worker
     app.state.model = model
     app.state.settings = settings
     app.state.in_flight = in_flight
     _install_error_handlers(app)
+    # Outermost last: every request gets its id and access line, even a CORS preflight; a 500 made by
+    # CatchErrors still passes through CORS, so a browser can read it.
+    app.add_middleware(CatchErrors)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", REQUEST_ID_HEADER],
+                           expose_headers=[REQUEST_ID_HEADER])
+    app.add_middleware(RequestLog)
 
-    async def authorize(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), settings.api_key.encode()):
+    bearer = HTTPBearer(auto_error=False, description="the server's --api-key")
+
+    async def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        key = credentials.credentials.strip() if credentials else ""
+        if not hmac.compare_digest(key.encode(), settings.api_key.encode()):
             raise APIError(401, "missing or invalid API key: send Authorization: Bearer <key>",
                            code="invalid_api_key")
 
-    api = APIRouter(dependencies=[Depends(authorize)])
+    api = APIRouter(dependencies=[Depends(authorize)] if settings.api_key is not None else [])
 
     def model_card() -> dict:
         return {"id": model.name, "object": "model", "created": created, "owned_by": "r1lab",
                 "context_length": model.max_len, "max_tokens_cap": settings.max_tokens_cap or model.max_len,
                 "template": model.template}
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi():
+        if app.openapi_schema is None:
+            app.openapi_schema = openapi_schema(app.routes, model.name, settings.max_tokens_cap or model.max_len,
+                                                settings.max_n)
+        return JSONResponse(app.openapi_schema)
 
     @api.get("/v1/models")
     async def list_models():
@@ -154,14 +191,17 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None) -> Fas
             max_new_tokens=limit,
             temperature=settings.temperature if req.temperature is None else req.temperature,
             top_p=settings.top_p if req.top_p is None else req.top_p,
-            top_k=req.top_k or 0, n=req.n, seed=req.seed, stop_strings=req.stop_strings(),
-            ignore_eos=req.ignore_eos)
+            # top_k past the vocabulary means all of it; the engine keeps it in an int64 tensor, where a
+            # larger value would not fit
+            top_k=min(req.top_k or 0, model.decoder.config.vocab_size), n=req.n, seed=req.seed,
+            stop_strings=req.stop_strings(), ignore_eos=req.ignore_eos)
 
-    def check_prompt(n_tokens: int) -> None:
+    def check_prompt(n_tokens: int, param: str) -> None:
         limit = min(settings.max_prompt_tokens or model.max_len - 1, model.max_len - 1)
         if n_tokens > limit:
-            raise APIError(413, f"the prompt has {n_tokens} tokens; this server accepts at most {limit}",
-                           param="messages", code="context_length_exceeded")
+            raise APIError(400, f"the prompt has {n_tokens} tokens; this server accepts at most {limit} "
+                                f"(the model's context is {model.max_len})",
+                           param=param, code="context_length_exceeded")
 
     def admit() -> None:
         if in_flight.value >= settings.max_concurrency:
@@ -178,7 +218,7 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None) -> Fas
             prompt = await asyncio.to_thread(chat_prompt, model, messages)
         except ValueError as e:
             raise APIError(400, str(e), param="messages", code="invalid_value") from None
-        check_prompt(len(prompt))
+        check_prompt(len(prompt), "messages")
         params = sampling(req, len(prompt), req.max_completion_tokens or req.max_tokens, None)
         admit()
         return await respond(request, req, [prompt], params, "chat", model.template)
@@ -192,7 +232,7 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None) -> Fas
             raise APIError(400, f"prompt must be a string or a list of 1 to {settings.max_n} strings",
                            param="prompt", code="invalid_value")
         prompts = [await asyncio.to_thread(text_prompt, model, t) for t in texts]
-        check_prompt(max(len(p) for p in prompts))
+        check_prompt(max(len(p) for p in prompts), "prompt")
         params = sampling(req, max(len(p) for p in prompts), req.max_tokens, 16)
         admit()
         return await respond(request, req, prompts, params, "text", RAW)
@@ -200,7 +240,8 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None) -> Fas
     async def respond(request: Request, req, prompts: list[list[int]], params: SamplingParams, kind: str,
                       template: str | None) -> Response:
         in_flight.value += 1
-        generations = [worker.submit(p, params) for p in prompts]
+        rid = request_id(request.scope)
+        generations = [worker.submit(p, params, label=rid) for p in prompts]
         reply = ReplyBuilder(model, kind, template, params.stop_strings, prompts, params.n)
         finished = False
 
@@ -211,6 +252,19 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None) -> Fas
                 in_flight.value -= 1
                 for g in generations:
                     worker.cancel(g)
+
+        try:
+            # The engine checks a request as it takes it: a refusal is the client's error, answered as
+            # one before any stream starts. (Any other failure reaches the reply below.)
+            await asyncio.gather(*(g.admitted() for g in generations))
+        except GenerationRefused as e:
+            release()
+            raise APIError(400, f"the engine refused the request: {e}", code="invalid_value") from None
+        except GenerationError:
+            pass
+        except BaseException:
+            release()
+            raise
 
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -225,6 +279,7 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None) -> Fas
                     if include_usage:
                         yield _sse(reply.usage_chunk())
                 except GenerationError as e:
+                    log.error("%s (mid-stream)", e, extra={"request_id": rid})
                     yield _sse(error_body(str(e)))
                 finally:
                     release()
@@ -250,6 +305,7 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None) -> Fas
             try:
                 work.result()
             except GenerationError as e:
+                log.error("%s", e, extra={"request_id": rid})
                 return JSONResponse(error_body(str(e)), status_code=500)
             return JSONResponse(reply.whole())
         finally:
@@ -259,7 +315,8 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None) -> Fas
     async def health():
         ok = worker.alive or not worker.started
         body = {"status": "ok" if ok else "engine thread stopped", "model": model.name,
-                "in_flight": in_flight.value, "requests": worker.stats.requests,
+                "in_flight": in_flight.value, "generating": worker.active, "requests": worker.stats.requests,
+                "cancelled": worker.stats.cancelled,
                 "max_batch": worker.stats.max_batch}
         return JSONResponse(body, status_code=200 if ok else 503)
 
@@ -325,10 +382,7 @@ async def _read_json(request: Request, limit: int) -> object:
         body += part
         if len(body) > limit:
             raise APIError(413, f"the request body is over the limit of {limit} bytes", code="request_too_large")
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    return decode_json(bytes(body))
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -347,6 +401,3 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def validation_error(request: Request, e: RequestValidationError):
         return JSONResponse(APIError(422, str(e.errors()[:1]), code="invalid_value").body(), status_code=422)
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, e: Exception):
-        return JSONResponse(error_body(f"internal error: {type(e).__name__}"), status_code=500)

@@ -1,19 +1,29 @@
 """The wire format of the OpenAI-compatible API: request bodies as strict pydantic models, the
-response objects (built as plain dicts, chunk by chunk), and the error JSON.
+response objects (built as plain dicts, chunk by chunk), the error JSON, and the OpenAPI schema.
 
-Validation is strict (JSON types as written: "0.7" is not a number) and unknown fields are
-ignored, as OpenAI clients send many optional ones (`user`, `presence_penalty`, ...) that r1lab
-does not use. Two extensions beyond OpenAI's fields, named as vLLM names them: `top_k`, and
+Validation is strict (JSON types as written: "0.7" is not a number; but 4.0 is the integer 4, as
+JSON has one number type and JSON Schema counts it an integer) and unknown fields are ignored,
+as OpenAI clients send many optional ones (`user`, `presence_penalty`, ...) that r1lab does not
+use. Two extensions beyond OpenAI's fields, named as vLLM names them: `top_k`, and
 `ignore_eos` (generate past the end-of-sequence token, for benchmarks of a fixed amount of work).
+
+The handlers read their bodies themselves (to bound their size before parsing and to answer in
+OpenAI's error shape), so FastAPI cannot see them; `openapi_schema` adds the request models to the
+schema FastAPI makes from the routes, with the one served model id and the server's limits, so a
+client or a fuzzer reading `/openapi.json` knows what a valid request is.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import time
 import uuid
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from starlette.routing import BaseRoute
 
 from r1lab.engine import StepEvent
 from r1lab.serve.assistant import CONTENT, SampleDecoder, ServedModel
@@ -40,6 +50,15 @@ class APIError(Exception):
 
 def error_body(message: str, type: str = "server_error", param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def _integral(value: object) -> object:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+INTEGRAL = BeforeValidator(_integral)
+"""Makes an int field take a JSON integer as 4 or 4.0, never 4.5 or "4". It goes after the field's
+constraints in `Annotated`, so they stay on the int and reach the JSON schema."""
 
 
 class _Strict(BaseModel):
@@ -69,12 +88,12 @@ class StreamOptions(_Strict):
 
 class _Sampling(_Strict):
     model: str
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    n: int = Field(1, ge=1)
-    seed: int | None = None
+    top_k: Annotated[int, Field(ge=0), INTEGRAL] | None = None
+    n: Annotated[int, Field(ge=1), INTEGRAL] = 1
+    seed: Annotated[int, INTEGRAL] | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -93,11 +112,31 @@ class _Sampling(_Strict):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not a JSON value")
+
+
+def decode_json(body: bytes) -> object:
+    """A request body as JSON; a 400 if it is not JSON, NaN and Infinity included."""
+    try:
+        data = json.loads(body, parse_constant=_not_json)
+        # A \uD800-\uDFFF escape outside a pair parses to a string no text encoder takes (the tokenizer
+        # would fail on it deep inside the handler): refuse it here, where the reason is known.
+        if _SURROGATE_ESCAPE.search(body):
+            json.dumps(data, ensure_ascii=False).encode()
+        return data
+    except (ValueError, UnicodeError) as e:  # JSONDecodeError is a ValueError
+        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
 
 
 def parse_request(model: type[_Strict], data: object) -> _Strict:
@@ -113,6 +152,51 @@ def parse_request(model: type[_Strict], data: object) -> _Strict:
         field = str(first["loc"][0]) if first["loc"] else None
         code = "invalid_type" if first["type"].endswith("_type") else "invalid_value"
         raise APIError(422, f"{loc or 'body'}: {first['msg']}", param=field, code=code) from None
+
+
+BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
+"""The request model of each route that takes a JSON body."""
+
+
+def openapi_schema(routes: list[BaseRoute], model_name: str, max_tokens_cap: int, max_n: int) -> dict:
+    """The OpenAPI document of `routes`, with the request bodies of `BODIES` and this server's limits."""
+    doc = get_openapi(title="r1lab", version="1", routes=routes,
+                      description="OpenAI-compatible chat and completions; replies carry reasoning_content.")
+    components = doc.setdefault("components", {}).setdefault("schemas", {})
+    # Errors are OpenAI's JSON, not FastAPI's validation detail: say so for every operation.
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    field = {"anyOf": [{"type": "string"}, {"type": "null"}]}
+    components["Error"] = {"type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["message", "type", "param", "code"],
+        "properties": {"message": {"type": "string"}, "type": {"type": "string"}, "param": field, "code": field}}}}
+    error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    for operations in doc["paths"].values():
+        for operation in operations.values():
+            operation["responses"].pop("422", None)
+            operation["responses"]["4XX"] = {"description": "the request's fault (OpenAI's error JSON)", **error}
+            operation["responses"]["5XX"] = {"description": "the server's fault (OpenAI's error JSON)", **error}
+    for path, request_model in BODIES.items():
+        operation = doc["paths"].get(path, {}).get("post")
+        if operation is None:
+            continue
+        body = request_model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(body.pop("$defs", {}))
+        props = body["properties"]
+        props["model"] = {"type": "string", "enum": [model_name], "description": "the served model's id"}
+        props["n"]["maximum"] = max_n
+        for name in ("max_tokens", "max_completion_tokens"):
+            for option in props.get(name, {}).get("anyOf", ()):
+                if option.get("type") == "integer":
+                    option["maximum"] = max_tokens_cap
+        if "prompt" in props:
+            for option in props["prompt"]["anyOf"]:
+                if option.get("type") == "array":
+                    option.update(minItems=1, maxItems=max_n)
+        components[request_model.__name__] = body
+        operation["requestBody"] = {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{request_model.__name__}"}}}}
+    return doc
 
 
 class ReplyBuilder:

@@ -1,7 +1,10 @@
 """Running the app under uvicorn: in the foreground (`r1lab serve`) or on a background thread.
 
-`BackgroundServer` binds 127.0.0.1 on a free port and serves from a thread, for tests and
-benchmarks that talk real HTTP to the app in the same process.
+`run` sends r1lab's and uvicorn's log records to stderr as key=value lines (`observe.logging_config`)
+and turns uvicorn's own access log off: the app writes one access line per request itself, with
+its request id. `BackgroundServer` binds 127.0.0.1 on a free port and serves from a thread, for
+tests and benchmarks that talk real HTTP to the app in the same process; it leaves logging as the
+process has it.
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ import time
 import uvicorn
 from fastapi import FastAPI
 
+from r1lab.serve.observe import logging_config
+
 
 def run(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     """Serve until interrupted. Binds to loopback unless `host` says otherwise."""
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, log_config=logging_config(log_level),
+                access_log=False, timeout_graceful_shutdown=5)
 
 
 class BackgroundServer:
@@ -36,7 +42,8 @@ class BackgroundServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level=self.log_level, lifespan="on", timeout_graceful_shutdown=2)
+        config = uvicorn.Config(self.app, log_level=self.log_level, log_config=None, access_log=False, lifespan="on",
+                                timeout_graceful_shutdown=2)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
                                         name="r1lab-uvicorn", daemon=True)

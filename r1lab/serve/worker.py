@@ -13,8 +13,12 @@ than queueing behind each other. Events go back to the loop that submitted the r
 `loop.call_soon_threadsafe`, one call per request per step. A cancelled request (its client left)
 is cancelled in the engine at the next boundary; its later events are dropped.
 
-If a step raises, every request in flight receives the error and the engine is rebuilt from its
-factory, so one bad step does not take the server down.
+A request the engine refuses (`add_request` raises ValueError: the client asked for something it
+cannot do) gets `GenerationRefused`, which a handler awaiting `generation.admitted()` sees before it
+answers, so it can reply 400 rather than start a reply it cannot finish. If a step raises, every
+request in flight receives the error, the traceback goes to the `r1lab.serve.worker` log with the
+labels (request ids) of the requests it failed, and the engine is rebuilt from its factory, so one
+bad step does not take the server down.
 
 It knows the engine and asyncio; it does not know HTTP, text or templates.
 """
@@ -22,6 +26,7 @@ It knows the engine and asyncio; it does not know HTTP, text or templates.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -29,9 +34,15 @@ from dataclasses import dataclass
 
 from r1lab.engine import Engine, SamplingParams, StepEvent
 
+log = logging.getLogger(__name__)
+
 
 class GenerationError(RuntimeError):
     """The engine failed while generating this request (or refused it)."""
+
+
+class GenerationRefused(GenerationError):
+    """The engine would not take this request (its `add_request` raised ValueError): the client's fault."""
 
 
 @dataclass
@@ -53,11 +64,14 @@ class Generation:
     `GenerationError` if the engine failed.
     """
 
-    def __init__(self, prompt: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop):
+    def __init__(self, prompt: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop,
+                 label: str | None = None):
         self.prompt = prompt
         self.params = params
+        self.label = label                   # names the request in the log (the HTTP request id)
         self.request_id: int | None = None   # set by the engine thread
         self._loop = loop
+        self._admission = loop.create_future()  # settled by the engine thread: None, or the refusal
         self._items: deque = deque()   # lists of events, or an exception; touched only on the loop
         self._ready = asyncio.Event()
         self._open = params.n
@@ -67,12 +81,23 @@ class Generation:
         self._items.append(item)
         self._ready.set()
 
-    def _post(self, item) -> bool:  # on the engine thread
+    def _settle(self, error: BaseException | None) -> None:  # on the loop
+        if not self._admission.done():
+            self._admission.set_result(error)
+
+    def _post(self, item, call=None) -> bool:  # on the engine thread
         try:
-            self._loop.call_soon_threadsafe(self._deliver, item)
+            self._loop.call_soon_threadsafe(call or self._deliver, item)
             return True
         except RuntimeError:  # the loop is closed: nobody is listening
             return False
+
+    async def admitted(self) -> None:
+        """Returns once the engine has taken the request; raises `GenerationRefused` if it would not
+        (and `GenerationError` if the engine failed or stopped first)."""
+        error = await asyncio.shield(self._admission)
+        if error is not None:
+            raise error
 
     def __aiter__(self):
         return self
@@ -132,10 +157,15 @@ class EngineWorker:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def submit(self, prompt: list[int], params: SamplingParams) -> Generation:
+    @property
+    def active(self) -> int:
+        """Requests the engine thread is generating for (a snapshot: it may change as you read it)."""
+        return len(self._routes)
+
+    def submit(self, prompt: list[int], params: SamplingParams, label: str | None = None) -> Generation:
         """Queue a request for the next step boundary; iterate the result for its events."""
         self.start()
-        generation = Generation(prompt, params, asyncio.get_running_loop())
+        generation = Generation(prompt, params, asyncio.get_running_loop(), label)
         self._inbox.append(("add", generation))
         self._wake.set()
         return generation
@@ -149,29 +179,40 @@ class EngineWorker:
 
     # -- the engine thread -------------------------------------------------------------------------
     def _run(self) -> None:
-        while not self._stopping:
-            try:
-                self._apply_commands()
-                if self.engine.has_work():
-                    self._dispatch(self.engine.step())
-                else:
-                    self._wake.wait()
-                    self._wake.clear()
-            except Exception as e:  # noqa: BLE001 - a failure fails the requests in flight, not the server
-                self._fail_all(e)
-        self._fail_all(GenerationError("the server is shutting down"), rebuild=False)
+        try:
+            while not self._stopping:
+                try:
+                    self._apply_commands()
+                    if self.engine.has_work():
+                        self._dispatch(self.engine.step())
+                    else:
+                        self._wake.wait()
+                        self._wake.clear()
+                except Exception as e:  # noqa: BLE001 - a failure fails the requests in flight, not the server
+                    labels = [g.label for g, _ in self._routes.values()]
+                    log.exception("engine step failed; failing %d requests and rebuilding the engine", len(labels),
+                                  extra={"request_ids": ",".join(str(label) for label in labels)})
+                    self._fail_all(e)
+            self._fail_all(GenerationError("the server is shutting down"), rebuild=False)
+        except BaseException:
+            log.critical("the engine thread stopped; /health now reports 503", exc_info=True)
+            raise
 
     def _apply_commands(self) -> None:
         while self._inbox:
             kind, generation = self._inbox.popleft()
             if kind == "add":
                 if generation.done:  # cancelled before it reached the engine
+                    generation._post(GenerationError("cancelled before it started"), generation._settle)
                     continue
                 try:
                     generation.request_id = self.engine.add_request(generation.prompt, generation.params)
                 except ValueError as e:
-                    generation._post(GenerationError(str(e)))
+                    refusal = GenerationRefused(str(e))
+                    generation._post(refusal, generation._settle)
+                    generation._post(refusal)
                     continue
+                generation._post(None, generation._settle)
                 self._routes[generation.request_id] = [generation, generation.params.n]
                 self.stats.requests += 1
             elif generation.request_id in self._routes:
@@ -209,7 +250,9 @@ class EngineWorker:
         self._routes.clear()
         while self._inbox:
             kind, generation = self._inbox.popleft()
-            if kind == "add" and not generation.done:
-                generation._post(failure)
+            if kind == "add":
+                generation._post(failure, generation._settle)
+                if not generation.done:
+                    generation._post(failure)
         if rebuild:
             self.engine = self._make_engine()

@@ -11,9 +11,18 @@ line holds the whole answer, so the final read-back is a copy, not a reversal:
     col 3: 4 + 3 + 1 = 8, write 8 carry 0 -> 834
     result: 834
 
+The same steps in `notation="compact"` (about half the tokens, for small CPU runs):
+
+    478+356
+    8+6=14 c1 4
+    7+5+1=13 c1 34
+    4+3+1=8 c0 834
+    =834
+
 `solution_with_slips` writes the same scratchpad but, with probability `slip_rate` per column,
-writes a wrong digit and carries on from it, so the final answer is wrong the way real scratch
-work goes wrong. The grader is exact integer comparison.
+writes a wrong digit (kind "digit") or forgets a carry or borrow (kind "carry") and carries on from
+it, so the final answer is wrong the way real scratch work goes wrong. The grader is exact integer
+comparison.
 """
 
 from __future__ import annotations
@@ -50,104 +59,141 @@ SLIP_KINDS = ("digit", "carry")
 _NO_SLIPS = _Slips()
 
 
+class _Notation:
+    """How the scratchpad's lines are written; the steps are the same in every notation."""
+
+    def __init__(self, long: bool):
+        self.long = long
+
+    def op(self, x: int, sign: str, y: int) -> str:
+        return f"{x} {sign} {y}" if self.long else f"{x}{sign}{y}"
+
+    def column(self, i: int, terms: str, total: int, digit: int, written: int, sofar: str, word: str = "carry") -> str:
+        if self.long:
+            return f"col {i + 1}: {terms} = {total}, write {digit} {word} {written} -> {sofar}"
+        return f"{terms}={total} {word[0]}{written} {sofar}"
+
+    def borrowed(self, i: int, terms: str, dx: int, taken: int, digit: int, written: int, sofar: str) -> str:
+        if self.long:
+            return (f"col {i + 1}: {terms} is negative, borrow: {dx + 10} - {taken} = "
+                    f"{digit}, write {digit} borrow {written} -> {sofar}")
+        return f"{terms}<0: {dx + 10}-{taken}={digit} b{written} {sofar}"
+
+    def last_carry(self, carry: int, sofar: str) -> str:
+        return f"carry {carry} -> {sofar}" if self.long else f"c{carry} {sofar}"
+
+    def result(self, value: int) -> str:
+        return f"result: {value}" if self.long else f"={value}"
+
+    def partial(self, index: int, value: int) -> str:
+        return f"partial {index}: {value}" if self.long else f"p{index}={value}"
+
+
+NOTATIONS = {"long": _Notation(True), "compact": _Notation(False)}
+
+
 def _finish(sofar: str) -> int:
     return int(sofar) if sofar else 0
 
 
-def _column(lines: list[str], i: int, terms: str, total: int, sofar: str, slip: _Slips) -> tuple[str, int]:
+def _column(lines: list[str], i: int, terms: str, total: int, sofar: str, slip: _Slips,
+            note: _Notation) -> tuple[str, int]:
     """Write column i's line (digit and carry, either may slip); return (result so far, carry)."""
     out = total // 10
     digit = slip.digit(total % 10)
     sofar = f"{digit}{sofar}"
     written = slip.carry(out)
-    lines.append(f"col {i + 1}: {terms} = {out * 10 + digit}, write {digit} carry {written} -> {sofar}")
+    lines.append(note.column(i, terms, out * 10 + digit, digit, written, sofar))
     return sofar, written
 
 
-def _last_carry(lines: list[str], carry: int, sofar: str) -> str:
+def _last_carry(lines: list[str], carry: int, sofar: str, note: _Notation) -> str:
     if carry:
         sofar = f"{carry}{sofar}"
-        lines.append(f"carry {carry} -> {sofar}")
+        lines.append(note.last_carry(carry, sofar))
     return sofar
 
 
-def _add_lines(x: int, y: int, slip) -> tuple[list[str], int]:
+def _terms(note: _Notation, *parts: int | str) -> str:
+    return (" " if note.long else "").join(str(p) for p in parts)
+
+
+def _add_lines(x: int, y: int, slip, note: _Notation) -> tuple[list[str], int]:
     xs, ys = str(x)[::-1], str(y)[::-1]
-    lines, sofar, carry = [f"{x} + {y}"], "", 0
+    lines, sofar, carry = [note.op(x, "+", y)], "", 0
     for i in range(max(len(xs), len(ys))):
         dx = int(xs[i]) if i < len(xs) else 0
         dy = int(ys[i]) if i < len(ys) else 0
-        terms = f"{dx} + {dy}" + (f" + {carry}" if carry else "")
-        sofar, carry = _column(lines, i, terms, dx + dy + carry, sofar, slip)
-    sofar = _last_carry(lines, carry, sofar)
+        terms = _terms(note, dx, "+", dy, *(("+", carry) if carry else ()))
+        sofar, carry = _column(lines, i, terms, dx + dy + carry, sofar, slip, note)
+    sofar = _last_carry(lines, carry, sofar, note)
     value = _finish(sofar)
-    lines.append(f"result: {value}")
+    lines.append(note.result(value))
     return lines, value
 
 
-def _sub_lines(x: int, y: int, slip) -> tuple[list[str], int]:
+def _sub_lines(x: int, y: int, slip, note: _Notation) -> tuple[list[str], int]:
     xs, ys = str(x)[::-1], str(y)[::-1]
-    lines, sofar, borrow = [f"{x} - {y}"], "", 0
+    lines, sofar, borrow = [note.op(x, "-", y)], "", 0
     for i in range(len(xs)):
         dx = int(xs[i])
         dy = int(ys[i]) if i < len(ys) else 0
-        terms = f"{dx} - {dy}" + (f" - {borrow}" if borrow else "")
+        terms = _terms(note, dx, "-", dy, *(("-", borrow) if borrow else ()))
         if dx - dy - borrow < 0:
             digit = slip.digit(dx + 10 - dy - borrow)
             sofar = f"{digit}{sofar}"
             written = slip.carry(1)
-            lines.append(f"col {i + 1}: {terms} is negative, borrow: {dx + 10} - {dy + borrow} = "
-                         f"{digit}, write {digit} borrow {written} -> {sofar}")
+            lines.append(note.borrowed(i, terms, dx, dy + borrow, digit, written, sofar))
             borrow = written
         else:
             digit = slip.digit(dx - dy - borrow)
             sofar = f"{digit}{sofar}"
-            lines.append(f"col {i + 1}: {terms} = {digit}, write {digit} borrow 0 -> {sofar}")
+            lines.append(note.column(i, terms, digit, digit, 0, sofar, word="borrow"))
             borrow = 0
     value = _finish(sofar)
-    lines.append(f"result: {value}")
+    lines.append(note.result(value))
     return lines, value
 
 
-def _mul_digit_lines(x: int, d: int, shift: int, index: int, slip) -> tuple[list[str], int]:
+def _mul_digit_lines(x: int, d: int, shift: int, index: int, slip, note: _Notation) -> tuple[list[str], int]:
     xs = str(x)[::-1]
-    head = f"{x} * {d}" + (f", shifted by {shift}" if shift else "")
+    head = note.op(x, "*", d) + ((f", shifted by {shift}" if note.long else f" <<{shift}") if shift else "")
     if d == 0:
-        return [f"{head}: 0", f"partial {index}: 0"], 0
+        return [f"{head}: 0", note.partial(index, 0)], 0
     lines, sofar, carry = [head], "", 0
     for i, ch in enumerate(xs):
         dx = int(ch)
-        terms = f"{dx} * {d}" + (f" + {carry}" if carry else "")
-        sofar, carry = _column(lines, i, terms, dx * d + carry, sofar, slip)
-    sofar = _last_carry(lines, carry, sofar)
+        terms = _terms(note, dx, "*", d, *(("+", carry) if carry else ()))
+        sofar, carry = _column(lines, i, terms, dx * d + carry, sofar, slip, note)
+    sofar = _last_carry(lines, carry, sofar, note)
     value = _finish(sofar) * 10**shift
-    lines.append(f"partial {index}: {value}")
+    lines.append(note.partial(index, value))
     return lines, value
 
 
-def _mul_lines(x: int, y: int, slip) -> tuple[list[str], int]:
-    lines = [f"{x} * {y}"]
+def _mul_lines(x: int, y: int, slip, note: _Notation) -> tuple[list[str], int]:
+    lines = [note.op(x, "*", y)]
     partials = []
     for shift, ch in enumerate(str(y)[::-1]):
-        part_lines, part = _mul_digit_lines(x, int(ch), shift, shift + 1, slip)
+        part_lines, part = _mul_digit_lines(x, int(ch), shift, shift + 1, slip, note)
         lines += part_lines
         partials.append(part)
     total = partials[0]
     for part in partials[1:]:
-        add, total = _add_lines(total, part, slip)
+        add, total = _add_lines(total, part, slip, note)
         lines += add
     if len(partials) == 1:
-        lines.append(f"result: {total}")
+        lines.append(note.result(total))
     return lines, total
 
 
-def _solve(a: int, op: str, b: int, slip) -> tuple[str, int]:
+def _solve(a: int, op: str, b: int, slip, notation: str = "long") -> tuple[str, int]:
     fn = {"+": _add_lines, "-": _sub_lines, "*": _mul_lines}[op]
-    lines, value = fn(a, b, slip)
+    lines, value = fn(a, b, slip, NOTATIONS[notation])
     return "\n".join(lines), value
 
 
-def _draw(difficulty: int, ops: tuple[str, ...]):
+def _draw(difficulty: int, ops: tuple[str, ...], notation: str):
     lo, hi = (0 if difficulty == 1 else 10 ** (difficulty - 1)), 10**difficulty - 1
 
     def draw(rng: random.Random) -> tuple[str, dict]:
@@ -155,22 +201,27 @@ def _draw(difficulty: int, ops: tuple[str, ...]):
         a, b = rng.randint(lo, hi), rng.randint(lo, hi)
         if op == "-" and a < b:
             a, b = b, a
-        solution, value = _solve(a, op, b, _NO_SLIPS)
+        solution, value = _solve(a, op, b, _NO_SLIPS, notation)
         fields = {"prompt": f"What is {a} {op} {b}?", "answer": str(value), "solution": solution,
-                  "a": a, "b": b, "op": op}
+                  "a": a, "b": b, "op": op, "notation": notation}
         return f"{a}{op}{b}", fields
 
     return draw
 
 
 def generate(n: int, seed: int, split: str = "train", difficulty: int = 1,
-             ops: tuple[str, ...] = OPS) -> list[dict]:
-    """n distinct problems `a op b` of the given split; operands have `difficulty` digits."""
+             ops: tuple[str, ...] = OPS, notation: str = "long") -> list[dict]:
+    """n distinct problems `a op b` of the given split; operands have `difficulty` digits.
+
+    `notation` is how the worked solution is written: "long" or "compact" (same steps, fewer tokens).
+    """
     check_args(n, split, difficulty, MAX_DIFFICULTY)
     bad = [op for op in ops if op not in OPS]
     if bad or not ops:
         raise ValueError(f"ops must be a non-empty subset of {OPS}, got {ops!r}")
-    return generate_split(NAME, _draw(difficulty, tuple(ops)), n, seed, split, difficulty)
+    if notation not in NOTATIONS:
+        raise ValueError(f"notation must be one of {tuple(NOTATIONS)}, got {notation!r}")
+    return generate_split(NAME, _draw(difficulty, tuple(ops), notation), n, seed, split, difficulty)
 
 
 def verify(answer_text: str, example: dict) -> bool:
@@ -181,7 +232,9 @@ def verify(answer_text: str, example: dict) -> bool:
 
 def solution_with_slips(example: dict, rng: random.Random, slip_rate: float,
                         kind: str = "digit") -> tuple[str, str]:
-    """(worked solution, the final answer it reaches). kind "digit": each written digit is off by
-    one with probability slip_rate; kind "carry": each carry or borrow is forgotten with it."""
-    solution, value = _solve(example["a"], example["op"], example["b"], _Slips(rng, slip_rate, kind))
+    """(worked solution, the final answer it reaches), in the example's notation. kind "digit": each
+    written digit is off by one with probability slip_rate; kind "carry": each carry or borrow is
+    forgotten with it."""
+    solution, value = _solve(example["a"], example["op"], example["b"], _Slips(rng, slip_rate, kind),
+                             example.get("notation", "long"))
     return solution, str(value)

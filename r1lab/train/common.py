@@ -1,18 +1,25 @@
 """What every training stage shares: the optimizer and its schedule, metrics, progress, checkpoints
 with trainer state (so an interrupted run resumes exactly), and the stage's line in the cost ledger.
+
+A stage killed at any point (even mid-save, or mid-line in metrics.jsonl) resumes from its last
+committed checkpoint: metrics rows written after it are dropped, so the log reads as if the run had
+never stopped. Resuming a stage with a recipe it was not started with is refused.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from r1lab.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from r1lab.checkpoint import (committed_checkpoint, load_checkpoint, load_model_config, read_metadata,
+                              read_trainer_summary, rng_state, save_checkpoint, set_rng_state)
+from r1lab.config import ConfigError, ModelConfig
 from r1lab.cost import StageCost
 from r1lab.recipe import CostConfig, OptimConfig
 from r1lab.tokenizer import Tokenizer
@@ -48,11 +55,12 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # a cut killed before its rename
+            stale.unlink()
         if resume_step is not None and path.exists():
             # Rows written after the checkpoint we resume from would be duplicated: drop them.
-            rows = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", -1) <= resume_step]
-            path.write_text("".join(r + "\n" for r in rows))
+            rows = [line for line in _whole_lines(path) if json.loads(line).get("step", -1) <= resume_step]
+            _replace_text(path, "".join(r + "\n" for r in rows))
         elif path.exists():
             path.unlink()
         self.writer = None
@@ -77,10 +85,24 @@ class MetricsLog:
             self.writer.close()
 
 
+def _whole_lines(path: Path) -> list[str]:
+    """The log's complete lines: a process killed mid-write leaves a last line without its newline."""
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")[:-1]  # whatever follows the last newline is torn (or empty)
+    return [line for line in lines if line.strip()]
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Replace a file's contents so that a kill leaves either the old or the new file, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def read_metrics(path: Path) -> list[dict]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in _whole_lines(path)]
 
 
 class Progress:
@@ -119,10 +141,33 @@ def save_stage(stage_dir: Path, model, tokenizer: Tokenizer | None, optimizer, s
     save_checkpoint(stage_dir / CHECKPOINT, model, tokenizer, state, metadata=metadata)
 
 
+def check_resumable(stage_dir: Path, stage: str, config: ModelConfig, steps: int, metadata: dict | None) -> None:
+    """Refuse to resume a stage's checkpoint that another recipe made (another model, task or length).
+
+    Cheap (config.json and trainer_state.json only), so a stage calls it before any expensive work."""
+    path = committed_checkpoint(stage_dir / CHECKPOINT)
+    if path is None:
+        return
+    hint = f"use another --run, or delete {stage_dir} to start {stage} over"
+    saved = load_model_config(path)
+    if saved != config:
+        changed = [f"{k} {v} (now {getattr(config, k)})" for k, v in vars(saved).items() if getattr(config, k) != v]
+        raise ConfigError(f"{path} holds a {stage} model with {', '.join(changed)}; {hint}")
+    saved_meta = read_metadata(path)
+    if metadata is not None and saved_meta != metadata:
+        changed = [f"{k} {saved_meta.get(k)!r} (now {v!r})" for k, v in metadata.items() if saved_meta.get(k) != v]
+        raise ConfigError(f"{path} was trained with data {', '.join(changed)}; {hint}")
+    step = read_trainer_summary(path).get("step", 0)
+    if step > steps:
+        raise ConfigError(f"{path} is at step {step}, past {stage}.steps = {steps}; {hint}")
+
+
 def resume_stage(stage_dir: Path, device: torch.device | None = None):
-    """(model, tokenizer, trainer_state) of a stage's checkpoint, or None when it has none."""
-    path = stage_dir / CHECKPOINT
-    if not path.exists() and not any(stage_dir.glob(f".{CHECKPOINT}.tmp-*")):
+    """(model, tokenizer, trainer_state) of a stage's checkpoint, or None when it has none.
+
+    A save killed before the stage's first checkpoint was committed leaves none."""
+    path = committed_checkpoint(stage_dir / CHECKPOINT)
+    if path is None:
         return None
     model, tokenizer, state = load_checkpoint(path, device=device)
     return None if state is None else (model, tokenizer, state)

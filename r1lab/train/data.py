@@ -6,7 +6,8 @@ contain slips that lead to a wrong answer) or directly. Held-out documents come 
 test split, which never overlaps. Documents are tokenised once and packed into one token stream;
 the batch of step s is a function of (seed, s) only, so a resumed run reads exactly the batches an
 uninterrupted one would. SFT batches are padded conversations with a loss mask on the assistant
-turn. This module knows text, the tokenizer and the task families; it knows no model.
+turn. A data file that cannot be used raises `DataError` naming the file and line. This module
+knows text, the tokenizer and the task families; it knows no model.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from r1lab.config import DataError
 from r1lab.recipe import DataConfig
 from r1lab.tasks import get_family
 from r1lab.tasks.base import completion_text
@@ -35,31 +37,49 @@ class Document:
 def task_documents(data: DataConfig, split: str = "train", n: int | None = None) -> list[Document]:
     """Problems of the task family rendered as R1-Zero-shaped completions."""
     family = get_family(data.task)
-    examples = family.generate(n or data.n_problems, seed=data.seed, split=split, difficulty=data.difficulty,
-                               **data.task_options)
+    try:
+        examples = family.generate(n or data.n_problems, seed=data.seed, split=split, difficulty=data.difficulty,
+                                   **data.task_options)
+    except ValueError as e:  # the family's problem space is smaller than asked
+        raise DataError(f"data.n_problems: {e}") from None
     rng = random.Random(f"r1lab-corpus:{data.task}:{data.seed}:{split}")
     docs = []
     for ex in examples:
         if rng.random() < data.scratchpad_share:
             solution, answer = family.solution_with_slips(ex, rng, data.slip_rate, **data.slip_options)
-            worked = True
+            docs.append(Document(ex["prompt"], completion_text(solution, answer), True, family.verify(answer, ex)))
         else:
-            # A direct answer: the thought only restates the problem.
-            solution, answer, worked = ex["solution"].splitlines()[0], ex["answer"], False
-        docs.append(Document(ex["prompt"], completion_text(solution, answer), worked,
-                             family.verify(answer, ex)))
+            docs.append(_direct(family, ex, rng, data))
+        if data.direct_extra:
+            extra = int(data.direct_extra) + (rng.random() < data.direct_extra % 1)
+            docs += [_direct(family, ex, rng, data) for _ in range(extra)]
+    if data.direct_extra:
+        rng.shuffle(docs)  # a problem's documents apart, as they would be in any corpus
     return docs
+
+
+def _direct(family, ex: dict, rng: random.Random, data: DataConfig) -> Document:
+    """A direct answer: the thought only restates the problem; the answer may carry unseen slips."""
+    answer = ex["answer"]
+    if data.direct_slip_rate > 0:
+        answer = family.solution_with_slips(ex, rng, data.direct_slip_rate, **data.slip_options)[1]
+    return Document(ex["prompt"], completion_text(ex["solution"].splitlines()[0], answer), False,
+                    family.verify(answer, ex))
 
 
 def read_jsonl(path: Path) -> list[tuple[int, object]]:
     """(line number, parsed value) for each non-blank line; bad JSON is an error naming the line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 rows.append((i, json.loads(line)))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+                raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
     return rows
 
 
@@ -69,14 +89,19 @@ def file_documents(paths: list[str], text_field: str = "text") -> list[str]:
     for name in paths:
         path = Path(name)
         if not path.is_file():
-            raise FileNotFoundError(f"data file not found: {path}")
+            raise DataError(f"data.files: {path}: no such file")
         if path.suffix == ".jsonl":
             for i, row in read_jsonl(path):
                 if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
-                    raise ValueError(f"{path}:{i}: missing string field {text_field!r}")
+                    raise DataError(f"{path}:{i}: missing string field {text_field!r} (data.text_field)")
                 texts.append(row[text_field])
         else:
-            texts.append(path.read_text(encoding="utf-8"))
+            try:
+                texts.append(path.read_text(encoding="utf-8"))
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not texts:
+        raise DataError(f"data.files: no documents in {', '.join(paths)}")
     return texts
 
 
@@ -123,33 +148,41 @@ class PackedStream:
 class ConversationSet:
     """SFT data: conversations with a loss mask on the final assistant turn, padded per batch."""
 
-    def __init__(self, tokenizer: Tokenizer, conversations: list[list[dict]], template: str, seq_len: int, seed: int):
+    def __init__(self, tokenizer: Tokenizer, conversations: list[list[dict]], template: str, seq_len: int, seed: int,
+                 sources: list[str] | None = None):
+        """`sources` names each conversation ("file:line") in errors."""
         self.items, self.too_long = [], 0
-        for messages in conversations:
-            ids, mask = render_conversation(tokenizer, messages, template)
+        for i, messages in enumerate(conversations):
+            try:
+                ids, mask = render_conversation(tokenizer, messages, template)
+            except ValueError as e:  # roles the template cannot render
+                raise DataError(f"{sources[i] if sources else f'conversation {i}'}: {e}") from None
             if len(ids) > seq_len + 1:  # cutting it would drop the assistant turn the loss is about
                 self.too_long += 1
                 continue
             self.items.append((ids, mask))
         if not self.items:
-            raise ValueError(f"no conversation fits data.seq_len={seq_len} ({self.too_long} longer ones skipped)")
+            raise DataError(f"no conversation fits data.seq_len={seq_len} ({self.too_long} longer ones skipped)")
         self.pad_id, self.seed = tokenizer.pad_id, seed
 
     @classmethod
     def from_jsonl(cls, tokenizer: Tokenizer, paths: list[str], template: str, seq_len: int, seed: int):
-        conversations = []
+        conversations, sources = [], []
         for name in paths:
             path = Path(name)
             if not path.is_file():
-                raise FileNotFoundError(f"SFT file not found: {path}")
+                raise DataError(f"data.sft_files: {path}: no such file")
             for i, row in read_jsonl(path):
                 messages = row.get("messages") if isinstance(row, dict) else None
                 if not isinstance(messages, list) or not all(
                         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                         for m in messages):
-                    raise ValueError(f"{path}:{i}: needs 'messages', a list of {{role, content}} objects")
+                    raise DataError(f"{path}:{i}: needs 'messages', a list of {{role, content}} objects")
                 conversations.append(messages)
-        return cls(tokenizer, conversations, template, seq_len, seed)
+                sources.append(f"{path}:{i}")
+        if not conversations:
+            raise DataError(f"data.sft_files: no conversations in {', '.join(paths)}")
+        return cls(tokenizer, conversations, template, seq_len, seed, sources)
 
     def batch(self, step: int, micro: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         g = random.Random(self.seed * 1_000_003 + step * 1009 + micro)

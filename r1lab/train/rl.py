@@ -23,13 +23,10 @@ from r1lab.cost import StageCost, generate_flops_per_token, train_flops_per_toke
 from r1lab.engine import Engine, SamplingParams
 from r1lab.model import Transformer
 from r1lab.recipe import CostConfig, GRPOConfig
-from r1lab.rewards import accuracy_reward, format_reward, language_consistency_reward, overlong_penalty, score_batch
+from r1lab.rewards import REWARD_FUNCTIONS, overlong_penalty, score_batch
 from r1lab.tokenizer import ANSWER_CLOSE, R1, Tokenizer, render_prompt
 from r1lab.train.common import MetricsLog, Progress, lr_at, make_optimizer, resume_into, save_stage, set_lr, stage_cost
 from r1lab.train.grpo import LOSSES, group_advantages, keep_informative_groups
-
-REWARDS = {"accuracy": accuracy_reward, "format": format_reward, "language": language_consistency_reward}
-
 
 @dataclass
 class Rollout:
@@ -50,12 +47,17 @@ def stop_ids(tokenizer: Tokenizer, template: str) -> tuple[int, ...]:
     return (close,) if template != R1 and close is not None else ()
 
 
+def longest_prompt(tokenizer: Tokenizer, pool: list[dict], template: str) -> int:
+    """Tokens in the longest rendered prompt of the pool: what the engine's context must hold."""
+    return max(len(render_prompt(tokenizer, ex["prompt"], template)) for ex in pool)
+
+
 def score(cfg: GRPOConfig, texts: list[str], examples: list[dict], truncated: list[bool], lengths: list[int],
           think_opened: bool) -> tuple[torch.Tensor, dict[str, list[float]]]:
-    names = [name for name in cfg.reward_weights if name in REWARDS]
-    scored = score_batch([(REWARDS[n], cfg.reward_weights[n]) for n in names], texts,
+    names = [name for name in cfg.reward_weights if name in REWARD_FUNCTIONS]  # the recipe checked every name
+    scored = score_batch([(REWARD_FUNCTIONS[n], cfg.reward_weights[n]) for n in names], texts,
                          [{**ex, "think_opened": think_opened} for ex in examples])
-    parts = {name: list(scored.per_function[REWARDS[name].__name__]) for name in names}
+    parts = {name: list(scored.per_function[REWARD_FUNCTIONS[name].__name__]) for name in names}
     totals = list(scored.totals)
     if "format" in parts:  # a completion the length limit cut off has no valid format
         for i, cut in enumerate(truncated):
@@ -149,11 +151,13 @@ class RLResult:
 
 def train_grpo(model: Transformer, tokenizer: Tokenizer, pool: list[dict], cfg: GRPOConfig, stage_dir: Path,
                template: str, cost: CostConfig, peak_flops: float, reference: Transformer | None = None,
-               evaluate=None, metadata: dict | None = None, quiet: bool = False) -> RLResult:
+               evaluate=None, metadata: dict | None = None, quiet: bool = False,
+               max_prompt_len: int | None = None) -> RLResult:
     """R1-Zero GRPO from `model` (the base) on prompts drawn from `pool`.
 
     `reference` is the frozen policy for the KL term (needed only when cfg.beta > 0). `evaluate`
-    (model -> dict of held-out metrics) runs every cfg.eval_every steps.
+    (model -> dict of held-out metrics) runs every cfg.eval_every steps. `max_prompt_len` is the
+    pool's `longest_prompt` when the caller has it (rendering thousands of prompts takes a second).
     """
     loss_fn, scale = LOSSES[cfg.loss]
     device = next(model.parameters()).device
@@ -165,8 +169,8 @@ def train_grpo(model: Transformer, tokenizer: Tokenizer, pool: list[dict], cfg: 
     if cfg.beta > 0 and reference is None:
         raise ValueError("grpo.beta > 0 needs a reference model")
     engine = Engine(model, eos_id=tokenizer.eos_id, max_batch_size=cfg.prompts_per_step * cfg.group_size,
-                    max_len=min(model.config.max_seq_len, max(len(render_prompt(tokenizer, ex["prompt"], template))
-                                                              for ex in pool[:200]) + cfg.max_new_tokens + 8))
+                    max_len=min(model.config.max_seq_len,
+                                (max_prompt_len or longest_prompt(tokenizer, pool, template)) + cfg.max_new_tokens + 8))
     log = MetricsLog(stage_dir / "metrics.jsonl", resume_step=start if resumed is not None else None)
     progress = Progress("grpo", cfg.steps, start, quiet)
     last: dict = {}
@@ -189,8 +193,9 @@ def train_grpo(model: Transformer, tokenizer: Tokenizer, pool: list[dict], cfg: 
             t1 = time.perf_counter()
             train_metrics, train_flops = _optimise(model, reference, optimizer, batch, cfg, loss_fn, scale,
                                                    lr_at(step, cfg.steps, cfg.optim), tokenizer.pad_id, step)
+            train_tokens = train_metrics.pop("_tokens")
             metrics.update(train_metrics)
-            metrics["train_tokens_per_s"] = train_metrics.pop("_tokens") / (time.perf_counter() - t1)
+            metrics["train_tokens_per_s"] = train_tokens / (time.perf_counter() - t1)
             flops += train_flops
         metrics.update(model.update_expert_bias())
         step_seconds = time.perf_counter() - t0

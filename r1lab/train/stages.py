@@ -2,6 +2,12 @@
 R1-Zero GRPO and the control. The command line and the demo call these; each stage writes its own
 directory (`checkpoint/`, `metrics.jsonl`) and resumes from it when interrupted.
 
+Each stage first checks what it can without heavy work (the checkpoint it starts from, its data
+files line by line, that sequences and prompts fit the model, that a checkpoint it would resume was
+made by the same recipe) and raises `ConfigError` (or `CheckpointError`) naming the field, file or
+value; only then does it measure the matmul peak (when the recipe gives none), train a tokenizer or
+build a model.
+
 Run directory layout:
     recipe.toml       the resolved recipe
     tokenizer/        the BPE trained on the corpus
@@ -11,22 +17,28 @@ Run directory layout:
 
 from __future__ import annotations
 
+import os
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from r1lab.checkpoint import load_checkpoint
+from r1lab.checkpoint import committed_checkpoint, load_checkpoint, load_model_config, load_tokenizer
+from r1lab.config import ConfigError, ModelConfig
+from r1lab.cost import train_flops_per_token
 from r1lab.model import Transformer
-from r1lab.recipe import Recipe
+from r1lab.recipe import Recipe, save_recipe
 from r1lab.tasks import get_family
-from r1lab.tokenizer import R1_ZERO, R1_ZERO_PROMPT, Tokenizer
-from r1lab.train.common import CHECKPOINT
+from r1lab.tokenizer import R1_ZERO, R1_ZERO_PROMPT, TOKENIZER_FILE, Tokenizer
+from r1lab.train.common import CHECKPOINT, check_resumable
 from r1lab.train.data import (ConversationSet, PackedStream, encode_documents, encode_texts, file_documents,
                               task_documents, tokenizer_texts)
 from r1lab.train.pretrain import StageResult, train_supervised
-from r1lab.train.rl import RLResult, train_grpo
+from r1lab.train.rl import RLResult, longest_prompt, train_grpo
 
 HELDOUT_DOCS = 200
+RL_POOL = 5000
 
 
 def run_metadata(recipe: Recipe) -> dict:
@@ -39,8 +51,8 @@ def run_metadata(recipe: Recipe) -> dict:
 def prepare_tokenizer(recipe: Recipe, run_dir: Path) -> Tokenizer:
     """The run's tokenizer: loaded if the run has one, else trained on the corpus and saved."""
     path = run_dir / "tokenizer"
-    if (path / "tokenizer.json").exists():
-        return Tokenizer.load(path)
+    if (path / TOKENIZER_FILE).exists():
+        return _run_tokenizer(path)
     d = recipe.data
     if d.files:
         texts = file_documents(d.files, d.text_field)
@@ -48,7 +60,12 @@ def prepare_tokenizer(recipe: Recipe, run_dir: Path) -> Tokenizer:
         template_text = R1_ZERO_PROMPT if d.template == R1_ZERO else "{prompt}"
         texts = tokenizer_texts(task_documents(d), template_text)
     tokenizer = Tokenizer.train(texts, d.vocab_size)
-    tokenizer.save(path)
+    # Saved aside and renamed into place: a kill mid-save must not leave a half tokenizer to load.
+    tmp = run_dir / f".tokenizer.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.rename(tmp, path)
     return tokenizer
 
 
@@ -67,62 +84,147 @@ def pretraining_data(recipe: Recipe, tokenizer: Tokenizer, seed: int) -> tuple[P
     return stream, held
 
 
-def _check_vocab(recipe: Recipe, tokenizer: Tokenizer) -> None:
-    if tokenizer.vocab_size > recipe.model.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size is {recipe.model.vocab_size}")
-
-
-def run_pretrain(recipe: Recipe, run_dir: Path, peak_flops: float, quiet: bool = False) -> StageResult:
+def run_pretrain(recipe: Recipe, run_dir: Path, peak_flops: float | None = None, quiet: bool = False) -> StageResult:
+    """Pretraining into run_dir/base. `peak_flops` None: the recipe's, else measured after the checks."""
+    cfg, d = recipe.pretrain, recipe.data
+    model_cfg = load_model_config(cfg.init_from) if cfg.init_from else recipe.model
+    _check_seq_len(recipe, model_cfg, f"pretrain.init_from ({cfg.init_from})" if cfg.init_from else "")
+    check_resumable(run_dir / "base", "pretrain", model_cfg, cfg.steps, run_metadata(recipe))
+    if (run_dir / "tokenizer" / TOKENIZER_FILE).exists():
+        _check_vocab(_run_tokenizer(run_dir / "tokenizer"), model_cfg, run_dir / "tokenizer")
+    elif d.vocab_size > model_cfg.vocab_size:  # the recipe checked its own [model]; not a checkpoint's
+        raise ConfigError(f"data.vocab_size ({d.vocab_size}) exceeds the vocab_size ({model_cfg.vocab_size}) of "
+                          f"pretrain.init_from ({cfg.init_from})")
+    for name in d.files:
+        if not Path(name).is_file():
+            raise ConfigError(f"data.files: {name}: no such file")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_recipe(recipe, run_dir / "recipe.toml")
     tokenizer = prepare_tokenizer(recipe, run_dir)
-    _check_vocab(recipe, tokenizer)
-    cfg = recipe.pretrain
-    torch.manual_seed(cfg.seed)
-    model = _initial_model(recipe, cfg.init_from)
+    _check_vocab(tokenizer, model_cfg, run_dir / "tokenizer")
     stream, heldout = pretraining_data(recipe, tokenizer, cfg.seed)
+    peak = _peak(recipe, peak_flops)
+    torch.manual_seed(cfg.seed)
+    model = load_checkpoint(cfg.init_from)[0] if cfg.init_from else Transformer(model_cfg)
     return train_supervised(model, tokenizer, stream.batch, heldout, cfg, run_dir / "base", "pretrain", recipe.cost,
-                            peak_flops, run_metadata(recipe), quiet)
+                            peak, run_metadata(recipe), quiet)
 
 
-def run_control(recipe: Recipe, run_dir: Path, peak_flops: float, quiet: bool = False) -> StageResult:
-    """Continued pretraining of the base on the same corpus: what RL is measured against."""
-    model, tokenizer, state = load_checkpoint(run_dir / "base" / CHECKPOINT)
+def run_control(recipe: Recipe, run_dir: Path, peak_flops: float | None = None, quiet: bool = False,
+                rl_flops: float | None = None) -> StageResult:
+    """Continued pretraining of the base on the same corpus: what RL is measured against.
+
+    With `control.match = "flops"` it runs as many steps as spend `rl_flops` (the RL stage's total:
+    rollouts and updates), at least one.
+    """
     cfg = recipe.control
+    if cfg.match == "flops":
+        if rl_flops is None:
+            raise ConfigError("control.match = \"flops\" needs the RL stage's FLOPs: run the control after grpo")
+        cfg = replace(cfg, steps=control_steps(recipe, rl_flops))
+    base = run_dir / "base" / CHECKPOINT
+    check_resumable(run_dir / "control", "control", load_model_config(base), cfg.steps, run_metadata(recipe))
+    model, tokenizer, state = load_checkpoint(base)
     stream, heldout = pretraining_data(recipe, tokenizer, cfg.seed + 7)  # batches the base did not see in order
     return train_supervised(model, tokenizer, stream.batch, heldout, cfg, run_dir / "control", "control", recipe.cost,
-                            peak_flops, run_metadata(recipe), quiet, optimizer_state=(state or {}).get("optimizer"))
+                            _peak(recipe, peak_flops), run_metadata(recipe), quiet,
+                            optimizer_state=(state or {}).get("optimizer"))
 
 
-def run_sft(recipe: Recipe, run_dir: Path, peak_flops: float, quiet: bool = False) -> StageResult:
+def control_steps(recipe: Recipe, flops: float) -> int:
+    """Supervised steps of the control that spend `flops` (rounded to the nearest step, at least one)."""
+    cfg = recipe.control
+    per_step = train_flops_per_token(recipe.model, recipe.data.seq_len) * recipe.data.seq_len * cfg.batch_size * cfg.grad_accum
+    return max(1, round(flops / per_step))
+
+
+def run_sft(recipe: Recipe, run_dir: Path, peak_flops: float | None = None, quiet: bool = False) -> StageResult:
+    """Supervised fine-tuning of sft.init_from on data.sft_files into run_dir/sft."""
     cfg, d = recipe.sft, recipe.data
     if not d.sft_files:
-        raise ValueError("sft needs data.sft_files: JSONL files of {\"messages\": [...]} conversations")
+        raise ConfigError("sft needs data.sft_files: JSONL files of {\"messages\": [...]} conversations")
     if not cfg.init_from:
-        raise ValueError("sft needs sft.init_from: the checkpoint to fine-tune")
-    model, tokenizer, _ = load_checkpoint(cfg.init_from)
+        raise ConfigError("sft needs sft.init_from: the checkpoint to fine-tune")
+    model_cfg = load_model_config(cfg.init_from)
+    _check_seq_len(recipe, model_cfg, f"sft.init_from ({cfg.init_from})")
+    tokenizer = _checkpoint_tokenizer(cfg.init_from, "sft.init_from")
+    check_resumable(run_dir / "sft", "sft", model_cfg, cfg.steps, run_metadata(recipe))
     data = ConversationSet.from_jsonl(tokenizer, d.sft_files, d.template, d.seq_len, cfg.seed)
+    peak = _peak(recipe, peak_flops)
+    model = load_checkpoint(cfg.init_from)[0]
     return train_supervised(model, tokenizer, data.batch, data.fixed_batches(cfg.eval_batches, cfg.batch_size), cfg,
-                            run_dir / "sft", "sft", recipe.cost, peak_flops, run_metadata(recipe), quiet)
+                            run_dir / "sft", "sft", recipe.cost, peak, run_metadata(recipe), quiet)
 
 
-def rl_pool(recipe: Recipe, n: int = 5000) -> list[dict]:
+def rl_pool(recipe: Recipe, n: int = RL_POOL) -> list[dict]:
     """Train-split problems RL samples its prompts from."""
     d = recipe.data
-    return get_family(d.task).generate(n, seed=d.seed + 1, split="train", difficulty=d.difficulty, **d.task_options)
+    try:
+        return get_family(d.task).generate(n, seed=d.seed + 1, split="train", difficulty=d.difficulty,
+                                           **d.task_options)
+    except ValueError as e:  # the family's problem space is smaller than the pool
+        raise ConfigError(f"data.task {d.task!r}: RL draws from {n} train problems: {e}") from None
 
 
-def run_grpo(recipe: Recipe, run_dir: Path, peak_flops: float, evaluate=None, quiet: bool = False) -> RLResult:
+def run_grpo(recipe: Recipe, run_dir: Path, peak_flops: float | None = None, evaluate=None,
+             quiet: bool = False) -> RLResult:
+    """R1-Zero GRPO from grpo.init_from (default run_dir/base) into run_dir/rl."""
     cfg = recipe.grpo
     init = Path(cfg.init_from) if cfg.init_from else run_dir / "base" / CHECKPOINT
-    model, tokenizer, _ = load_checkpoint(init)
-    if tokenizer is None:
-        raise ValueError(f"{init} has no tokenizer")
+    if not cfg.init_from and committed_checkpoint(init) is None:
+        raise ConfigError(f"grpo starts from {init}, which does not exist: run `r1lab pretrain --run {run_dir}` "
+                          f"first, or set grpo.init_from")
+    model_cfg = load_model_config(init)
+    tokenizer = _checkpoint_tokenizer(init, "grpo.init_from")
+    pool = rl_pool(recipe)
+    longest = longest_prompt(tokenizer, pool, recipe.data.template)
+    if longest + cfg.max_new_tokens > model_cfg.max_seq_len:
+        raise ConfigError(f"the longest {recipe.data.task} prompt ({longest} tokens, template {recipe.data.template!r}) "
+                          f"plus grpo.max_new_tokens ({cfg.max_new_tokens}) exceeds the max_seq_len "
+                          f"({model_cfg.max_seq_len}) of {init}")
+    check_resumable(run_dir / "rl", "grpo", model_cfg, cfg.steps, run_metadata(recipe))
+    peak = _peak(recipe, peak_flops)
+    model = load_checkpoint(init)[0]
     reference = load_checkpoint(init)[0].eval() if cfg.beta > 0 else None
     torch.manual_seed(cfg.seed)
-    return train_grpo(model, tokenizer, rl_pool(recipe), cfg, run_dir / "rl", recipe.data.template, recipe.cost,
-                      peak_flops, reference=reference, evaluate=evaluate, metadata=run_metadata(recipe), quiet=quiet)
+    return train_grpo(model, tokenizer, pool, cfg, run_dir / "rl", recipe.data.template, recipe.cost,
+                      peak, reference=reference, evaluate=evaluate, metadata=run_metadata(recipe), quiet=quiet,
+                      max_prompt_len=longest)
 
 
-def _initial_model(recipe: Recipe, init_from: str) -> Transformer:
-    if init_from:
-        return load_checkpoint(init_from)[0]
-    return Transformer(recipe.model)
+def _peak(recipe: Recipe, peak_flops: float | None) -> float:
+    """FLOP/s for MFU: the caller's, the recipe's, or measured (a few seconds, so after every check)."""
+    if peak_flops:
+        return peak_flops
+    if recipe.cost.peak_gflops:
+        return recipe.cost.peak_gflops * 1e9
+    from r1lab.hardware import measure_matmul_peak
+
+    return measure_matmul_peak() * 1e9
+
+
+def _run_tokenizer(path: Path) -> Tokenizer:
+    try:
+        return Tokenizer.load(path)
+    except ValueError as e:
+        raise ConfigError(f"{e}; delete {path} to train it again") from None
+
+
+def _checkpoint_tokenizer(path: str | Path, key: str) -> Tokenizer:
+    tokenizer = load_tokenizer(path)
+    if tokenizer is None:
+        raise ConfigError(f"{key}: {path} has no tokenizer ({TOKENIZER_FILE}) to prompt it with")
+    return tokenizer
+
+
+def _check_seq_len(recipe: Recipe, model_cfg: ModelConfig, checkpoint: str) -> None:
+    """Training windows fit the model's positions (`checkpoint` names where the model comes from, if not [model])."""
+    if recipe.data.seq_len > model_cfg.max_seq_len:
+        where = f"the max_seq_len of {checkpoint}" if checkpoint else "model.max_seq_len"
+        raise ConfigError(f"data.seq_len ({recipe.data.seq_len}) exceeds {where} ({model_cfg.max_seq_len})")
+
+
+def _check_vocab(tokenizer: Tokenizer, model_cfg: ModelConfig, path: Path) -> None:
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ConfigError(f"the tokenizer in {path} has {tokenizer.vocab_size} ids but model.vocab_size is "
+                          f"{model_cfg.vocab_size}; use another --run, or delete {path} to train one that fits")
