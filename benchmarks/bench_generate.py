@@ -4,8 +4,8 @@
 (b) a dense r1lab config against the baseline's dense Qwen2 (hidden 256, 4 layers, intermediate
     1024, vocab 382) with the same FLOPs per token (within a few percent, printed).
 Random weights, 29-token prompts, exactly `--new-tokens` generated per sequence (EOS is banned on
-both sides), sampling at temperature 1. r1lab runs twice: eager, and with the decode step compiled
-(`Engine(compile=True)`; its one-off compile time is reported). Median of `--runs` timed runs after
+both sides), sampling at temperature 1. r1lab runs twice: eager, and on the CPU backend
+(`Engine(compile=True)`: steps compiled ahead of time per row class; the one-off compile time is reported). Median of `--runs` timed runs after
 a warm-up, all sides interleaved so that machine noise hits each. A decode step's time is the call's
 less the same engine's one-token call (its prefill), over the remaining steps; its achieved GFLOP/s is
 set against this machine's fp32 matmul peak, measured in the same run.
@@ -155,7 +155,8 @@ def speculative_rows(new_tokens: int, runs: int, compile: bool, rows: list[str])
             times: dict[bool, list[float]] = {False: [], True: []}
             for engine in engines.values():  # warm-up (and, compiled, the compile at this batch shape)
                 engine.generate(prompts, SamplingParams(max_new_tokens=4, temperature=0))
-            engines[True].drafted = engines[True].accepted = 0
+            speculation = engines[True].speculation
+            speculation.drafted = speculation.accepted = 0
             for _ in range(runs):
                 for spec, engine in engines.items():
                     start = time.perf_counter()
@@ -163,7 +164,7 @@ def speculative_rows(new_tokens: int, runs: int, compile: bool, rows: list[str])
                     times[spec].append(time.perf_counter() - start)
             plain, spec = statistics.median(times[False]), statistics.median(times[True])
             rows.append(f"| {'compiled' if compiled else 'eager'} | {batch} | {batch * new_tokens / plain:,.0f} | "
-                        f"{batch * new_tokens / spec:,.0f} | {plain / spec:.2f}x | {100 * engines[True].acceptance_rate:.0f}% |")
+                        f"{batch * new_tokens / spec:,.0f} | {plain / spec:.2f}x | {100 * speculation.acceptance_rate:.0f}% |")
             print(rows[-1], flush=True)
 
 
@@ -210,8 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     body = (f"fp32 matmul peak measured in this run: {peak:.1f} GFLOP/s before the runs, {peak_after:.1f} after "
             f"(\"of peak\" uses the larger). Compile times are "
             f"{'warm (torch on-disk cache)' if args.warm_cache else 'cold (a fresh inductor cache)'}; "
-            f"each batch-size class has its own graph (1; 2-8; 9-256; more: kernels.STREAMING_ROWS, KERNEL_ROWS); beyond "
-            f"8 rows the products, routed experts and MLA attention run as C++ kernels (r1lab/csrc). Prompts {PROMPT_LEN} tokens, "
+            f"compiled: the CPU backend's steps, one package per row class of its table (r1lab/backends/cpu). "
+            f"Prompts {PROMPT_LEN} tokens, "
             f"{args.new_tokens} new tokens, sampling at temperature 1, median of {args.runs} runs (ratio: of the medians; "
             f"ratio per run: the range of each run's HF time over r1lab's, taken back to back).\n"
             f"Matmul FLOPs per token (no attention): r1lab dense {flops_dense / 1e6:.2f}M vs Qwen2 {flops_qwen / 1e6:.2f}M; "

@@ -285,9 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="let pages from this origin (scheme://host[:port], or * for any) call the API from a "
                           "browser; repeatable (default: CORS off)")
     srv.add_argument("--compile", action="store_true",
-                     help="compile the decode step (ahead of time, AOTInductor) and the prefill (torch.compile): ~8x faster "
-                          "batch-1 decoding, 2-4x at larger batches, after a one-off compile of 0.5-1 min per "
-                          "batch-size class")
+                     help="decode on the CPU backend: steps compiled ahead of time (AOTInductor) and C++ kernels, "
+                          "after a one-off compile per batch-size class (README: Generation speed)")
     srv.set_defaults(func=cmd_serve)
 
     chat = sub.add_parser("chat", help="terminal chat with a model, reasoning shown dimmed",

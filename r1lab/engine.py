@@ -11,12 +11,16 @@ How a batch runs:
   * requests wait in a queue; at each step boundary waiting requests are prefilled together
     (prompts right-padded, one prefill per prompt) into a cache with the slots they can reach
     (prompt + max_new_tokens), the cache rows are repeated for the n samples of each prompt (the
-    prompt is not recomputed) and appended to the running batch;
+    prompt is not recomputed) and join the running batch (`RunningBatch`);
   * one decode step feeds every running row its last token at its own position; the cache slot of
     a position is its index, so ragged rows need no padding mask and a rejected draft token is
     simply overwritten;
   * finished rows leave the batch when they are a `compact_fraction` of it (compacting the cache
     costs a copy, so it is batched), until then they are fed a frozen position and ignored.
+
+Every step reports what each sample did as `StepEvent`s; `generate` collects them. An engine built
+with `compile=True` runs its steps on the CPU backend (r1lab.backends.cpu) when the model qualifies,
+else the model's own forward (eager); `speculative=True` drafts with the MTP module (`Speculation`).
 
 Letter legend: B running rows, T tokens in a call, V vocabulary.
 """
@@ -25,14 +29,14 @@ from __future__ import annotations
 
 import itertools
 import random
+import warnings
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator
 
 import torch
 
-from r1lab import kernels
-from r1lab.aot import ExportedStep
+from r1lab.backends import cpu
 
 
 @dataclass(frozen=True)
@@ -185,8 +189,8 @@ class _Settings:
 
 class _Uniforms:
     """The running rows' next uniforms in (0, 1], `block` of them drawn ahead from each row's own stream:
-    a step reads one row of the table (one tensor op) instead of calling every row's generator (~60 us a
-    step at batch 64, most of it cache misses after a decode step). All rows read the same table row; a
+    a step reads one row of the table (one tensor op) instead of calling every row's generator (slow at
+    large batches: cache misses after a decode step). All rows read the same table row; a
     row joining mid-block gets its stream's next values in the block's remaining table rows, so each row
     still draws its own stream in order: the values one draw per call would give."""
 
@@ -221,67 +225,145 @@ class _Uniforms:
                             dtype=torch.float64).view(len(rows), n).T.contiguous()
 
 
+class RunningBatch:
+    """The running rows and everything kept row for row with them: the cache, each row's next token and
+    its position, its sampling settings and uniforms, and (speculative decoding) its draft. Rows `join`
+    at the end; finished rows stay, frozen, until `compact` drops them."""
+
+    def __init__(self, rows: list[_Row], cache, last: torch.Tensor, positions: torch.Tensor, settings: _Settings,
+                 draft: torch.Tensor | None, decode: Callable[[list[int]], str] | None):
+        self.rows, self.cache, self.settings, self.draft, self.decode = rows, cache, settings, draft, decode
+        self.last, self.positions = last, positions  # (B,) the token each row feeds next, at this position
+        self.uniforms = _Uniforms()
+        self.uniforms.add(rows)
+        # Kept with the rows so that a step needs no pass over them: how many have finished (they wait for
+        # compaction), and the furthest any has reached (prompt_len + len(tokens): the cache slots a step reads).
+        self.finished = 0
+        self.front = 0
+
+    @property
+    def live(self) -> int:
+        return len(self.rows) - self.finished
+
+    def join(self, other: RunningBatch) -> None:
+        """Append other's rows (requests just prefilled) after ours."""
+        self.cache.extend(other.cache)
+        self.rows.extend(other.rows)
+        self.settings = self.settings.cat(other.settings)
+        self.uniforms.add(other.rows)  # their streams from the start, in our table's remaining rows
+        self.last = torch.cat([self.last, other.last])
+        self.positions = torch.cat([self.positions, other.positions])
+        if self.draft is not None:
+            self.draft = torch.cat([self.draft, other.draft])
+        self.finished += other.finished
+        self.front = max(self.front, other.front)
+
+    def compact(self, fraction: float) -> None:
+        """Drop the finished rows once they are `fraction` of the batch (or all of it)."""
+        if not self.finished or (self.finished < len(self.rows) and self.finished < fraction * len(self.rows)):
+            return
+        keep = [i for i, r in enumerate(self.rows) if r.finish_reason is None]
+        if keep:
+            idx = torch.tensor(keep, device=self.positions.device)
+            self.cache.select(idx)
+            self.settings = self.settings.select(idx)
+            self.uniforms.select(idx)
+            self.last, self.positions = self.last[idx], self.positions[idx]
+            if self.draft is not None:
+                self.draft = self.draft[idx]
+        self.rows = [self.rows[i] for i in keep]
+        self.finished = 0
+        self.front = max((r.prompt_len + len(r.tokens) for r in self.rows), default=0)
+
+    def n_slots(self, ahead: int = 0) -> int:
+        """Cache slots the next step reads: every row feeds position prompt_len + len(tokens) - 1 or
+        less (finished rows are frozen), plus `ahead` draft positions."""
+        return min(self.front + ahead, self.cache.max_len)
+
+    def advance(self, tokens: torch.Tensor, logps: torch.Tensor, events: list[StepEvent]) -> None:
+        """One new token per row (B,): each running row records it and feeds it next; finished rows stay frozen."""
+        token_list, logp_list = tokens.tolist(), logps.tolist()
+        if not self.finished:  # (the common case: no finished row waiting for compaction)
+            self.positions, self.last = self.positions + 1, tokens
+            self.record(self.rows, token_list, logp_list, events)
+            return
+        live = [i for i, r in enumerate(self.rows) if r.finish_reason is None]
+        running = torch.zeros(len(self.rows), dtype=torch.bool, device=self.positions.device)
+        running[live] = True
+        self.positions = torch.where(running, self.positions + 1, self.positions)
+        self.last = torch.where(running, tokens, self.last)
+        self.record([self.rows[i] for i in live], [token_list[i] for i in live], [logp_list[i] for i in live], events)
+
+    def record(self, rows: list[_Row], tokens: list[int], logps: list[float], events: list[StepEvent]) -> None:
+        """Each row's new token: appended, its finish checked, an event each."""
+        front, finished = self.front, 0
+        for row, tok, lp in zip(rows, tokens, logps):
+            row.tokens.append(tok)
+            row.logprobs.append(lp)
+            n = len(row.tokens)
+            # The full check only where a finish is possible: a stop id, the token limit, or stop strings.
+            reason = None
+            if tok in row.stop_ids or n >= row.limit or row.params.stop_strings:
+                reason = row.finish_reason = _finish_reason(row, tok, self.decode)
+                finished += reason is not None
+            if row.prompt_len + n > front:
+                front = row.prompt_len + n
+            events.append(StepEvent(row.request_id, row.sample_index, [tok], [lp], reason, row.text))
+        self.front, self.finished = front, self.finished + finished
+
+    def abort(self, cancelled: set[int], events: list[StepEvent]) -> None:
+        """Finish the cancelled requests' running rows with reason `abort`."""
+        for row in self.rows:
+            if row.request_id in cancelled and row.finish_reason is None:
+                row.finish_reason = "abort"
+                self.finished += 1
+                events.append(StepEvent(row.request_id, row.sample_index, [], [], "abort"))
+
+
+def _finish_reason(row: _Row, token: int, decode: Callable[[list[int]], str] | None) -> str | None:
+    """Why the row ends at its new `token`, or None; a stop string cuts its text right after the string."""
+    if token in row.stop_ids:
+        return "stop"
+    if row.params.stop_strings:
+        text = decode(row.tokens)
+        cuts = [text.find(s) + len(s) for s in row.params.stop_strings if s in text]
+        if cuts:
+            row.text = text[:min(cuts)]
+            return "stop"
+    return "length" if len(row.tokens) >= row.limit else None
+
+
 class Engine:
     """Generation over a decoder with a latent KV cache; one instance serves many calls."""
 
     def __init__(self, model, eos_id: int | None, decode: Callable[[list[int]], str] | None = None,
                  max_batch_size: int = 256, max_len: int | None = None, compact_fraction: float = 0.25,
                  speculative: bool = False, compile: bool = False):
-        """`compile`: compile the decode step (with `speculative`: its verify and draft halves) with inductor:
-        over r1lab's KVCache ahead of time (torch.export + AOTInductor, the weights as inputs, so weight
-        updates between calls are seen), for other decoders through `torch.compile` (dynamic shapes, C++
-        wrapper). One compiled step serves each class of batch sizes (1; 2-8; 9-256; more: see
-        `kernels.STREAMING_ROWS`, `KERNEL_ROWS`), built the first time a step falls in it (15-40 s); later
-        steps are much cheaper (see benchmarks/bench_generate.py).
-        Beyond 8 rows on an AVX2 CPU the products, routed experts and MLA attention call small C++ kernels,
-        built once on first use (`r1lab.kernels`), and every step draws its tokens with one C++ call
-        (`kernels.sample_op`, the same draw as `sample_tokens`). Prefill is compiled too (its own graphs
-        per row-count class, ~1 min each cold: 20-37% faster at batch 64 on the benchmark's prompts); the
-        speculative engine's prefill stays eager."""
+        """`compile`: run prefill and decode steps on the CPU backend (r1lab.backends.cpu: steps compiled ahead
+        of time, one per class of batch sizes, built the first time a step falls in it; C++ kernels built once
+        on first use). A model it cannot run (another device or dtype, another decoder) decodes eagerly, with
+        a warning saying why. `speculative`: draft with the model's MTP module (`Speculation`)."""
         if speculative and not getattr(model, "mtp", None):
             raise ValueError("speculative decoding drafts with the MTP module: the model has none (n_mtp_modules = 0)")
         if max_len is not None and max_len > model.config.max_seq_len:
             raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
         self.model = model
-        compiled = (lambda fn: torch.compile(fn, dynamic=True, options={"cpp_wrapper": True})) if compile else (lambda fn: fn)
-        # The steps are module-level functions taking the model, each compiled once per row-count class. Over
-        # r1lab's KVCache the decode step and the speculative halves are compiled ahead of time (`aot.ExportedStep`:
-        # no guards to evaluate per call); the prefill, run once per admission, and other decoders' steps go
-        # through torch.compile (module-level functions: their guards and entry cost less per call than a
-        # compiled module's, and engines do not share one wrapper frame's recompile limit).
-        steps = (lambda fn: ExportedStep(fn, compiled(fn))) if compile else (lambda fn: fn)
-        self._decode = steps(_decode)
-        self._prefill = compiled(_prefill)
-        self._verify = steps(_verify) if speculative else None
-        self._draft_next = steps(_draft_next) if speculative else None
-        self._settings: _Settings | None = None  # the running rows' sampling settings, row for row
-        self._uniforms = _Uniforms()  # and their next uniforms
-        # A compiled engine also draws in one C++ call (kernels.sample_op) where built: its decode step is so
-        # short that the eager draw's ~10 small tensor ops are a tenth of it.
-        self._sample_kernel = compile and kernels.kernel_built("sample")
-        self.speculative = speculative
-        self.drafted = 0   # speculative: rows that verified a draft, and how many drafts were accepted
-        self.accepted = 0
         self.eos_id = eos_id
         self.decode = decode
         self.max_batch_size = max_batch_size
         self.max_len = max_len or model.config.max_seq_len
         self.compact_fraction = compact_fraction
+        self.steps = EagerSteps()  # what runs a step, chosen once: the model's forward or the CPU backend
+        if compile and (reason := cpu.unsupported(model)) is not None:
+            warnings.warn(f"r1lab: the CPU backend cannot run this model ({reason}); it decodes eagerly", stacklevel=2)
+        elif compile:
+            self.steps = cpu.CpuBackend()
+        self._sample_kernel = self.steps.sample
+        self.speculation = Speculation(model, self.steps, self._sample) if speculative else None
         self._ids = itertools.count()
         self._waiting: deque[tuple[int, list[int], SamplingParams]] = deque()
-        self._rows: list[_Row] = []
-        self._cache = None
-        self._last = torch.zeros(0, dtype=torch.long)   # (B,) the token each row feeds next
-        self._pos = torch.zeros(0, dtype=torch.long)    # (B,) its position
-        self._draft = torch.zeros(0, dtype=torch.long)  # (B,) speculative: the MTP guess for the token after
         self._cancelled: set[int] = set()
-        # generate()'s requests: request id -> the list their rows go to as they finish (generate reads the
-        # rows, so its steps build no per-token events).
-        self._collect: dict[int, list[_Row]] = {}
-        # Kept with the rows so a step needs no pass over them: how many have finished (they wait for compaction),
-        # and the furthest any has reached (prompt_len + len(tokens): the cache slots a step reads).
-        self._finished = 0
-        self._front = 0
+        self._batch: RunningBatch | None = None
 
     # -- requests ----------------------------------------------------------------------------------
     def add_request(self, prompt: list[int], params: SamplingParams) -> int:
@@ -304,163 +386,91 @@ class Engine:
         self._cancelled.add(request_id)
 
     def has_work(self) -> bool:
-        return bool(self._waiting) or self._finished < len(self._rows)
+        return bool(self._waiting) or (self._batch is not None and self._batch.live > 0)
 
-    # -- the step ------------------------------------------------------------------------------------
+    # -- steps -------------------------------------------------------------------------------------
+    @torch.inference_mode()
     def step(self) -> list[StepEvent]:
-        """Admit waiting requests (prefill), then one decode step for every running row."""
+        """Apply cancellations, one decode step for every running row, then admit waiting requests (their
+        prefill gives each sample its first token). Returns what each sample did."""
         events: list[StepEvent] = []
-        self._step(events)
+        if self._cancelled:
+            self._waiting = deque(w for w in self._waiting if w[0] not in self._cancelled)
+            if self._batch is not None:
+                self._batch.abort(self._cancelled, events)
+            self._cancelled.clear()
+        if self._batch is not None and self._batch.live:
+            (self._decode if self.speculation is None else self.speculation.step)(self._batch, events)
+        self._admit(events)
+        if self._batch is not None:
+            self._batch.compact(self.compact_fraction)
+            if not self._batch.rows:
+                self._batch = None
         return events
 
-    @torch.inference_mode()
-    def _step(self, events: list[StepEvent] | None) -> None:
-        """`step`, its events appended to `events`; with None, no per-token events are built (generate)."""
-        self._apply_cancellations(events)
-        if self._finished < len(self._rows):  # some row is decoding
-            (self._speculative_step if self.speculative else self._decode_step)(events)
-        self._admit(events)
-        self._maybe_compact()
+    def _decode(self, batch: RunningBatch, events: list[StepEvent]) -> None:
+        """One token for every running row."""
+        logits = self.steps.decode(self.model, batch.last[:, None], batch.positions[:, None], batch.cache,
+                                   batch.n_slots())  # (B, V)
+        batch.advance(*self._sample(logits, batch.settings, batch.uniforms.next(batch.rows)), events)
 
-    def _apply_cancellations(self, events: list[StepEvent] | None) -> None:
-        if not self._cancelled:
-            return
-        self._waiting = deque(w for w in self._waiting if w[0] not in self._cancelled)
-        for row in self._rows:
-            if row.request_id in self._cancelled and row.finish_reason is None:
-                row.finish_reason = "abort"
-                self._finished += 1
-                if row.request_id in self._collect:
-                    self._collect[row.request_id].append(row)
-                if events is not None:
-                    events.append(StepEvent(row.request_id, row.sample_index, [], [], "abort"))
-        self._cancelled.clear()
-
-    def _admit(self, events: list[StepEvent] | None) -> None:
-        room = self.max_batch_size - (len(self._rows) - self._finished)
-        batch = []
+    def _admit(self, events: list[StepEvent]) -> None:
+        """Prefill the waiting requests that fit and join their samples to the running batch."""
+        room = self.max_batch_size - (0 if self._batch is None else self._batch.live)
+        admitted = []
         while self._waiting and room >= self._waiting[0][2].n:
-            item = self._waiting.popleft()
-            batch.append(item)
-            room -= item[2].n
-        if not batch and self._waiting and not self._rows:
-            batch.append(self._waiting.popleft())  # one request larger than the batch still runs
-        if not batch:
+            admitted.append(self._waiting.popleft())
+            room -= admitted[-1][2].n
+        if not admitted and self._waiting and self._batch is None:
+            admitted.append(self._waiting.popleft())  # one request larger than the batch still runs
+        if not admitted:
             return
-        lengths = torch.tensor([len(p) for _, p, _ in batch])
+        lengths = torch.tensor([len(p) for _, p, _ in admitted])
         T = int(lengths.max())
-        tokens = torch.zeros(len(batch), T, dtype=torch.long)
-        for i, (_, prompt, _) in enumerate(batch):
+        tokens = torch.zeros(len(admitted), T, dtype=torch.long)
+        for i, (_, prompt, _) in enumerate(admitted):
             tokens[i, :len(prompt)] = torch.tensor(prompt)
-        device = self._device()
-        tokens, positions_T = tokens.to(device), torch.arange(T, device=device).expand(len(batch), T)
-        rows_of = torch.arange(len(batch), device=device)
-        counts = torch.tensor([params.n for _, _, params in batch])
+        device = next(self.model.parameters()).device
+        tokens, positions = tokens.to(device), torch.arange(T, device=device).expand(len(admitted), T)
+        last = (lengths - 1).to(device)
+        counts = torch.tensor([params.n for _, _, params in admitted])
         # Slots for what these requests can reach (prompt + max_new_tokens), not max_len: the cache is
-        # zeroed and, at batch 64, a max_len cache costs tens of ms to allocate (and grows on `extend`).
-        slots = min(self.max_len, max(len(prompt) + params.max_new_tokens for _, prompt, params in batch))
-        if self.speculative:
-            cache = self.model.new_cache(len(batch), slots, with_mtp=True)
-            hidden, _ = self.model.trunk(tokens, positions=positions_T, cache=cache)  # (n_req, T, D)
-            last_logits = self.model.logits(hidden[rows_of, (lengths - 1).to(device)])
+        # zeroed, and a max_len cache costs time to allocate at large batches (and grows on `extend`).
+        slots = min(self.max_len, max(len(prompt) + params.max_new_tokens for _, prompt, params in admitted))
+        if self.speculation is None:
+            cache = self.model.new_cache(len(admitted), slots)
+            last_logits = self.steps.prefill(self.model, tokens, positions, last, cache, T)  # (n_req, V)
         else:
-            cache = self.model.new_cache(len(batch), slots)
-            last_logits = self._prefill(self.model, tokens, positions_T, cache, (lengths - 1).to(device))  # (n_req, V)
+            cache, last_logits, hidden = self.speculation.prefill(tokens, positions, last, slots)
         _repeat_rows(cache, counts.to(device))
         last_logits = last_logits.repeat_interleave(counts.to(device), dim=0)
-        new_rows = []
-        for (request_id, prompt, params) in batch:
+        rows = []
+        for (request_id, prompt, params) in admitted:
             eos = () if self.eos_id is None or params.ignore_eos else (self.eos_id,)
             stop_ids = frozenset((*params.stop_token_ids, *eos))
             for i in range(params.n):
-                new_rows.append(_Row(request_id, i, params, len(prompt), random.Random(_mix_seed(params.seed, i)),
-                                     stop_ids, min(params.max_new_tokens, self.max_len - len(prompt))))
-        positions = lengths.repeat_interleave(counts)
-        settings = _Settings.of(new_rows, device)
-        first, logp = self._sample(last_logits, settings, _Uniforms.draw(new_rows, 1)[0])
-        draft = torch.zeros_like(first)
-        if self.speculative:
-            # MTP over the prompt: position t sees hidden t and the token after it (the first sample at the end).
-            rep = counts.to(device)
-            hidden, following = hidden.repeat_interleave(rep, dim=0), tokens.repeat_interleave(rep, dim=0)
-            row_lengths = lengths.to(device).repeat_interleave(rep)
-            following = torch.cat([following[:, 1:], torch.zeros_like(following[:, :1])], dim=1)
-            following[torch.arange(len(first), device=device), row_lengths - 1] = first
-            mtp_hidden = self.model.mtp_step(0, hidden, following, positions_T[:1].expand(len(first), T), cache=cache)
-            draft = self.model.mtp_logits(0, mtp_hidden[torch.arange(len(first), device=device), row_lengths - 1]).argmax(-1)
-        if self._cache is None or not self._rows:
-            self._cache, self._rows, self._settings, self._uniforms = cache, new_rows, settings, _Uniforms()
-            self._uniforms.add(new_rows)
-            self._finished = self._front = 0
-            self._last, self._pos, self._draft = first, positions.to(device), draft
+                rows.append(_Row(request_id, i, params, len(prompt), random.Random(_mix_seed(params.seed, i)),
+                                 stop_ids, min(params.max_new_tokens, self.max_len - len(prompt))))
+        settings = _Settings.of(rows, device)
+        first, logp = self._sample(last_logits, settings, _Uniforms.draw(rows, 1)[0])
+        draft = None
+        if self.speculation is not None:
+            draft = self.speculation.first_drafts(hidden, tokens, lengths, counts.to(device), first, cache)
+        joining = RunningBatch(rows, cache, first, lengths.repeat_interleave(counts).to(device), settings, draft,
+                               self.decode)
+        joining.record(rows, first.tolist(), logp.tolist(), events)
+        if self._batch is None:
+            self._batch = joining
         else:
-            self._cache.extend(cache)
-            self._rows.extend(new_rows)
-            self._settings = self._settings.cat(settings)
-            self._uniforms.add(new_rows)
-            self._last = torch.cat([self._last, first])
-            self._pos = torch.cat([self._pos, positions.to(device)])
-            self._draft = torch.cat([self._draft, draft])
-        self._record(new_rows, first.tolist(), logp.tolist(), events)
-
-    def _n_slots(self, ahead: int = 0) -> int:
-        """Cache slots the next step reads: every row feeds position prompt_len + len(tokens) - 1 or
-        less (finished rows are frozen), plus `ahead` draft positions."""
-        return min(self._front + ahead, self._cache.max_len)
-
-    def _decode_step(self, events: list[StepEvent] | None) -> None:
-        logits = self._decode(self.model, self._last[:, None], self._pos[:, None], self._cache, self._n_slots())  # (B, V)
-        nxt, logp = self._sample(logits, self._settings, self._uniforms.next(self._rows))
-        tokens, logps = nxt.tolist(), logp.tolist()
-        if not self._finished:  # (the common case: no finished row waiting for compaction)
-            self._pos, self._last = self._pos + 1, nxt
-            self._record(self._rows, tokens, logps, events)
-            return
-        live = [i for i, r in enumerate(self._rows) if r.finish_reason is None]
-        running = torch.zeros(len(self._rows), dtype=torch.bool, device=self._pos.device)
-        running[live] = True
-        self._pos = torch.where(running, self._pos + 1, self._pos)
-        self._last = torch.where(running, nxt, self._last)
-        self._record([self._rows[i] for i in live], [tokens[i] for i in live], [logps[i] for i in live], events)
-
-    def _speculative_step(self, events: list[StepEvent] | None) -> None:
-        """Feed [last, draft] at [p, p+1]; sample at p+1 as usual; if that sample equals the draft, the
-        logits at p+2 are valid too and a second token comes for free. Exact for any sampling settings:
-        every emitted token is drawn from the model's own distribution given the tokens before it."""
-        live = torch.tensor([r.finish_reason is None for r in self._rows], device=self._pos.device)
-        pos2 = torch.stack([self._pos, (self._pos + 1).clamp(max=self._cache.max_len - 1)], dim=1)  # (B, 2)
-        n_slots = self._n_slots(ahead=1)
-        hidden, logits = self._verify(self.model, torch.stack([self._last, self._draft], dim=1), pos2, self._cache, n_slots)
-        s0, lp0 = self._sample(logits[:, 0], self._settings, self._uniforms.next(self._rows))
-        s1, lp1 = self._sample(logits[:, 1], self._settings, self._uniforms.next(self._rows))
-        accept = (s0 == self._draft) & live
-        live_idx = [i for i, r in enumerate(self._rows) if r.finish_reason is None]
-        s0l, lp0l, s1l, lp1l, acc = s0.tolist(), lp0.tolist(), s1.tolist(), lp1.tolist(), accept.tolist()
-        self._record([self._rows[i] for i in live_idx], [s0l[i] for i in live_idx], [lp0l[i] for i in live_idx], events)
-        second = [i for i in live_idx if acc[i] and self._rows[i].finish_reason is None]
-        self._record([self._rows[i] for i in second], [s1l[i] for i in second], [lp1l[i] for i in second], events)
-        self.drafted += len(live_idx)
-        self.accepted += int(accept.sum())
-        took_two = torch.zeros_like(accept)
-        took_two[second] = True
-        # The next draft: MTP on (hidden at p, s0) and (hidden at p+1, s1); use the last accepted one.
-        drafts = self._draft_next(self.model, hidden, torch.stack([s0, s1], dim=1), pos2, self._cache, n_slots)  # (B, 2)
-        self._draft = torch.where(took_two, drafts[:, 1], drafts[:, 0])
-        self._last = torch.where(took_two, s1, torch.where(live, s0, self._last))
-        self._pos = self._pos + live.long() + took_two.long()
-
-    @property
-    def acceptance_rate(self) -> float:
-        """Share of speculative steps whose MTP draft was accepted."""
-        return self.accepted / self.drafted if self.drafted else 0.0
+            self._batch.join(joining)
 
     def _sample(self, logits: torch.Tensor, settings: _Settings, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One token per row of logits (B, V) and its log-probability, from uniforms (B,) in (0, 1]."""
         logits = logits.float()
-        if self._sample_kernel and logits.device.type == "cpu":
+        if self._sample_kernel is not None:
             eos = -1 if self.eos_id is None or settings.banning == "none" else self.eos_id
-            return kernels.sample_op(logits.contiguous(), settings.temperature.float(), settings.top_k,
-                                     settings.top_p.float(), settings.ban, uniforms, eos)
+            return self._sample_kernel(logits.contiguous(), settings.temperature.float(), settings.top_k,
+                                       settings.top_p.float(), settings.ban, uniforms, eos)
         if settings.banning == "all" and self.eos_id is not None:
             logits[:, self.eos_id] = float("-inf")
         elif settings.banning == "some" and self.eos_id is not None:
@@ -469,158 +479,134 @@ class Engine:
         logp = logits.log_softmax(dim=-1).gather(1, tokens[:, None])[:, 0]
         return tokens, logp
 
-    def _record(self, rows: list[_Row], tokens: list[int], logps: list[float], events: list[StepEvent] | None) -> None:
-        """Each row's new token: appended, finish checked; an event each (when `events` is not None), and
-        finished rows of generate()'s requests handed to it."""
-        front, finished, add = self._front, 0, None if events is None else events.append
-        for row, tok, lp in zip(rows, tokens, logps):
-            row.tokens.append(tok)
-            row.logprobs.append(lp)
-            n = len(row.tokens)
-            # The full check only where a finish is possible: a stop id, the token limit, or stop strings.
-            reason = None
-            if tok in row.stop_ids or n >= row.limit or row.params.stop_strings:
-                reason = row.finish_reason = self._finish_reason(row, tok)
-            if row.prompt_len + n > front:
-                front = row.prompt_len + n
-            if reason is not None:
-                finished += 1
-                if row.request_id in self._collect:
-                    self._collect[row.request_id].append(row)
-            if add is not None:
-                add(StepEvent(row.request_id, row.sample_index, [tok], [lp], reason, row.text))
-        self._front, self._finished = front, self._finished + finished
-
-    def _finish_reason(self, row: _Row, token: int) -> str | None:
-        if token in row.stop_ids:
-            return "stop"
-        p = row.params
-        if p.stop_strings:
-            text = self.decode(row.tokens)
-            cut = _stop_cut(text, p.stop_strings)
-            if cut is not None:
-                row.text = text[:cut]
-                return "stop"
-        if len(row.tokens) >= row.limit:
-            return "length"
-        return None
-
-    def _maybe_compact(self) -> None:
-        finished = self._finished
-        if finished and (finished == len(self._rows) or finished >= self.compact_fraction * len(self._rows)):
-            keep = [i for i, r in enumerate(self._rows) if r.finish_reason is None]
-            if keep:
-                idx = torch.tensor(keep, device=self._pos.device)
-                self._cache.select(idx)
-                self._settings = self._settings.select(idx)
-                self._uniforms.select(idx)
-                self._last, self._pos, self._draft = self._last[idx], self._pos[idx], self._draft[idx]
-            else:
-                self._cache = None
-            self._rows = [self._rows[i] for i in keep]
-            self._finished = 0
-            self._front = max((r.prompt_len + len(r.tokens) for r in self._rows), default=0)
-
-    def _device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
     # -- whole calls -----------------------------------------------------------------------------------
-    def stream(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[StepEvent]:
-        """Generate for all prompts, yielding every sample's new tokens as they come.
-
-        Request ids in the events are indices into `prompts`.
-        """
-        ids = self._add_all(prompts, params)
-        pending = set(ids)
-        finished: dict[int, int] = {rid: 0 for rid in ids}
-        while pending:
-            for event in self.step():
-                if event.request_id in ids:
-                    if event.finish_reason is not None:
-                        finished[event.request_id] += 1
-                        if finished[event.request_id] == params.n:
-                            pending.discard(event.request_id)
-                    event.request_id = ids[event.request_id]  # events are fresh per step: ours to relabel
-                    yield event
-
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        """All samples of all prompts: prompt i's sample j is at index i * n + j (the samples `stream` gives).
-        Its steps build no per-token events: each sample's row comes back whole when it finishes (steps it
-        shares with other requests' rows give those no events either)."""
-        ids = self._add_all(prompts, params)
-        done: list[_Row] = []
-        self._collect.update((request_id, done) for request_id in ids)
-        try:
-            while len(done) < len(ids) * params.n:
-                self._step(None)
-        finally:
-            for request_id in ids:
-                self._collect.pop(request_id, None)
-        out = {}
-        for row in done:
-            index = ids[row.request_id]
-            text = None
-            if self.decode is not None:
-                text = row.text if row.text is not None else self.decode(row.tokens)
-            out[(index, row.sample_index)] = Completion(index, row.sample_index, row.tokens, row.finish_reason,
-                                                        row.logprobs, text)
-        return [out[(i, j)] for i in range(len(prompts)) for j in range(params.n)]
-
-    def _add_all(self, prompts: list[list[int]], params: SamplingParams) -> dict[int, int]:
-        """Queue every prompt (prompt i's seed mixed from params.seed and i) -> request id: prompt index."""
-        ids = {}
+        """All samples of all prompts: prompt i's sample j is at index i * n + j (prompt i's seed is mixed
+        from params.seed and i). Steps it shares with requests added by `add_request` drop their events."""
+        ids = {}  # request id -> prompt index
         for index, prompt in enumerate(prompts):
             seed = None if params.seed is None else _mix_seed(params.seed, index)
             ids[self.add_request(prompt, replace(params, seed=seed))] = index
-        return ids
+        samples = {request_id: [Completion(index, j, [], "", []) for j in range(params.n)]
+                   for request_id, index in ids.items()}
+        running = len(prompts) * params.n
+        while running:
+            for event in self.step():
+                if event.request_id in samples:
+                    done = samples[event.request_id][event.sample_index]
+                    done.token_ids += event.token_ids
+                    done.logprobs += event.logprobs
+                    if event.finish_reason is not None:
+                        done.finish_reason, done.text = event.finish_reason, event.text
+                        running -= 1
+        out = [done for request in samples.values() for done in request]
+        if self.decode is not None:
+            for done in out:
+                if done.text is None:
+                    done.text = self.decode(done.token_ids)
+        return out
 
 
-def _decode(model, tokens: torch.Tensor, positions: torch.Tensor, cache, n_slots: int) -> torch.Tensor:
-    """One decode step: tokens (B, 1) at positions (B, 1), attending to cache slots [0, n_slots) -> logits (B, V)."""
-    return model(tokens, positions=positions, cache=cache, n_slots=n_slots)[:, -1]
+class Speculation:
+    """MTP self-speculative decoding: each step feeds [last, draft] at [p, p+1] and samples at p+1 as usual;
+    when that sample equals the draft, the logits at p+2 are valid too and a second token comes for free.
+    Exact for any sampling settings: every emitted token is drawn from the model's own distribution given
+    the tokens before it. The next draft is the MTP module's greedy guess."""
+
+    def __init__(self, model, steps: EagerSteps | cpu.CpuBackend, sample: Callable):
+        self.model, self.sample = model, sample
+        self.verify, self.draft = steps.verify, steps.draft
+        self.drafted = 0   # rows that verified a draft, and how many drafts were accepted
+        self.accepted = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """The share of drafts accepted (0 before any)."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    def prefill(self, tokens: torch.Tensor, positions: torch.Tensor, last: torch.Tensor, slots: int):
+        """The prompts (n_req, T) at positions (n_req, T) into a new cache with the MTP module's layer -> (cache,
+        logits (n_req, V) at positions `last`, the trunk's hidden states (n_req, T, D) for `first_drafts`)."""
+        cache = self.model.new_cache(len(tokens), slots, with_mtp=True)
+        hidden, _ = self.model.trunk(tokens, positions=positions, cache=cache)
+        return cache, self.model.logits(hidden[torch.arange(len(tokens), device=tokens.device), last]), hidden
+
+    def first_drafts(self, hidden: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, counts: torch.Tensor,
+                     first: torch.Tensor, cache) -> torch.Tensor:
+        """Each sample's first draft (B,): MTP over its prompt, position t seeing hidden t and the token after it
+        (the sample's first token after the last), its rows repeated `counts` times as the cache's are."""
+        device, B, T = first.device, len(first), tokens.shape[1]
+        hidden, following = hidden.repeat_interleave(counts, dim=0), tokens.repeat_interleave(counts, dim=0)
+        row_lengths = lengths.to(device).repeat_interleave(counts)
+        following = torch.cat([following[:, 1:], torch.zeros_like(following[:, :1])], dim=1)
+        following[torch.arange(B, device=device), row_lengths - 1] = first
+        positions = torch.arange(T, device=device).expand(B, T)
+        mtp_hidden = self.model.mtp_step(0, hidden, following, positions, cache=cache)
+        return self.model.mtp_logits(0, mtp_hidden[torch.arange(B, device=device), row_lengths - 1]).argmax(-1)
+
+    def step(self, batch: RunningBatch, events: list[StepEvent]) -> None:
+        live = torch.tensor([r.finish_reason is None for r in batch.rows], device=batch.positions.device)
+        pos2 = torch.stack([batch.positions, (batch.positions + 1).clamp(max=batch.cache.max_len - 1)], dim=1)  # (B, 2)
+        n_slots = batch.n_slots(ahead=1)
+        fed = torch.stack([batch.last, batch.draft], dim=1)  # (B, 2)
+        hidden, logits = self.verify(self.model, fed, pos2, batch.cache, n_slots)
+        s0, lp0 = self.sample(logits[:, 0], batch.settings, batch.uniforms.next(batch.rows))
+        s1, lp1 = self.sample(logits[:, 1], batch.settings, batch.uniforms.next(batch.rows))
+        accept = (s0 == batch.draft) & live
+        live_idx = [i for i, r in enumerate(batch.rows) if r.finish_reason is None]
+        s0l, lp0l, s1l, lp1l, acc = s0.tolist(), lp0.tolist(), s1.tolist(), lp1.tolist(), accept.tolist()
+        rows = batch.rows
+        batch.record([rows[i] for i in live_idx], [s0l[i] for i in live_idx], [lp0l[i] for i in live_idx], events)
+        second = [i for i in live_idx if acc[i] and rows[i].finish_reason is None]
+        batch.record([rows[i] for i in second], [s1l[i] for i in second], [lp1l[i] for i in second], events)
+        self.drafted += len(live_idx)
+        self.accepted += int(accept.sum())
+        took_two = torch.zeros_like(accept)
+        took_two[second] = True
+        # The next draft: MTP on (hidden at p, s0) and (hidden at p+1, s1); use the last accepted one.
+        drafts = self.draft(self.model, hidden, torch.stack([s0, s1], dim=1), pos2, batch.cache, n_slots)  # (B, 2)
+        batch.draft = torch.where(took_two, drafts[:, 1], drafts[:, 0])
+        batch.last = torch.where(took_two, s1, torch.where(live, s0, batch.last))
+        batch.positions = batch.positions + live.long() + took_two.long()
 
 
-def _prefill(model, tokens: torch.Tensor, positions: torch.Tensor, cache, last: torch.Tensor) -> torch.Tensor:
-    """The prompts' forward pass (tokens (B, T) at positions 0..T-1), writing the cache -> the logits (B, V)
-    at each prompt's last position `last` (B,). Compiled, only those rows go through the head; eager, every
-    position does and the rows are picked after (the products of the eager path stay those of a full
-    forward, bit for bit). The slots read are the T written (passed: no read-back of the positions, which
-    would split a compiled graph)."""
-    rows, n_slots = torch.arange(tokens.shape[0], device=tokens.device), tokens.shape[1]
-    if torch.compiler.is_compiling():
-        hidden, _ = model.trunk(tokens, positions=positions, cache=cache, n_slots=n_slots)
-        return model.logits(hidden[rows, last])
-    return model(tokens, positions=positions, cache=cache, n_slots=n_slots)[rows, last]
+class EagerSteps:
+    """The engine's steps as the model's own forward: any decoder, device and dtype. `cpu.CpuBackend` has
+    the same steps (and a sampling kernel), compiled."""
 
+    sample = None  # draws with `sample_tokens`
 
-def _verify(model, tokens: torch.Tensor, positions: torch.Tensor, cache, n_slots: int):
-    """Speculative step, first half: the trunk over [last, draft] -> (hidden (B, 2, D), logits (B, 2, V))."""
-    hidden, _ = model.trunk(tokens, positions=positions, cache=cache, n_slots=n_slots)
-    return hidden, model.logits(hidden)
-
-
-def _draft_next(model, hidden: torch.Tensor, following: torch.Tensor, positions: torch.Tensor, cache,
+    @staticmethod
+    def prefill(model, tokens: torch.Tensor, positions: torch.Tensor, last: torch.Tensor, cache,
                 n_slots: int) -> torch.Tensor:
-    """Speculative step, second half: the MTP module's greedy guesses (B, 2) for the token after each
-    of the two sampled ones."""
-    mtp_hidden = model.mtp_step(0, hidden, following, positions, cache=cache, n_slots=n_slots)
-    return model.mtp_logits(0, mtp_hidden).argmax(dim=-1)
+        """The prompts' forward pass (tokens (B, T) at positions 0..T-1), writing the cache -> the logits (B, V)
+        at each prompt's last position `last` (B,). The slots read are the T written (passed: no read-back)."""
+        return model(tokens, positions=positions, cache=cache, n_slots=n_slots)[torch.arange(tokens.shape[0]), last]
 
+    @staticmethod
+    def decode(model, tokens: torch.Tensor, positions: torch.Tensor, cache, n_slots: int) -> torch.Tensor:
+        """One decode step: tokens (B, 1) at positions (B, 1), reading cache slots [0, n_slots) -> logits (B, V)."""
+        return model(tokens, positions=positions, cache=cache, n_slots=n_slots)[:, -1]
 
-def _stop_cut(text: str, stops: tuple[str, ...]) -> int | None:
-    """Index just past the earliest stop string in text, or None."""
-    best = None
-    for s in stops:
-        at = text.find(s)
-        if at >= 0 and (best is None or at + len(s) < best):
-            best = at + len(s)
-    return best
+    @staticmethod
+    def verify(model, tokens: torch.Tensor, positions: torch.Tensor, cache, n_slots: int):
+        """Speculative step, first half: the trunk over [last, draft] -> (hidden (B, 2, D), logits (B, 2, V))."""
+        hidden, _ = model.trunk(tokens, positions=positions, cache=cache, n_slots=n_slots)
+        return hidden, model.logits(hidden)
+
+    @staticmethod
+    def draft(model, hidden: torch.Tensor, following: torch.Tensor, positions: torch.Tensor, cache,
+              n_slots: int) -> torch.Tensor:
+        """Speculative step, second half: the MTP module's greedy guesses (B, 2) for the token after each
+        of the two sampled ones."""
+        mtp_hidden = model.mtp_step(0, hidden, following, positions, cache=cache, n_slots=n_slots)
+        return model.mtp_logits(0, mtp_hidden).argmax(dim=-1)
 
 
 def _repeat_rows(cache, counts: torch.Tensor) -> None:
     """Row i of the cache becomes counts[i] consecutive rows."""
     if bool((counts == 1).all()):
-        return  # (a copy of the whole preallocated cache otherwise: 20 ms at batch 64 for the tiny preset)
+        return  # (a copy of the whole preallocated cache otherwise)
     if bool((counts == counts[0]).all()):
         cache.repeat_interleave(int(counts[0]))
     else:

@@ -1,9 +1,11 @@
 """The DeepSeek-V3-style transformer: RMSNorm, RoPE/YaRN, MLA, DeepSeekMoE, multi-token prediction.
 
-Trainable at every position, float32 on CPUs and bfloat16 on GPUs. The model knows token ids,
-positions and its KV cache; it knows no tokenizer, no sampling and no optimiser (the engine samples,
-the trainers optimise). Names follow DeepSeek's inference code (`wq_a`, `wkv_b`, `kv_norm`, `wo`,
-`w1/w2/w3`), so its weights map one to one.
+The reference: plain torch (`F.linear`, einsum and batched products, SDPA for the naive MLA, a
+sort-based MoE dispatch), one device-agnostic forward that trains at every position, float32 on
+CPUs and bfloat16 on GPUs. The model knows token ids, positions and its KV cache; it knows no
+tokenizer, no sampling, no optimiser and no fast kernels (the engine samples and owns its CPU
+backend, which reads these modules' weights; the trainers optimise). Names follow DeepSeek's
+inference code (`wq_a`, `wkv_b`, `kv_norm`, `wo`, `w1/w2/w3`), so its weights map one to one.
 
 Letter legend used in shape comments:
   B batch, T new tokens in this call, S key slots (cache length), H heads, D model dim,
@@ -21,18 +23,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1lab.config import ModelConfig
-from r1lab.kernels import (expert_mixture, head_linear, head_matmul, latent_attention, linear, linear_pair, mlp,
-                           swiglu)
-
-
-class Linear(nn.Linear):
-    """`nn.Linear` without bias whose product is `linear` (same parameters, same checkpoint names)."""
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__(in_features, out_features, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight)
 
 
 class RMSNorm(nn.Module):
@@ -82,7 +72,7 @@ def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     turned by its angle; `rotation` (..., P/2, 2) holds (cos, sin), broadcastable to x's pairs.
 
     The complex product (a + ib)(cos + i sin) written in real arithmetic (the same four products and
-    two sums), so a compiled graph fuses it with its neighbours instead of calling complex kernels."""
+    two sums), which a compiler fuses with its neighbours."""
     pairs = x.float().unflatten(-1, (-1, 2))
     a, b = pairs[..., 0], pairs[..., 1]
     cos, sin = rotation[..., 0], rotation[..., 1]
@@ -145,9 +135,6 @@ class KVCache:
                        for mine, theirs in zip(self.layers, other.layers)]
         self.max_len = length
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer)
-
     def write_index(self, positions: torch.Tensor) -> torch.Tensor:
         """Flat slot ids (B*T,) of positions (B, T) in every layer's (B*S, ...) view: b * S + position."""
         rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
@@ -163,51 +150,50 @@ def _write(buf: torch.Tensor, write_at: torch.Tensor, new: torch.Tensor) -> None
 # Multi-head Latent Attention
 
 class MLA(nn.Module):
+    """Multi-head Latent Attention. Keys and values come from one latent c_kv (R wide) per token and one
+    RoPE key (P wide) shared by all heads.
+
+    `naive` expands the latent into per-head keys and values (and caches those); `absorb` folds wkv_b
+    into the query and the output, so attention runs over the cached latent itself (R + P values per
+    token). Both give the same logits (tests/test_model.py).
+    """
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         H, C, P, V, R = (config.n_heads, config.qk_nope_head_dim, config.qk_rope_head_dim,
                          config.v_head_dim, config.kv_lora_rank)
         if config.q_lora_rank == 0:
-            self.wq = Linear(config.dim, H * (C + P))
+            self.wq = nn.Linear(config.dim, H * (C + P), bias=False)
         else:
-            self.wq_a = Linear(config.dim, config.q_lora_rank)
+            self.wq_a = nn.Linear(config.dim, config.q_lora_rank, bias=False)
             self.q_norm = RMSNorm(config.q_lora_rank, config.norm_eps)
-            self.wq_b = Linear(config.q_lora_rank, H * (C + P))
-        self.wkv_a = Linear(config.dim, R + P)
+            self.wq_b = nn.Linear(config.q_lora_rank, H * (C + P), bias=False)
+        self.wkv_a = nn.Linear(config.dim, R + P, bias=False)
         self.kv_norm = RMSNorm(R, config.norm_eps)
-        self.wkv_b = Linear(R, H * (C + V))
-        self.wo = Linear(H * V, config.dim)
+        self.wkv_b = nn.Linear(R, H * (C + V), bias=False)
+        self.wo = nn.Linear(H * V, config.dim, bias=False)
         self.scale = softmax_scale(config)
 
     def forward(self, x: torch.Tensor, rotation: torch.Tensor, mask: torch.Tensor,
-                write_at: torch.Tensor | None = None, cache: list[torch.Tensor] | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+                write_at: torch.Tensor | None = None, cache: list[torch.Tensor] | None = None) -> torch.Tensor:
         """x (B, T, D); rotation (B, T, P/2, 2) RoPE (cos, sin); mask (B, T, S) bool, True = may attend.
 
         Without a cache the keys are the T tokens of x (S = T). With a cache, the new keys are
-        written at the flat slots `write_at` (`KVCache.write_index`) and attention runs over slots [0, S);
-        `positions` (B, T), when given, says what the mask does there (token t sees slots 0..positions[t]),
-        in the form the C++ attention kernel reads (a compiled graph then builds no mask).
+        written at the flat slots `write_at` (`KVCache.write_index`) and attention runs over slots [0, S).
         """
         cfg = self.config
         B, T, _ = x.shape
         H, C, P, V, R = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-        # The query's first projection and the latent's share their input: one call where that pays.
-        q, kv_a = linear_pair(x, (self.wq if cfg.q_lora_rank == 0 else self.wq_a).weight, self.wkv_a.weight)
-        if cfg.q_lora_rank:
-            q = self.wq_b(self.q_norm(q))
-        q = q.view(B, T, H, C + P)
-        q_nope, q_pe = q.split([C, P], dim=-1)  # (B, T, H, C), (B, T, H, P)
+        q = self.wq(x) if cfg.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q_nope, q_pe = q.view(B, T, H, C + P).split([C, P], dim=-1)  # (B, T, H, C), (B, T, H, P)
         q_pe = apply_rope(q_pe, rotation[:, :, None])  # one rotation for every head
-        c_kv, k_pe = kv_a.split([R, P], dim=-1)  # (B, T, R), (B, T, P)
+        c_kv, k_pe = self.wkv_a(x).split([R, P], dim=-1)  # (B, T, R), (B, T, P)
         k_pe = apply_rope(k_pe, rotation)  # one RoPE key shared by all heads
         c_kv = self.kv_norm(c_kv)
         S = mask.shape[-1]
-        wkv_b = self.wkv_b.weight.view(H, C + V, R)
         if cfg.attn_impl == "naive":
-            kv = self.wkv_b(c_kv).view(B, T, H, C + V)
-            k_nope, v = kv.split([C, V], dim=-1)
+            k_nope, v = self.wkv_b(c_kv).view(B, T, H, C + V).split([C, V], dim=-1)
             k = torch.cat([k_nope, k_pe[:, :, None].expand(B, T, H, P)], dim=-1)  # (B, T, H, C+P)
             if cache is not None:
                 _write(cache[0], write_at, k)
@@ -216,18 +202,21 @@ class MLA(nn.Module):
             out = F.scaled_dot_product_attention(
                 torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                 attn_mask=mask[:, None], scale=self.scale)  # (B, H, T, V)
-            out = out.transpose(1, 2)  # (B, T, H, V)
-        else:
-            # Absorb wkv_b's key slice into the query: attention runs over the latent directly, every
-            # head against one shared key [c_kv, k_pe] (MQA-shaped), the latent c_kv as the value.
-            q_lat = head_matmul(q_nope, wkv_b[:, :C])  # (B, T, H, R)
-            keys = torch.cat([c_kv, k_pe], dim=-1)  # (B, T, R+P)
-            if cache is not None:
-                _write(cache[0], write_at, keys)
-                keys = cache[0][:, :S]  # (B, S, R+P)
-            out_lat = latent_attention(q_lat.reshape(B, T * H, R), q_pe.reshape(B, T * H, P), keys, mask, self.scale,
-                                       positions).view(B, T, H, R)
-            out = head_linear(out_lat, wkv_b[:, C:])  # (B, T, H, V)
+            return self.wo(out.transpose(1, 2).reshape(B, T, H * V))
+        # Absorbed: wkv_b's key half moves into the query and its value half after the attention, so every
+        # head attends over one shared key [c_kv, k_pe] per token (MQA-shaped), the latent c_kv as the value.
+        wkv_b = self.wkv_b.weight.view(H, C + V, R)
+        q_lat = torch.einsum("bthc,hcr->bthr", q_nope, wkv_b[:, :C])  # (B, T, H, R)
+        keys = torch.cat([c_kv, k_pe], dim=-1)  # (B, T, R+P)
+        if cache is not None:
+            _write(cache[0], write_at, keys)
+            keys = cache[0][:, :S]  # (B, S, R+P)
+        query = torch.cat([q_lat, q_pe], dim=-1).view(B, T * H, R + P)
+        scores = torch.baddbmm(query.new_empty(()), query, keys.transpose(1, 2), beta=0, alpha=self.scale)
+        scores = torch.where(mask[:, :, None], scores.view(B, T, H, S), float("-inf"))  # (B, T, H, S)
+        probs = scores.float().softmax(dim=-1).type_as(query).view(B, T * H, S)
+        out_lat = torch.bmm(probs, keys[..., :R]).view(B, T, H, R)
+        out = torch.einsum("bthr,hvr->bthv", out_lat, wkv_b[:, C:])  # (B, T, H, V)
         return self.wo(out.reshape(B, T, H * V))
 
 
@@ -239,12 +228,12 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, inter_dim: int):
         super().__init__()
-        self.w1 = Linear(dim, inter_dim)
-        self.w2 = Linear(inter_dim, dim)
-        self.w3 = Linear(dim, inter_dim)
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)
+        self.w2 = nn.Linear(inter_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, inter_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return mlp(x, self.w1.weight, self.w2.weight, self.w3.weight)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 @dataclass
@@ -270,12 +259,15 @@ class Gate(nn.Module):
         self.register_buffer("expert_load", torch.zeros(config.n_routed_experts), persistent=False)
 
     def forward(self, x: torch.Tensor) -> Routing:
+        return self.route(F.linear(x, self.weight))
+
+    def route(self, logits: torch.Tensor) -> Routing:
+        """The routing from the router's logits (N, E) (in the tokens' dtype): `forward` after the product."""
         cfg = self.config
-        logits = linear(x, self.weight).float()  # (N, E)
-        scores = logits.softmax(dim=-1) if cfg.score_func == "softmax" else logits.sigmoid()
+        scores = logits.float().softmax(dim=-1) if cfg.score_func == "softmax" else logits.float().sigmoid()
         biased = scores + self.expert_bias.float()
         if cfg.n_expert_groups > 1:
-            grouped = biased.view(x.shape[0], cfg.n_expert_groups, -1)  # (N, G, E/G)
+            grouped = biased.view(logits.shape[0], cfg.n_expert_groups, -1)  # (N, G, E/G)
             if cfg.score_func == "softmax":
                 group_scores = grouped.amax(dim=-1)
             else:
@@ -291,7 +283,7 @@ class Gate(nn.Module):
         if self.training:
             with torch.no_grad():
                 self.expert_load += torch.bincount(indices.flatten(), minlength=cfg.n_routed_experts).to(self.expert_load)
-        return Routing(weights.type_as(x), indices, scores)
+        return Routing(weights.type_as(logits), indices, scores)
 
     @torch.no_grad()
     def update_bias(self, speed: float) -> torch.Tensor:
@@ -326,11 +318,51 @@ class Experts(nn.Module):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e alone on x (..., D)."""
-        return swiglu(x, self.w1[e], self.w2[e], self.w3[e])
+        return _swiglu(x, self.w1[e], self.w2[e], self.w3[e])
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """x (N, D) -> (N, D): the sum over each token's K experts of weight * expert(x)."""
-        return expert_mixture(x, routing.indices, routing.weights, self.w1, self.w2, self.w3)
+        """x (N, D) -> (N, D): the sum over each token's K experts of weight * expert(x).
+
+        With no more assignments than experts (decoding a few sequences), each assignment gathers its
+        expert's weights and runs as one batched product: only the chosen experts' weights are read.
+        Otherwise the assignments are sorted by expert and packed into an (E, C, D) block, C the largest
+        expert load, so all experts run as three batched products; when the loads are so uneven that
+        padding would more than double the work, each expert runs on its own tokens instead.
+        """
+        indices, weights = routing.indices, routing.weights
+        N, K = indices.shape
+        E = len(self)
+        if N * K <= E:
+            chosen = indices.flatten()  # (N*K,)
+            xs = x.repeat_interleave(K, dim=0)[:, None]  # (N*K, 1, D)
+            y = _swiglu(xs, self.w1[chosen], self.w2[chosen], self.w3[chosen]).view(N, K, -1)  # (N, K, D)
+            return (y * weights[..., None]).sum(dim=1)
+        flat_expert = indices.flatten()  # (N*K,)
+        order = flat_expert.argsort(stable=True)
+        token_of = order // K  # which token each sorted assignment belongs to
+        weight_of = weights.flatten()[order][:, None]
+        counts = torch.bincount(flat_expert, minlength=E)
+        C = int(counts.max())
+        out = torch.zeros_like(x)
+        if E * C <= 2 * N * K:
+            sorted_expert = flat_expert[order]
+            starts = counts.cumsum(0) - counts
+            slot = sorted_expert * C + torch.arange(N * K, device=x.device) - starts[sorted_expert]
+            packed = x.new_zeros(E * C, x.shape[1]).index_copy_(0, slot, x[token_of]).view(E, C, -1)
+            y = _swiglu(packed, self.w1, self.w2, self.w3).flatten(0, 1)[slot]  # (N*K, D) in sorted order
+            return out.index_add_(0, token_of, y * weight_of)
+        start = 0
+        for e, count in enumerate(counts.tolist()):
+            if count:
+                idx = token_of[start:start + count]
+                out.index_add_(0, idx, self.expert(e, x[idx]) * weight_of[start:start + count])
+                start += count
+        return out
+
+
+def _swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """(silu(x @ w1) * (x @ w3)) @ w2 for one expert (x (N, D)) or a batch of them (x (G, N, D), w (G, ...))."""
+    return (F.silu(x @ w1) * (x @ w3)) @ w2
 
 
 _EXPERT_WEIGHTS = ("w1", "w2", "w3")
@@ -395,8 +427,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn = MoE(config) if moe else MLP(config.dim, config.inter_dim)
 
-    def forward(self, x, rotation, mask, write_at=None, cache=None, positions=None) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x + self.attn(self.attn_norm(x), rotation, mask, write_at, cache, positions)
+    def forward(self, x, rotation, mask, write_at=None, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.attn(self.attn_norm(x), rotation, mask, write_at, cache)
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoE):
             y, aux = self.ffn(h)
@@ -412,13 +444,13 @@ class MTPModule(nn.Module):
         super().__init__()
         self.hnorm = RMSNorm(config.dim, config.norm_eps)
         self.enorm = RMSNorm(config.dim, config.norm_eps)
-        self.eh_proj = Linear(2 * config.dim, config.dim)
+        self.eh_proj = nn.Linear(2 * config.dim, config.dim, bias=False)
         self.block = Block(config, moe=config.n_moe_layers > 0)
         self.norm = RMSNorm(config.dim, config.norm_eps)
 
-    def forward(self, h, emb, rotation, mask, write_at=None, cache=None, positions=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, h, emb, rotation, mask, write_at=None, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.eh_proj(torch.cat([self.hnorm(h), self.enorm(emb)], dim=-1))
-        return self.block(x, rotation, mask, write_at, cache, positions)
+        return self.block(x, rotation, mask, write_at, cache)
 
 
 @dataclass
@@ -439,7 +471,7 @@ class Transformer(nn.Module):
             Block(config, moe=(config.n_routed_experts > 0 and i >= config.n_dense_layers))
             for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.head = Linear(config.dim, config.vocab_size)
+        self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.mtp = nn.ModuleList(MTPModule(config) for _ in range(config.n_mtp_modules))
         freqs = torch.outer(torch.arange(config.max_seq_len, dtype=torch.float32), rope_frequencies(config))
         # (cos, sin) per position and pair, (max_seq_len, P/2, 2): real, so `.to(dtype)` treats it like
@@ -461,10 +493,7 @@ class Transformer(nn.Module):
 
     # -- positions and masks --------------------------------------------------------------------
     def _rope(self, positions: torch.Tensor) -> torch.Tensor:
-        # The check reads a value back from the tensor; a compiled decode step skips it (the engine
-        # bounds positions by max_len <= max_seq_len).
-        if (not torch.compiler.is_compiling() and positions.numel()
-                and int(positions.max()) >= self.config.max_seq_len):
+        if positions.numel() and int(positions.max()) >= self.config.max_seq_len:
             raise ValueError(f"position {int(positions.max())} exceeds max_seq_len {self.config.max_seq_len}")
         return self.rope[positions].float()  # (B, T, P/2, 2): cos, sin
 
@@ -480,6 +509,15 @@ class Transformer(nn.Module):
             mask = mask & valid[:, None, :]
         # A padding query that sees no key would give NaN; let it see itself.
         return mask | torch.eye(positions.shape[1], dtype=torch.bool, device=positions.device)
+
+    def _placement(self, positions: torch.Tensor, valid: torch.Tensor | None, cache: KVCache | None,
+                   n_slots: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(RoPE rotation, mask, flat cache slots to write or None) for tokens at positions (B, T)."""
+        rotation = self._rope(positions)
+        if cache is None:
+            return rotation, self._mask(positions, valid, None), None
+        n_slots = int(positions.max()) + 1 if n_slots is None else n_slots
+        return rotation, self._mask(positions, valid, n_slots), cache.write_index(positions)
 
     def default_positions(self, tokens: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         if valid is None:
@@ -500,17 +538,11 @@ class Transformer(nn.Module):
         """
         if positions is None:
             positions = self.default_positions(tokens, valid)
-        rotation = self._rope(positions)
-        if cache is not None and n_slots is None:
-            n_slots = int(positions.max()) + 1
-        n_slots = None if cache is None else n_slots
-        mask = self._mask(positions, valid, n_slots)
-        write_at = None if cache is None else cache.write_index(positions)
+        rotation, mask, write_at = self._placement(positions, valid, cache, n_slots)
         h = self.embed(tokens)
         aux = h.new_zeros(())
         for i, layer in enumerate(self.layers):
-            h, layer_aux = layer(h, rotation, mask, write_at, None if cache is None else cache.layers[i],
-                                 None if cache is None else positions)
+            h, layer_aux = layer(h, rotation, mask, write_at, None if cache is None else cache.layers[i])
             aux = aux + layer_aux
         return h, aux
 
@@ -535,15 +567,9 @@ class Transformer(nn.Module):
         """Run MTP module k (0-based) on hidden states h (B, T, D) and the embeddings of the tokens
         that follow them; returns the module's hidden state (B, T, D) (feed `logits` to predict).
         `n_slots` as in `trunk`."""
-        rotation = self._rope(positions)
-        if cache is not None and n_slots is None:
-            n_slots = int(positions.max()) + 1
-        n_slots = None if cache is None else n_slots
-        mask = self._mask(positions, valid, n_slots)
+        rotation, mask, write_at = self._placement(positions, valid, cache, n_slots)
         layer_cache = None if cache is None else cache.layers[len(self.layers) + k]
-        write_at = None if cache is None else cache.write_index(positions)
-        out, _ = self.mtp[k](h, self.embed(next_tokens), rotation, mask, write_at, layer_cache,
-                             None if cache is None else positions)
+        out, _ = self.mtp[k](h, self.embed(next_tokens), rotation, mask, write_at, layer_cache)
         return out
 
     def mtp_logits(self, k: int, h: torch.Tensor) -> torch.Tensor:
@@ -567,8 +593,7 @@ class Transformer(nn.Module):
             # Module k sees positions 0..T-1-depth: its input embedding is token t+depth (targets[t+depth-1])
             # and it predicts token t+1+depth (targets[t+depth]).
             sub_valid = None if valid is None else valid[:, :T - depth]
-            rotation = self._rope(positions[:, :T - depth])
-            sub_mask = self._mask(positions[:, :T - depth], sub_valid, None)
+            rotation, sub_mask, _ = self._placement(positions[:, :T - depth], sub_valid, None, None)
             h, _ = self.mtp[k](h[:, :T - depth], self.embed(targets[:, depth - 1:T - 1]), rotation, sub_mask)
             mtp_loss = mtp_loss + _masked_ce(self.mtp_logits(k, h), targets[:, depth:], mask[:, depth:])
         if cfg.n_mtp_modules:

@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import torch
 
-from r1lab.engine import Engine, SamplingParams, sample_tokens
+from r1lab.engine import Engine, SamplingParams, _mix_seed, sample_tokens
 from r1lab.model import Transformer
 
 
@@ -81,10 +81,10 @@ def test_same_seed_same_samples_and_other_seed_differs(model):
 
 
 def test_the_sampling_kernel_gives_the_eager_draws(model):
-    # A compiled engine draws with kernels.sample_op; forced on an eager engine, same samples and log-probs
-    # under mixed settings (EOS banned for some rows).
-    from r1lab import kernels
-    if not kernels.kernel_built("sample"):
+    # A compiled engine draws with the CPU backend's sampling kernel; forced on an eager engine, the same
+    # samples and log-probs under mixed settings (EOS banned for some rows).
+    from r1lab.backends.cpu import ops
+    if ops.load() is not None:
         pytest.skip("the sampling kernel is not built here")
     prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
     settings = [SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.9, n=3, seed=5),
@@ -93,7 +93,7 @@ def test_the_sampling_kernel_gives_the_eager_draws(model):
     outs = []
     for use_kernel in (False, True):
         engine = Engine(model, eos_id=2)
-        engine._sample_kernel = use_kernel
+        engine._sample_kernel = ops.sample if use_kernel else None
         for prompt, params in zip(prompts, settings):
             engine.add_request(prompt, params)
         events = []
@@ -195,7 +195,7 @@ def test_finished_rows_leave_the_batch_and_cancel_aborts(model):
     sizes = []
     while engine.has_work():
         engine.step()
-        sizes.append(engine._cache.batch_size if engine._cache is not None else 0)
+        sizes.append(engine._batch.cache.batch_size if engine._batch is not None else 0)
         if len(sizes) == 5:
             engine.cancel(long)
     assert sizes[0] == 3 and sizes[2] == 2  # the short request left after its second token
@@ -242,6 +242,42 @@ def test_stop_strings_need_decode_and_prompts_must_fit(model):
     assert out.finish_reason == "length" and len(out.token_ids) == 4  # the cache ends at max_seq_len
 
 
+@pytest.mark.parametrize("change", ["float64", "naive"])
+def test_compile_on_a_model_the_backend_cannot_run_warns_and_decodes_eagerly(make_config, change):
+    config = make_config(init_std=0.1, attn_impl="naive" if change == "naive" else "absorb")
+    model = Transformer(config).eval()
+    if change == "float64":
+        model = model.double()
+    params = SamplingParams(max_new_tokens=6, temperature=0)
+    with pytest.warns(UserWarning, match="torch.float64" if change == "float64" else "attn_impl 'naive'"):
+        engine = Engine(model, eos_id=None, compile=True)
+    assert engine.steps.sample is None  # the eager steps
+    prompts = [[5, 6, 7], [1, 2]]
+    assert [o.token_ids for o in engine.generate(prompts, params)] == [argmax_continuation(model, p, 6) for p in prompts]
+
+
+def test_generate_returns_what_the_step_events_say(model):
+    # generate() collects the events of its steps: tokens, log-probs, finish reasons and cut text.
+    prompts, params = [[2, 7, 1], [8, 2]], SamplingParams(max_new_tokens=9, temperature=1.0, seed=4, n=2,
+                                                          stop_strings=("c",))
+    engine = Engine(model, eos_id=3, decode=letters)
+    outs = engine.generate(prompts, params)
+    stepped = Engine(model, eos_id=3, decode=letters)
+    ids = [stepped.add_request(p, dataclasses.replace(params, seed=_mix_seed(params.seed, i)))
+           for i, p in enumerate(prompts)]
+    seen: dict[tuple[int, int], list] = {}
+    while stepped.has_work():
+        for ev in stepped.step():
+            tokens, logps, *_ = seen.setdefault((ev.request_id, ev.sample_index), [[], [], None, None])
+            tokens += ev.token_ids
+            logps += ev.logprobs
+            if ev.finish_reason is not None:
+                seen[(ev.request_id, ev.sample_index)][2:] = [ev.finish_reason, ev.text or letters(tokens)]
+    assert [[o.token_ids, o.logprobs, o.finish_reason, o.text] for o in outs] == [
+        seen[(ids[i], j)] for i in range(2) for j in range(2)]
+    assert any(o.finish_reason == "stop" for o in outs)
+
+
 def train_on_strides(model, steps: int = 120) -> None:
     """Teach the model (and its MTP module) sequences t, t+k, t+2k, ... so that drafts get accepted."""
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -274,7 +310,7 @@ def test_speculative_greedy_equals_plain_greedy(make_config, trained):
     for a, b in zip(fast, plain):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
     if trained:
-        assert engine.acceptance_rate > 0.5
+        assert engine.speculation.acceptance_rate > 0.5
 
 
 def test_speculative_sampling_is_reproducible_and_stops(make_config):
@@ -294,12 +330,12 @@ def test_speculative_needs_an_mtp_module(make_config):
 
 @pytest.mark.slow
 def test_compiled_decode_step_gives_the_eager_tokens(make_config):
-    # MoE on. One graph per row-count class (r1lab.kernels.STREAMING_ROWS): 36 and 12 rows (on AVX2 the
-    # C++ products, grouped expert GEMM and latent attention), 3 and 1 (all fused reductions); ragged
-    # prompts; 60-120 s of compiling.
+    # MoE on. One package per row class of the CPU backend's table: 36, 12 and 4 rows (the C++ products), one
+    # row (fused reductions), and the prefills of one and of several prompts (one of a single token); ragged
+    # prompts; minutes of compiling.
     model = Transformer(make_config(init_std=0.1)).eval()
     ragged = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16]]
-    batches = [ragged * 12, ragged * 4, ragged, [[3, 1, 4, 1, 5]]]
+    batches = [ragged * 12, ragged * 4, ragged + [[6]], [[3, 1, 4, 1, 5]]]
     params = SamplingParams(max_new_tokens=12, temperature=0)
     eager_engine, compiled_engine = Engine(model, eos_id=None), Engine(model, eos_id=None, compile=True)
     before = [o.token_ids for o in eager_engine.generate(batches[0], params)]
@@ -328,4 +364,4 @@ def test_compiled_speculative_greedy_equals_plain_greedy(make_config):
     engine = Engine(model, eos_id=None, speculative=True, compile=True)
     fast = engine.generate(prompts, params)
     assert [o.token_ids for o in fast] == [o.token_ids for o in plain]
-    assert engine.acceptance_rate > 0.5
+    assert engine.speculation.acceptance_rate > 0.5

@@ -4,9 +4,7 @@ import math
 import pytest
 import torch
 
-from r1lab import kernels
 from r1lab.config import ModelConfig
-from r1lab.kernels import KERNEL_ROWS, STREAMING_ROWS, few_token_experts, linear, routed_experts
 from r1lab.model import MoE, Transformer, apply_rope, rope_frequencies, softmax_scale
 
 
@@ -295,37 +293,6 @@ def test_dense_model_without_experts(make_config):
 def test_invalid_config_is_rejected_at_construction():
     with pytest.raises(ValueError, match="n_activated_experts"):
         Transformer(ModelConfig(n_routed_experts=4, n_activated_experts=5))
-
-
-@pytest.mark.parametrize("n_tokens", [1, 3])
-def test_few_token_expert_path_equals_the_dispatch(make_config, n_tokens):
-    # The form a compiled step over a few tokens uses (reductions the compiler fuses), run eagerly.
-    cfg = make_config(n_routed_experts=8, n_activated_experts=3)
-    moe = MoE(cfg).eval()
-    x = torch.randn(n_tokens, cfg.dim)
-    with torch.no_grad():
-        routing = moe.gate(x)
-        args = (x, routing.indices, routing.weights, moe.experts.w1, moe.experts.w2, moe.experts.w3)
-        torch.testing.assert_close(few_token_experts(*args), routed_experts(*args), atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("rows", [1, 5, 12, KERNEL_ROWS + 1])
-def test_compiled_linear_picks_its_form_by_row_count(rows):
-    # Few rows (<= STREAMING_ROWS): a broadcast product and a sum in the graph; up to KERNEL_ROWS: the
-    # C++ kernel (where it is built); more: F.linear.
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append({node.target for node in gm.graph.nodes if node.op == "call_function"})
-        return gm.forward
-
-    weight, x = torch.randn(48, 32), torch.randn(rows, 1, 32)
-    compiled = torch.compile(linear, backend=capture, dynamic=False)
-    torch.testing.assert_close(compiled(x, weight), torch.nn.functional.linear(x, weight), atol=1e-5, rtol=1e-5)
-    kernel = rows > STREAMING_ROWS and rows <= KERNEL_ROWS and kernels.kernel_built("linear")
-    assert (torch.ops.r1lab.linear in graphs[0]) == kernel
-    assert (torch.nn.functional.linear in graphs[0]) == (rows > STREAMING_ROWS and not kernel)
-    assert linear(x, weight).equal(torch.nn.functional.linear(x, weight))  # eager: always the BLAS
 
 
 def test_expert_weights_keep_deepseek_names_in_the_state_dict(make_config):

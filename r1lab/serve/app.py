@@ -83,8 +83,8 @@ class ServeSettings:
     max_batch_size: int = 256
     """The engine's running batch, in samples."""
     compile: bool = False
-    """Compile the engine's decode step and prefill (`Engine(compile=True)`): the first requests at each
-    batch shape wait while it compiles (0.5-1 min cold), later steps are much cheaper."""
+    """Run the engine on the CPU backend (`Engine(compile=True)`): the first requests in each batch-size
+    class wait while its steps compile, later steps are much cheaper."""
     temperature: float = 0.6
     """Default sampling temperature (DeepSeek's recommendation for R1)."""
     top_p: float = 0.95

@@ -8,13 +8,12 @@
 //
 // Letters: B sequences, T new tokens, M = T * H query rows, S cache slots attended, L = R + P key
 // width, R latent width (the value), P = L - R rope width. The op r1lab::latent_attention(query, query_rope,
-// keys, mask, scale): each query row in two parts, its latent (R) and rope (P) halves, as MLA makes them (no
-// copy into one (B, M, L) query per layer).
+// keys, positions, scale): each query row in two parts, its latent (R) and rope (P) halves, as MLA makes them
+// (no copy into one (B, M, L) query per layer).
 // Layouts: query (B, M, R) and query_rope (B, M, P) contiguous; keys[b, s, l] at keys + b * key_stride +
-// s * L + l (a slot slice of the cache, read in place); out (B, M, R). What each token sees: either mask
-// (B, T, S) bool, true = may attend, or (cached decoding and prefill) positions (B, T) int64, token t seeing
-// slots 0..positions[t] (no mask to build: per layer in the graph, as bools, it cost more than the reads here).
-// R and P must be multiples of 8; every query row must see at least one slot.
+// s * L + l (a slot slice of the cache, read in place); out (B, M, R). What each token sees: positions (B, T)
+// int64, token t seeing slots 0..positions[t] (the cache's visibility: slot s holds position s).
+// R and P must be multiples of 8.
 #include <immintrin.h>
 #include <omp.h>
 
@@ -30,16 +29,15 @@ namespace {
 
 constexpr int MAX_ROWS = 8;  // query rows per sequence handled in one register block
 
-// scores[m][s] = scale * [q[m], qr[m]] . keys[s] (or -inf where masked) for the N query rows of a block (their
+// scores[m][s] = scale * [q[m], qr[m]] . keys[s] (or -inf where not visible) for the N query rows of a block (their
 // latent halves `latent` apart at q, rope halves width - latent apart at qr); every key vector loaded serves
 // all N rows. (N is a template argument so the accumulators stay in registers.)
 // Key row s of `ahead` (the next sequence's keys, or null) is prefetched into L2 meanwhile: each sequence's
-// keys are a separate stream the hardware prefetcher picks up late (with the cache out of L3, 1.5x slower).
-// Visibility: mask (tokens' rows mask_stride apart) or, when mask is null, the tokens' last slots `last`.
+// keys are a separate stream the hardware prefetcher picks up late.
+// Visibility: token t sees slots 0..last[t].
 template <int N>
-void block_scores(const float* q, const float* qr, int64_t first, const float* keys, const uint8_t* mask,
-                  const int64_t* last, int64_t mask_stride, int64_t heads, int64_t slots, int64_t width, int64_t latent,
-                  float scale, float* scores, const float* ahead) {
+void block_scores(const float* q, const float* qr, int64_t first, const float* keys, const int64_t* last, int64_t heads,
+                  int64_t slots, int64_t width, int64_t latent, float scale, float* scores, const float* ahead) {
   const int64_t rope = width - latent;
   for (int64_t s = 0; s < slots; ++s) {
     const float* k = keys + s * width;
@@ -60,9 +58,7 @@ void block_scores(const float* q, const float* qr, int64_t first, const float* k
     }
 #pragma GCC unroll 8
     for (int m = 0; m < N; ++m) {
-      const int64_t t = (first + m) / heads;
-      const bool visible = mask != nullptr ? mask[t * mask_stride + s] != 0 : s <= last[t];
-      scores[m * slots + s] = visible ? scale * r1lab::hsum(acc[m]) : -INFINITY;
+      scores[m * slots + s] = s <= last[(first + m) / heads] ? scale * r1lab::hsum(acc[m]) : -INFINITY;
     }
   }
 }
@@ -128,21 +124,13 @@ void weighted_rows(const float* p, const float* keys, int64_t slots, int64_t wid
 // keys to prefetch while the scores run (block_scores), or null. Slots past the last one any of these rows
 // may see add nothing, so the work stops there (a prompt's early tokens in a prefill, the shorter rows of a
 // ragged batch).
-void attend(const float* q, const float* qr, int64_t first, int64_t rows, const float* keys, const uint8_t* mask,
-            const int64_t* last, int64_t heads, int64_t mask_slots, int64_t width, int64_t latent, float scale,
-            float* scores, float* out, const float* ahead) {
+void attend(const float* q, const float* qr, int64_t first, int64_t rows, const float* keys, const int64_t* last,
+            int64_t heads, int64_t cache_slots, int64_t width, int64_t latent, float scale, float* scores, float* out,
+            const float* ahead) {
   int64_t slots = 0;  // visible slots: [0, slots)
-  for (int64_t t = first / heads; t <= (first + rows - 1) / heads; ++t) {
-    if (mask == nullptr) {
-      slots = std::max(slots, std::min(mask_slots, last[t] + 1));
-      continue;
-    }
-    const uint8_t* row = mask + t * mask_slots;
-    int64_t end = mask_slots;
-    while (end > slots && !row[end - 1]) --end;
-    slots = std::max(slots, end);
-  }
-  SCORES[rows - 1](q, qr, first, keys, mask, last, mask_slots, heads, slots, width, latent, scale, scores, ahead);
+  for (int64_t t = first / heads; t <= (first + rows - 1) / heads; ++t)
+    slots = std::max(slots, std::min(cache_slots, last[t] + 1));
+  SCORES[rows - 1](q, qr, first, keys, last, heads, slots, width, latent, scale, scores, ahead);
   float inv[MAX_ROWS];
   for (int64_t m = 0; m < rows; ++m) inv[m] = 1.0f / softmax_numerators(scores + m * slots, slots);
   for (int64_t m0 = 0; m0 < rows; m0 += 4) {  // weighted sums four rows at a time (register budget)
@@ -157,10 +145,10 @@ void attend(const float* q, const float* qr, int64_t first, int64_t rows, const 
   }
 }
 
-// mask (B, T, S) or, when null, last (B, T): see the top of the file.
+// last: the positions (B, T), see the top of the file.
 void latent_attention(const float* query, const float* query_rope, const float* keys, int64_t key_stride,
-                      const uint8_t* mask, const int64_t* last, float* out, int64_t batch, int64_t tokens, int64_t rows,
-                      int64_t slots, int64_t width, int64_t latent, float scale) {
+                      const int64_t* last, float* out, int64_t batch, int64_t tokens, int64_t rows, int64_t slots,
+                      int64_t width, int64_t latent, float scale) {
   const int64_t heads = rows / tokens;
 #pragma omp parallel
   {
@@ -173,41 +161,36 @@ void latent_attention(const float* query, const float* query_rope, const float* 
         const int64_t n = std::min<int64_t>(MAX_ROWS, rows - m0);
         const float* ahead = m0 == 0 && b + 1 < b1 ? keys + (b + 1) * key_stride : nullptr;
         attend(query + (b * rows + m0) * latent, query_rope + (b * rows + m0) * (width - latent), m0, n,
-               keys + b * key_stride,
-               mask == nullptr ? nullptr : mask + b * tokens * slots, mask == nullptr ? last + b * tokens : nullptr,
-               heads, slots, width, latent, scale, scores.data(), out + (b * rows + m0) * latent, ahead);
+               keys + b * key_stride, last + b * tokens, heads, slots, width, latent, scale, scores.data(),
+               out + (b * rows + m0) * latent, ahead);
       }
   }
 }
 
-// latent_attention(Tensor query, Tensor query_rope, Tensor keys, Tensor mask, float scale) -> Tensor; mask:
-// bool (B, T, S), or int64 positions (B, T)
+// latent_attention(Tensor query, Tensor query_rope, Tensor keys, Tensor positions, float scale) -> Tensor
 void boxed(StableIValue* stack, uint64_t, uint64_t) {
-  r1lab::Tensor query(stack[0]), query_rope(stack[1]), keys(stack[2]), mask(stack[3]);
+  r1lab::Tensor query(stack[0]), query_rope(stack[1]), keys(stack[2]), positions(stack[3]);
   const float scale = static_cast<float>(r1lab::as_double(stack[4]));
   const int32_t f32 = aoti_torch_dtype_float32();
-  const bool by_position = mask.is(aoti_torch_dtype_int64());
-  r1lab::check(query.is(f32) && query_rope.is(f32) && keys.is(f32) && (mask.is(aoti_torch_dtype_bool()) || by_position),
-               "the latent attention kernel takes float32 CPU queries and keys and a bool mask or int64 positions");
-  r1lab::check(query.dim() == 3 && query_rope.dim() == 3 && keys.dim() == 3 && mask.dim() == (by_position ? 2 : 3),
-               "queries and keys must be 3-d, the mask 3-d (positions 2-d)");
+  r1lab::check(query.is(f32) && query_rope.is(f32) && keys.is(f32) && positions.is(aoti_torch_dtype_int64()),
+               "the latent attention kernel takes float32 CPU queries and keys and int64 positions");
+  r1lab::check(query.dim() == 3 && query_rope.dim() == 3 && keys.dim() == 3 && positions.dim() == 2,
+               "queries and keys must be 3-d, the positions 2-d");
   const int64_t batch = query.size(0), rows = query.size(1), latent = query.size(2);
   const int64_t width = latent + query_rope.size(2);
-  const int64_t tokens = mask.size(1), slots = by_position ? keys.size(1) : mask.size(2);
+  const int64_t tokens = positions.size(1), slots = keys.size(1);
   r1lab::check(latent % 8 == 0 && query_rope.size(2) % 8 == 0,
                "the latent attention kernel takes latent and rope widths multiples of 8");
   r1lab::check(query_rope.size(0) == batch && query_rope.size(1) == rows && keys.size(0) == batch &&
-                   keys.size(1) == slots && keys.size(2) == width && mask.size(0) == batch && tokens > 0 &&
-                   rows % tokens == 0,
-               "latent attention: query (B, T*H, R), query_rope (B, T*H, P), keys (B, S, R+P), mask (B, T, S) or "
-               "positions (B, T) disagree");
-  r1lab::check(query.contiguous() && query_rope.contiguous() && mask.contiguous() && keys.stride(2) == 1 &&
+                   keys.size(2) == width && positions.size(0) == batch && tokens > 0 && rows % tokens == 0,
+               "latent attention: query (B, T*H, R), query_rope (B, T*H, P), keys (B, S, R+P), positions (B, T) "
+               "disagree");
+  r1lab::check(query.contiguous() && query_rope.contiguous() && positions.contiguous() && keys.stride(2) == 1 &&
                    (slots < 2 || keys.stride(1) == width),
-               "latent attention: queries and mask contiguous, key rows contiguous");
+               "latent attention: queries and positions contiguous, key rows contiguous");
   r1lab::Tensor out(r1lab::empty({batch, rows, latent}, f32));
   latent_attention(query.data<float>(), query_rope.data<float>(), keys.data<float>(), keys.stride(0),
-                   by_position ? nullptr : mask.data<uint8_t>(), by_position ? mask.data<int64_t>() : nullptr,
-                   out.data<float>(), batch, tokens, rows, slots, width, latent, scale);
+                   positions.data<int64_t>(), out.data<float>(), batch, tokens, rows, slots, width, latent, scale);
   stack[0] = out.release();
 }
 

@@ -1,9 +1,9 @@
-// Products for a compiled CPU decode step over 9-256 token rows, where the BLAS handles the shapes badly.
+// Products for a compiled CPU decode step of a few to a few hundred token rows, where the BLAS handles the
+// shapes badly (the backend's table in ../__init__.py says which rows).
 //
 // linear: x @ w^T, weights in nn.Linear's (out, in) layout. At these row counts the BLAS spends much of
-// its time packing the weight for a product too short to amortise it (55-75 GFLOP/s on this CPU class
-// with the weights out of cache). Here each task takes 4 weight rows, reads them once, and runs every
-// token row through them with the dot tile (tiles.h): 1.4-1.9x the BLAS at 64 rows, weights out of cache.
+// its time packing the weight for a product too short to amortise it. Here each task takes 4 weight rows,
+// reads them once, and runs every token row through them with the dot tile (tiles.h).
 //
 // mlp: a dense SwiGLU block, w2(silu(w1 x) * w3 x), in one call: each thread runs a contiguous range of
 // the hidden columns through both up-projections (w1's 4 rows, then w3's same 4, each prefetching the
@@ -12,9 +12,9 @@
 // and the two (M, I) projections written out and read back.
 //
 // head_linear, head_matmul: one small product per attention head (MLA's absorbed query and value
-// projections), which the compiled graph otherwise runs as batched GEMMs at ~10 GFLOP/s (~100 us each
-// at 64 rows of the tiny preset). Tasks are (head, 4 weight rows) with the dot tile, or (head, 16-column
-// panel) with the broadcast tile for weights in (in, out) layout.
+// projections), which the compiled graph otherwise runs as batched GEMMs far below the machine's peak.
+// Tasks are (head, 4 weight rows) with the dot tile, or (head, 16-column panel) with the broadcast tile
+// for weights in (in, out) layout.
 //
 // The ops (float32, CPU):
 //   r1lab::linear(x (M, K), weight (N, K)) -> (M, N); x and weight contiguous; K % 8 == 0.

@@ -1,7 +1,7 @@
 // Routed experts for a decode step on an AVX2 CPU: one grouped GEMM over the tokens' expert choices.
 //
-// The compiled decode graph calls this (through kernels.grouped_experts_op) when it holds more token
-// rows than the streaming products suit. Assignments are sorted by expert, each expert's rows are cut
+// A compiled step calls this (r1lab::grouped_experts, ops.py) for its routed experts. Assignments are
+// sorted by expert, each expert's rows are cut
 // into tiles of up to ROWS rows, and the work is split into (expert, 16-column block) tasks: a task
 // keeps that panel of its expert's weights in L1 while a register-tiled micro-kernel runs every tile
 // of the expert's rows through it, so each weight is read once per step (the compiled reductions
@@ -49,7 +49,7 @@ void expert_columns(int64_t first, int64_t last, RowA a_of, int64_t k_dim, const
 
 // Columns [j0, j1) of one expert's rows: b (k_dim, ldb) is packed into COLS-wide panels in one pass over
 // its rows (sequential reads: the panels' strided column slices read directly are latency-bound when the
-// weights come from memory, 2.5x slower), then each panel runs through every row tile.
+// weights come from memory), then each panel runs through every row tile.
 template <typename RowA, typename RowC>
 void expert_block(int64_t first, int64_t last, RowA a_of, int64_t k_dim, const float* b, int64_t ldb, int64_t j0,
                   int64_t j1, RowC c_of, std::vector<float>& packed) {

@@ -1,9 +1,9 @@
 // Tensors in and out of torch's dispatcher for the kernels in this directory, through torch's stable C
 // shim (aoti_torch_*: plain C, no torch C++ headers, so a kernel still builds in a second or two).
 //
-// Each kernel file registers a boxed CPU kernel for its r1lab:: op (kernels.py defines the schema and
-// the shape function). A compiled graph calls the op through the C++ dispatcher, so registered here
-// a call costs a microsecond or two instead of the ~17 us of a Python kernel (a decode step makes ~30).
+// Each kernel file registers a boxed CPU kernel for its r1lab:: op (ops.py defines the schema and the
+// shape function). A compiled graph calls the op through the C++ dispatcher: registered here, a call
+// never enters Python.
 //
 // The boxed convention: the kernel gets a stack of StableIValues, the inputs in schema order; it owns
 // each input tensor handle (and must free it), and leaves its output handle in stack[0].

@@ -1,6 +1,6 @@
 // One sampling step for a batch of rows in one call: the engine's `sample_tokens` and the log-prob of
-// the drawn token, for compiled engines, whose decode step is otherwise short enough that the ~10 small
-// tensor ops of the eager draw (each a dispatch and a parallel region) cost a tenth of it.
+// the drawn token, for compiled engines, whose decode step is short enough that the eager draw's small
+// tensor ops (each a dispatch and a parallel region) are a noticeable part of it.
 //
 // The same draw as engine.sample_tokens: temperature 0 takes the argmax; otherwise the logits are
 // divided by the temperature, cut to the top-k (ties with the k-th kept), softmaxed, cut to the top-p
