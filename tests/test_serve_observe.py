@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import time
 
 import httpx
 import pytest
@@ -33,8 +34,15 @@ def served(tok):
             yield app, http
 
 
-def access_lines(caplog) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "r1lab.serve.access"]
+def access_lines(caplog, request_ids: set[str] = frozenset(), timeout: float = 10.0) -> list[logging.LogRecord]:
+    """The access lines logged so far, waiting (up to `timeout`) for those of `request_ids`: the line is
+    written once the app returns, which may be just after the client has the whole response."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = [r for r in caplog.records if r.name == "r1lab.serve.access"]
+        if request_ids <= {r.request_id for r in lines} or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.01)
 
 
 def test_every_request_has_an_id_and_one_access_line(served, caplog):
@@ -49,7 +57,7 @@ def test_every_request_has_an_id_and_one_access_line(served, caplog):
     assert given.headers["X-Request-ID"] == "client-id.42"
     ids = [r.headers["X-Request-ID"] for r in (made, forged, missing)]
     assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids) and len(set(ids)) == 3  # made here, not taken
-    lines = {r.request_id: r for r in access_lines(caplog)}
+    lines = {r.request_id: r for r in access_lines(caplog, {"client-id.42", *ids})}
     assert set(lines) == {"client-id.42", *ids}
     chat = lines["client-id.42"]
     assert (chat.method, chat.path, chat.route, chat.status) == ("POST", CHAT, CHAT, 200)
@@ -78,7 +86,7 @@ def test_a_bug_is_a_500_without_traceback_and_a_logged_traceback(served, caplog,
     assert logged.exc_info[0] is KeyError
     written = KeyValueFormatter().format(logged)
     assert "Traceback" in written and "secret internal detail" in written and f"request_id={rid}" in written
-    assert [a.status for a in access_lines(caplog) if a.request_id == rid] == [500]
+    assert [a.status for a in access_lines(caplog, {rid}) if a.request_id == rid] == [500]
     monkeypatch.undo()  # and the server goes on
     assert http.post(CHAT, json={"model": "fake-r1", "messages": ask("What is 2 plus 1?")}).status_code == 200
 
@@ -105,7 +113,7 @@ def test_a_client_that_leaves_mid_stream_is_logged_as_gone_not_as_an_error(tok, 
             for _ in range(3):
                 next(lines)
     # The server saw the request end (it stopped for the exit above)
-    [line] = [a for a in access_lines(caplog) if a.request_id == "leaver"]
+    [line] = [a for a in access_lines(caplog, {"leaver"}) if a.request_id == "leaver"]
     assert line.status == 200 and line.client_gone is True
     assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
 
