@@ -186,6 +186,28 @@ def cmd_grpo(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
+    """An r1lab checkpoint -> a Hugging Face DeepseekV3 directory."""
+    from r1lab.convert import export_checkpoint
+
+    if overrides:
+        raise ConfigError(f"export takes no dotted overrides, got {' '.join(overrides)}")
+    out = export_checkpoint(args.model, args.out)
+    print(f"exported {args.model} to {out} (Hugging Face DeepseekV3ForCausalLM)")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace, overrides: list[str]) -> int:
+    """A Hugging Face DeepseekV3 directory -> an r1lab checkpoint."""
+    from r1lab.convert import import_checkpoint
+
+    if overrides:
+        raise ConfigError(f"import takes no dotted overrides, got {' '.join(overrides)}")
+    out = import_checkpoint(args.model, args.out)
+    print(f"imported {args.model} to {out} (r1lab checkpoint)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
     """Tokenizer, corpus, pretraining, R1-Zero GRPO, the control, evaluation, report."""
     from r1lab.demo import demo_recipe, run_demo
@@ -298,6 +320,20 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-tokens", type=int, help="per reply (default: what the context leaves)")
     chat.add_argument("--seed", type=int, help="sampling seed (default: random)")
     chat.set_defaults(func=cmd_chat)
+
+    exp = sub.add_parser("export", help="write an r1lab checkpoint as a Hugging Face DeepseekV3 directory",
+                         description="Write config.json, model.safetensors and the tokenizer in the format "
+                                     "transformers loads as DeepseekV3ForCausalLM (MTP modules are not exported).")
+    exp.add_argument("--model", type=Path, required=True, help="an r1lab checkpoint directory")
+    exp.add_argument("--out", type=Path, required=True, help="a new (or empty) directory to write")
+    exp.set_defaults(func=cmd_export)
+
+    imp = sub.add_parser("import", help="turn a Hugging Face DeepseekV3 directory into an r1lab checkpoint",
+                         description="Read a local DeepseekV3-format model (single or sharded safetensors) and "
+                                     "save it as an r1lab checkpoint; other architectures are refused.")
+    imp.add_argument("--model", type=Path, required=True, help="a local Hugging Face model directory")
+    imp.add_argument("--out", type=Path, required=True, help="a new (or empty) directory for the checkpoint")
+    imp.set_defaults(func=cmd_import)
     return parser
 
 

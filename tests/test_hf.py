@@ -417,3 +417,56 @@ def test_load_causal_lm_opens_both_kinds(tf, tok, qwen_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
         hf.load_causal_lm(tmp_path / "empty")
+
+
+# ------------------------------------------------------------------ r1lab export / r1lab import
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    from r1lab.cli import main
+
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_export_and_import_commands_round_trip(tf, tok, tmp_path, capsys):
+    """A checkpoint exported by `r1lab export` gives the same logits in transformers; `r1lab import`
+    brings it back with identical logits, its tokenizer and its metadata."""
+    model = random_model(moe_config(**YARN))
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, tok, metadata={"template": "r1-zero", "task": "arithmetic"})
+    code, out, err = cli(capsys, "export", "--model", str(ckpt), "--out", str(tmp_path / "hf"))
+    assert code == 0, err
+    assert "exported" in out
+    twin = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    assert twin.dtype == torch.float32
+    tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(7))
+    ours = no_grad_logits(model, tokens)
+    assert ours.abs().max() > 1.0
+    torch.testing.assert_close(no_grad_logits(twin, tokens), ours, atol=1e-4, rtol=1e-4)
+
+    code, _, err = cli(capsys, "import", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "back"))
+    assert code == 0, err
+    from r1lab.checkpoint import load_checkpoint, read_metadata
+
+    back, back_tok, _ = load_checkpoint(tmp_path / "back")
+    assert torch.equal(no_grad_logits(back.eval(), tokens), ours)
+    assert back_tok.encode("12 + 7 = 19") == tok.encode("12 + 7 = 19")
+    assert read_metadata(tmp_path / "back") == {"template": "r1-zero", "task": "arithmetic"}
+
+
+def test_export_and_import_commands_refuse_bad_input(tf, tok, tmp_path, capsys, qwen_dir):
+    softmax = save_checkpoint(tmp_path / "softmax", random_model(moe_config(score_func="softmax", n_expert_groups=1,
+                                                                            n_limited_groups=1)), tok)
+    cases = [
+        (["export", "--model", str(softmax), "--out", str(tmp_path / "a")], "score_func"),
+        (["export", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "b")], "nowhere"),
+        (["export", "--model", str(softmax), "--out", str(qwen_dir)], "not empty"),
+        (["import", "--model", str(qwen_dir), "--out", str(tmp_path / "c")], "model_type 'qwen2'"),
+        (["import", "--model", str(softmax), "--out", str(tmp_path / "d")], "already an r1lab checkpoint"),
+        (["import", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "e")], "nowhere"),
+    ]
+    for argv, message in cases:
+        code, _, err = cli(capsys, *argv)
+        assert code == 2, argv
+        assert err.startswith("r1lab: error:") and message in err, (argv, err)
+        assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
