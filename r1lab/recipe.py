@@ -28,6 +28,11 @@ from r1lab.rewards import REWARD_FUNCTIONS, REWARD_NAMES
 from r1lab.tasks import FAMILIES
 
 
+# The JSON fields an rl_files line is read from when data.rl_fields does not name them: the first
+# present of each tuple (GSM8K has question/answer, MATH-500 and AIME problem/answer).
+RL_FIELD_DEFAULTS = {"prompt": ("prompt", "question", "problem"), "answer": ("answer",)}
+
+
 @dataclass
 class DataConfig:
     """The synthetic reasoning corpus (or the user's files) and the task family RL trains on."""
@@ -59,6 +64,12 @@ class DataConfig:
     """JSONL field holding a document's text."""
     sft_files: list[str] = field(default_factory=list)
     """JSONL conversations (`messages` with roles) for `r1lab sft`."""
+    rl_files: list[str] = field(default_factory=list)
+    """JSONL files of questions with reference answers: GRPO's prompt pool instead of the task family's
+    train split, graded by the accuracy reward (math-verify). GSM8K's `#### N` answers are cut to N."""
+    rl_fields: dict[str, str] = field(default_factory=dict)
+    """Which JSON field of an rl_files line is the prompt and which the answer, e.g. {prompt = "question",
+    answer = "answer"}; by default the first of prompt/question/problem, and answer."""
     template: Literal["r1-zero", "r1"] = "r1-zero"
     """Prompt template of the corpus, RL and evaluation."""
     vocab_size: int = 512
@@ -79,6 +90,11 @@ class DataConfig:
                 raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
         if not self.text_field:
             raise ConfigError("text_field must not be empty")
+        unknown = sorted(set(self.rl_fields) - set(RL_FIELD_DEFAULTS))
+        if unknown:
+            raise ConfigError(f"rl_fields: unknown key {', '.join(map(repr, unknown))}; known: prompt, answer")
+        if any(not name for name in self.rl_fields.values()):
+            raise ConfigError(f"rl_fields: a field name must not be empty, got {self.rl_fields}")
         self._check_task()
 
     def _check_task(self) -> None:
@@ -300,6 +316,9 @@ class Recipe:
         self.model.validate()
         if self.data.vocab_size > self.model.vocab_size:
             raise ConfigError(f"data.vocab_size ({self.data.vocab_size}) exceeds model.vocab_size ({self.model.vocab_size})")
+        if self.grpo.reward_weights.get("code") and self.data.rl_files:
+            raise ConfigError("grpo.reward_weights.code needs examples with tests to run, and data.rl_files "
+                              "lines have only a prompt and an answer: every sample would score 0 (use accuracy)")
         if self.grpo.reward_weights.get("code"):
             # The code reward runs each example's tests; a family without them would score every sample 0.
             family = FAMILIES[self.data.task]

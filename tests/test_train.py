@@ -180,3 +180,96 @@ def test_cost_ledger_totals_and_table():
     assert ledger.stages[0].mfu == pytest.approx(6e12 / (3600 * 100e9))
     assert "| **total** |" in ledger.table() and "CPU core-hours" in ledger.table()
     assert CostLedger.from_dict(ledger.as_dict()).totals() == totals
+
+
+# ------------------------------------------------------------------ data.rl_files: the user's GRPO prompts
+def _benchmark_lines(name: str, n: int) -> list[str]:
+    from r1lab.tasks.benchmarks import BenchmarkNotFoundError, find_benchmark_file
+
+    try:
+        return find_benchmark_file(name).read_text(encoding="utf-8").splitlines()[:n]
+    except BenchmarkNotFoundError:
+        pytest.skip(f"{name} benchmark file not present")
+
+
+def test_rl_files_read_gsm8k_and_math_lines_graded_by_the_accuracy_reward(tmp_path):
+    from r1lab.rewards import accuracy_reward
+
+    gsm8k, math500 = tmp_path / "gsm8k.jsonl", tmp_path / "math.jsonl"
+    gsm8k.write_text("\n".join(_benchmark_lines("gsm8k", 3)) + "\n")
+    math500.write_text("\n".join(_benchmark_lines("math500", 3)) + "\n")
+    examples = data_mod.rl_examples([str(gsm8k), str(math500)])
+    assert len(examples) == 6
+    first_gsm8k, first_math = json.loads(gsm8k.read_text().splitlines()[0]), json.loads(math500.read_text().splitlines()[0])
+    assert examples[0]["prompt"] == first_gsm8k["question"].strip() and examples[3]["prompt"] == first_math["problem"].strip()
+    assert examples[0]["answer"] == first_gsm8k["answer"].rsplit("####", 1)[1].strip()
+    assert examples[0]["id"] == "gsm8k.jsonl:1"
+    for ex in examples:  # graded by math-verify against the reference, not by a task family
+        assert accuracy_reward(f"<think>ok</think>\n<answer>\\boxed{{{ex['answer']}}}</answer>", ex) == 1.0
+        assert accuracy_reward("<think>ok</think>\n<answer>\\boxed{-987654}</answer>", ex) == 0.0
+    custom = tmp_path / "custom.jsonl"
+    custom.write_text(json.dumps({"q": "What is 6 * 7?", "a": 42, "prompt": "ignored"}) + "\n")
+    (ex,) = data_mod.rl_examples([str(custom)], {"prompt": "q", "answer": "a"})
+    assert (ex["prompt"], ex["answer"]) == ("What is 6 * 7?", "42")
+
+
+@pytest.fixture
+def grpo_base(tmp_path, tokenizer, make_config):
+    from r1lab.checkpoint import save_checkpoint
+
+    model = Transformer(make_config(vocab_size=400, max_seq_len=128))
+    return save_checkpoint(tmp_path / "base", model, tokenizer)
+
+
+GRPO_FAST = ["--data.template=r1", "--grpo.steps=2", "--grpo.prompts_per_step=2", "--grpo.group_size=2",
+             "--grpo.max_new_tokens=8", "--grpo.minibatch_size=4", "--grpo.epochs=1", "--cost.peak_gflops=100"]
+
+
+def test_grpo_command_trains_on_prompts_from_a_user_jsonl(tmp_path, grpo_base, monkeypatch, capsys):
+    from r1lab.checkpoint import read_metadata, read_trainer_summary
+    from r1lab.cli import main
+    from r1lab.train import rl as rl_mod
+
+    user = tmp_path / "mine.jsonl"
+    user.write_text("".join(json.dumps({"question": f"What is {a} + {a}?", "solution": str(2 * a)}) + "\n"
+                            for a in range(10, 20)))
+    seen = []
+    original = rl_mod.rollout
+
+    def spy(engine, tokenizer, pool, cfg, step, template):
+        batch = original(engine, tokenizer, pool, cfg, step, template)
+        seen.extend(batch.examples)
+        return batch
+
+    monkeypatch.setattr(rl_mod, "rollout", spy)
+    run = tmp_path / "run"
+    code = main(["grpo", "--run", str(run), f"--grpo.init_from={grpo_base}", f"--data.rl_files=[\"{user}\"]",
+                 "--data.rl_fields={answer = \"solution\"}", *GRPO_FAST])
+    assert code == 0, capsys.readouterr().err
+    assert len(seen) == 2 * 2 * 2  # steps x prompts x group
+    assert all(ex["id"].startswith("mine.jsonl:") and ex["answer"] == str(2 * int(ex["prompt"].split()[2]))
+               for ex in seen)
+    assert "family" not in seen[0]  # graded by the accuracy reward's math check, not a task family
+    assert read_trainer_summary(run / "rl" / "checkpoint")["step"] == 2
+    assert read_metadata(run / "rl" / "checkpoint")["rl_files"] == [str(user)]
+
+
+@pytest.mark.parametrize("line, field", [
+    ('{"question": "What is 1 + 1?"}', "answer"),
+    ('{"answer": "2"}', "prompt"),
+    ('{"question": "", "answer": "2"}', "prompt"),
+    ('[1, 2]', "JSON object"),
+    ('{"question": "What is 1 + 1?", "answer": 2', "not valid JSON"),
+])
+def test_a_bad_rl_files_line_is_one_line_naming_file_and_line(tmp_path, grpo_base, capsys, line, field):
+    from r1lab.cli import main
+
+    user = tmp_path / "bad.jsonl"
+    user.write_text('{"question": "What is 2 + 2?", "answer": "4"}\n\n' + line + "\n")
+    code = main(["grpo", "--run", str(tmp_path / "run"), f"--grpo.init_from={grpo_base}",
+                 f"--data.rl_files=[\"{user}\"]", *GRPO_FAST])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"r1lab: error: {user}:3:") and field in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "rl").exists()

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from r1lab.config import DataError
-from r1lab.recipe import DataConfig
+from r1lab.recipe import RL_FIELD_DEFAULTS, DataConfig
 from r1lab.tasks import get_family
 from r1lab.tasks.base import completion_text
 from r1lab.tokenizer import Tokenizer, render_conversation
@@ -81,6 +81,41 @@ def read_jsonl(path: Path) -> list[tuple[int, object]]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
     return rows
+
+
+def rl_examples(paths: list[str], fields: dict[str, str] | None = None) -> list[dict]:
+    """GRPO prompts from JSONL files: {"prompt", "answer", "id"} per line, graded by the accuracy reward.
+
+    `fields` names the prompt and answer fields (data.rl_fields); a missing one takes the first of
+    `RL_FIELD_DEFAULTS` present in the line. An answer holding GSM8K's worked solution keeps only what
+    follows its last `####`. A line without a usable prompt or answer is a `DataError` naming file and line.
+    """
+    fields = fields or {}
+    candidates = {key: (fields[key],) if key in fields else names for key, names in RL_FIELD_DEFAULTS.items()}
+    examples = []
+    for name in paths:
+        path = Path(name)
+        if not path.is_file():
+            raise DataError(f"data.rl_files: {path}: no such file")
+        for i, row in read_jsonl(path):
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{i}: expected a JSON object per line")
+            values = {}
+            for key, names in candidates.items():
+                found = next((n for n in names if n in row), None)
+                value = row.get(found) if found else None
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    value = str(int(value)) if float(value).is_integer() else str(value)
+                if not isinstance(value, str) or not value.strip():
+                    raise DataError(f"{path}:{i}: needs a non-empty text {key} in field "
+                                    f"{' or '.join(map(repr, names))} (data.rl_fields)")
+                values[key] = value.strip()
+            if "####" in values["answer"]:  # a GSM8K worked solution: the answer is its last line
+                values["answer"] = values["answer"].rsplit("####", 1)[1].strip().replace(",", "")
+            examples.append({**values, "id": f"{path.name}:{i}"})
+    if not examples:
+        raise DataError(f"data.rl_files: no examples in {', '.join(paths)}")
+    return examples
 
 
 def file_documents(paths: list[str], text_field: str = "text") -> list[str]:

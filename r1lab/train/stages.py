@@ -34,7 +34,7 @@ from r1lab.tasks import get_family
 from r1lab.tokenizer import R1_ZERO, R1_ZERO_PROMPT, TOKENIZER_FILE, Tokenizer
 from r1lab.train.common import CHECKPOINT, check_resumable
 from r1lab.train.data import (ConversationSet, PackedStream, encode_documents, encode_texts, file_documents,
-                              task_documents, tokenizer_texts)
+                              rl_examples, task_documents, tokenizer_texts)
 from r1lab.train.pretrain import StageResult, train_supervised
 from r1lab.train.rl import RLResult, longest_prompt, train_grpo
 
@@ -45,8 +45,11 @@ RL_POOL = 5000
 def run_metadata(recipe: Recipe) -> dict:
     """What a checkpoint says about how to prompt and evaluate it."""
     d = recipe.data
-    return {"template": d.template, "task": d.task, "difficulty": d.difficulty, "task_options": d.task_options,
+    meta = {"template": d.template, "task": d.task, "difficulty": d.difficulty, "task_options": d.task_options,
             "instruction": ""}  # the task's prompt is the whole question: no extra instruction
+    if d.rl_files:  # only then, so that checkpoints of runs without them still resume
+        meta["rl_files"] = d.rl_files
+    return meta
 
 
 CORPUS_FILE = "corpus.json"  # beside the tokenizer: the [data] section it was trained for
@@ -54,7 +57,7 @@ CORPUS_FILE = "corpus.json"  # beside the tokenizer: the [data] section it was t
 
 def corpus_config(recipe: Recipe) -> dict:
     """The [data] fields that decide the pretraining corpus (and so the tokenizer trained on it)."""
-    return {k: v for k, v in asdict(recipe.data).items() if k != "sft_files"}
+    return {k: v for k, v in asdict(recipe.data).items() if k not in ("sft_files", "rl_files", "rl_fields")}
 
 
 def check_tokenizer_corpus(recipe: Recipe, run_dir: Path) -> None:
@@ -182,8 +185,10 @@ def run_sft(recipe: Recipe, run_dir: Path, peak_flops: float | None = None, quie
 
 
 def rl_pool(recipe: Recipe, n: int = RL_POOL) -> list[dict]:
-    """Train-split problems RL samples its prompts from."""
+    """The problems RL samples its prompts from: data.rl_files, else the task family's train split."""
     d = recipe.data
+    if d.rl_files:
+        return rl_examples(d.rl_files, d.rl_fields)
     try:
         return get_family(d.task).generate(n, seed=d.seed + 1, split="train", difficulty=d.difficulty,
                                            **d.task_options)
@@ -204,7 +209,8 @@ def run_grpo(recipe: Recipe, run_dir: Path, peak_flops: float | None = None, eva
     pool = rl_pool(recipe)
     longest = longest_prompt(tokenizer, pool, recipe.data.template)
     if longest + cfg.max_new_tokens > model_cfg.max_seq_len:
-        raise ConfigError(f"the longest {recipe.data.task} prompt ({longest} tokens, template {recipe.data.template!r}) "
+        source = "data.rl_files" if recipe.data.rl_files else recipe.data.task
+        raise ConfigError(f"the longest {source} prompt ({longest} tokens, template {recipe.data.template!r}) "
                           f"plus grpo.max_new_tokens ({cfg.max_new_tokens}) exceeds the max_seq_len "
                           f"({model_cfg.max_seq_len}) of {init}")
     check_resumable(run_dir / "rl", "grpo", model_cfg, cfg.steps, run_metadata(recipe))
