@@ -100,7 +100,7 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
               "progress": lambda done, total: print(f"r1lab eval: {done}/{total} items", file=sys.stderr)}
     if args.model:
         result = evaluate_checkpoint(args.model, args.bench, template=args.template, peak_gflops=args.peak_gflops,
-                                     **common)
+                                     device=_device(args), **common)
     else:
         result = evaluate_endpoint_bench(args.api_base, args.api_model, args.bench, api_key=args.api_key,
                                          concurrency=args.concurrency, **common)
@@ -131,7 +131,10 @@ def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
                              max_prompt_tokens=args.max_prompt_tokens, max_concurrency=args.max_concurrency,
                              max_batch_size=args.max_batch_size, compile=args.compile,
                              cors_origins=tuple(args.cors_origin or ()))
-    model = load_served_model(args.model, name=args.served_model_name)
+    device = _device(args)
+    if args.compile and device.type != "cpu":
+        raise ConfigError(f"serve --compile runs the CPU backend; drop it to serve on --device {args.device}")
+    model = load_served_model(args.model, name=args.served_model_name, device=device)
     print(f"r1lab: serving {model.name!r} ({model.template} template, context {model.max_len}) on "
           f"http://{args.host}:{args.port}/ (web chat) and /v1 (API)", file=sys.stderr)
     run(create_app(model, settings), host=args.host, port=args.port)
@@ -146,14 +149,26 @@ def cmd_chat(args: argparse.Namespace, overrides: list[str]) -> int:
     if overrides:
         raise ConfigError(f"chat takes no dotted overrides, got {' '.join(overrides)}")
     _check_flags(args, temperature=">= 0", top_p="in (0, 1]", max_tokens=">= 1")
-    model = load_served_model(args.model)
+    model = load_served_model(args.model, device=_device(args))
     return run_chat(model, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
+
+
+def _device_override(args: argparse.Namespace) -> list[str]:
+    """`--device X` as the recipe override it is, so that the run's recipe.toml records it."""
+    return [f"--device={args.device}"] if args.device else []
+
+
+def _device(args: argparse.Namespace):
+    """The `torch.device` of `--device` (eval, serve, chat), checked before a model is loaded."""
+    from r1lab.device import resolve_device
+
+    return resolve_device(args.device, "--device")
 
 
 def _training_recipe(args: argparse.Namespace, overrides: list[str]):
     if args.run.exists() and not args.run.is_dir():
         raise ConfigError(f"--run {args.run} is a file, not a run directory")
-    return load_recipe(args.recipe, overrides)
+    return load_recipe(args.recipe, overrides + _device_override(args))
 
 
 def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -212,7 +227,7 @@ def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
     """Tokenizer, corpus, pretraining, R1-Zero GRPO, the control, evaluation, report."""
     from r1lab.demo import demo_recipe, run_demo
 
-    recipe = demo_recipe(args.recipe, overrides, args.quick)
+    recipe = demo_recipe(args.recipe, overrides + _device_override(args), args.quick)
     run_dir = args.run or Path("runs") / ("demo-quick" if args.quick else "demo")
     start = time.perf_counter()
     summary = run_demo(recipe, run_dir, quiet=args.quiet)
@@ -249,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=what, description=f"{what}. Overrides: --SECTION.FIELD=VALUE.")
         p.add_argument("--recipe", type=Path, help="TOML recipe (default: the tiny preset's defaults)")
         p.add_argument("--run", type=Path, default=Path("runs/default"), help="run directory (default runs/default)")
+        p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the recipe's device, else cpu)")
         p.set_defaults(func=func)
 
     demo = sub.add_parser("demo", help="pretrain a tiny base, R1-Zero GRPO, the control, evaluate, report",
@@ -257,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--recipe", type=Path, help="TOML recipe (default: the packaged r1-zero-tiny)")
     demo.add_argument("--run", type=Path, help="run directory (default runs/demo)")
     demo.add_argument("--quiet", action="store_true", help="no progress lines")
+    demo.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the recipe's device, else cpu)")
     demo.set_defaults(func=cmd_demo)
 
     ev = sub.add_parser("eval", help="pass@1, pass@k, cons@k, format, length and cost with the R1 protocol",
@@ -284,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "the report gives the better of greedy and sampled pass@1: the model's best decoding)")
     ev.add_argument("--fresh", action="store_true", help="discard the samples of an earlier run in --out")
     ev.add_argument("--peak-gflops", type=float, help="known matmul peak for MFU (default: measured once)")
+    ev.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps for --model (default cpu)")
     ev.add_argument("--api-base", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
     ev.add_argument("--api-model", help="model name at the endpoint")
     ev.add_argument("--api-key", help="API key (default: $OPENAI_API_KEY)")
@@ -295,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Serve a checkpoint: /v1/chat/completions, /v1/completions, /v1/models, "
                                      "/health, and the web chat at /.")
     srv.add_argument("--model", type=Path, required=True, help="an r1lab checkpoint or a local Hugging Face model dir")
+    srv.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
     srv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     srv.add_argument("--port", type=int, default=8000, help="default 8000")
     srv.add_argument("--api-key", help="require Authorization: Bearer KEY on every API route")
@@ -315,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Type a message per line; /reset starts over, /exit leaves. Reads stdin "
                                       "until EOF when it is not a terminal.")
     chat.add_argument("--model", type=Path, required=True, help="an r1lab checkpoint or a local Hugging Face model dir")
+    chat.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
     chat.add_argument("--temperature", type=float, default=0.6, help="default 0.6 (R1)")
     chat.add_argument("--top-p", type=float, default=0.95, help="default 0.95 (R1)")
     chat.add_argument("--max-tokens", type=int, help="per reply (default: what the context leaves)")

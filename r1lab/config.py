@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 import types
 import typing
@@ -24,6 +25,18 @@ class ConfigError(ValueError):
 
 class DataError(ConfigError):
     """A user's data file that cannot be used; the message names the file (and line, for JSONL)."""
+
+
+DEFAULT_DEVICE = "cpu"  # a recipe's default; library code takes the torch.device resolved from it
+DEVICE_NAMES = re.compile(r"cpu|mps|cuda(:\d+)?")
+"""What a device may be called in a recipe or on the command line: cpu, cuda, cuda:N or mps."""
+
+
+def check_device_name(name: Any, key: str = "device") -> None:
+    """A ConfigError naming `key` unless `name` is one of the forms DEVICE_NAMES allows (the form
+    only: whether this machine has the device is `r1lab.device.resolve_device`'s to say)."""
+    if not isinstance(name, str) or not DEVICE_NAMES.fullmatch(name):
+        raise ConfigError(f"{key} must be cpu, cuda, cuda:N or mps, got {name!r}")
 
 
 @dataclass

@@ -32,6 +32,7 @@ import torch
 
 from r1lab.checkpoint import load_checkpoint
 from r1lab.cost import CostLedger, StageCost
+from r1lab.device import resolve_device
 from r1lab.engine import Engine, SamplingParams
 from r1lab.eval import EvalResult, evaluate
 from r1lab.evalreport import GREEDY, BestDecoding, Verdict, best_decoding, item_scores, verdict
@@ -86,9 +87,10 @@ def uses_scratchpad(text: str) -> bool:
     return sum(1 for line in chain_of_thought(text).splitlines() if line.strip()) >= 2
 
 
-def evaluate_stage(recipe: Recipe, run_dir: Path, stage: str, examples: list[dict], peak_gflops: float) -> EvalResult:
+def evaluate_stage(recipe: Recipe, run_dir: Path, stage: str, examples: list[dict], peak_gflops: float,
+                   device: torch.device | None = None) -> EvalResult:
     """The stage's checkpoint on the held-out examples, sampled (k per item) and greedy."""
-    model, tokenizer, _ = load_checkpoint(run_dir / stage / CHECKPOINT)
+    model, tokenizer, _ = load_checkpoint(run_dir / stage / CHECKPOINT, device)
     model.eval()
     e, template = recipe.eval, recipe.data.template
     longest = max(len(render_prompt(tokenizer, ex["prompt"], template)) for ex in examples)
@@ -139,10 +141,11 @@ def verdicts(results: dict[str, EvalResult]) -> dict[str, Verdict]:
 
 def run_demo(recipe: Recipe, run_dir: Path, quiet: bool = False) -> dict:
     started = time.perf_counter()
+    device = resolve_device(recipe.device)  # before anything is written or measured
     run_dir.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, run_dir / "recipe.toml")
     torch.manual_seed(recipe.pretrain.seed)
-    peak = recipe.cost.peak_gflops * 1e9 or measure_matmul_peak() * 1e9
+    peak = recipe.cost.peak_gflops * 1e9 or measure_matmul_peak(device=device) * 1e9
     ledger = CostLedger.empty()
     wall: dict[str, float] = {}
 
@@ -164,7 +167,8 @@ def run_demo(recipe: Recipe, run_dir: Path, quiet: bool = False) -> dict:
     write_heldout(examples, run_dir / HELDOUT_FILE)
     results: dict[str, EvalResult] = {}
     for name in STAGES:
-        results[name] = stage(f"eval {name}", lambda n=name: evaluate_stage(recipe, run_dir, n, examples, peak / 1e9))
+        results[name] = stage(f"eval {name}",
+                              lambda n=name: evaluate_stage(recipe, run_dir, n, examples, peak / 1e9, device))
         s = stage_summary(results[name])
         ledger.add(StageCost(f"eval {name}", s["eval_flops"], s["eval_seconds"], torch.get_num_threads(), "cpu-core",
                              peak, recipe.cost.cpu_core_hour_usd))

@@ -508,11 +508,13 @@ def evaluate_checkpoint(model_dir: str | os.PathLike, bench: str, *, k: int = DE
                         temperature: float = R1_TEMPERATURE, top_p: float = R1_TOP_P,
                         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, limit: int | None = None, seed: int = 0,
                         difficulty: int | None = None, out_dir: str | os.PathLike | None = None,
-                        template: str | None = None, batch_size: int = 256, **options: Any) -> EvalResult:
+                        template: str | None = None, batch_size: int = 256, device: torch.device | None = None,
+                        **options: Any) -> EvalResult:
     """`r1lab eval --model DIR`: load an r1lab checkpoint or Hugging Face directory and evaluate it.
 
     The template comes from the checkpoint metadata unless given; results go to `out_dir`, by
-    default `<model_dir>/eval/<bench>`. `options` go to `evaluate` (ks, resume, instruction, ...).
+    default `<model_dir>/eval/<bench>`. The model is loaded on `device` (default: the CPU).
+    `options` go to `evaluate` (ks, resume, instruction, ...).
     When the bench is the task family the checkpoint was trained on (metadata "task"), its
     difficulty (unless given) and task options come from the metadata too, so the held-out set is
     the one the training run evaluated.
@@ -524,7 +526,7 @@ def evaluate_checkpoint(model_dir: str | os.PathLike, bench: str, *, k: int = DE
         difficulty = int(meta.get("difficulty", 1)) if own_task else 1
     examples = load_examples(bench, limit, seed, difficulty, task_options=meta.get("task_options") if own_task else None)
     template = template or model_template(model_dir)
-    decoder, tokenizer = load_causal_lm(model_dir)
+    decoder, tokenizer = load_causal_lm(model_dir, device=device)
     if tokenizer is None:
         raise EvalError(f"{model_dir}: has no tokenizer.json; evaluation needs the model's tokenizer")
     instruction = options.get("instruction")

@@ -1,6 +1,7 @@
 """Run recipes: one TOML file describes the model, the data, each training stage and evaluation.
 
     preset = "tiny"            # the model preset [model] starts from
+    device                     cpu (the default), cuda, cuda:N or mps; --device overrides it
     [model]    ModelConfig fields (override the preset)
     [data]     the corpus and the task family
     [pretrain] [sft] [control] supervised stages (TrainConfig)
@@ -23,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from r1lab.config import ConfigError, ModelConfig, apply_overrides, from_dict, model_preset, to_dict
+from r1lab.config import (DEFAULT_DEVICE, ConfigError, ModelConfig, apply_overrides, check_device_name, from_dict,
+                          model_preset, to_dict)
 from r1lab.rewards import REWARD_FUNCTIONS, REWARD_NAMES
 from r1lab.tasks import FAMILIES
 
@@ -160,8 +162,9 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     optim: OptimConfig = field(default_factory=OptimConfig)
-    bf16_autocast: bool = False
-    """bfloat16 autocast for matmuls (GPUs; this CPU has no fast bfloat16)."""
+    bf16_autocast: bool = True
+    """bfloat16 autocast of the matmuls when the run's device is CUDA (false: float32 there too); on a
+    CPU, which has no fast bfloat16, training is float32 whatever this says."""
     eval_every: int = 100
     """Held-out loss every this many steps (0: only at the end)."""
     eval_batches: int = 4
@@ -225,6 +228,9 @@ class GRPOConfig:
     """Dynamic sampling gives up refilling after this many extra rounds."""
     overlong_buffer: int = 0
     """DAPO overlong shaping: linear penalty over this many tokens before max_new_tokens (0: off)."""
+    bf16_autocast: bool = True
+    """bfloat16 autocast of the policy updates when the run's device is CUDA (false: float32 there
+    too; rollouts decode in the model's own dtype); on a CPU training is float32 whatever this says."""
     eval_every: int = 0
     """Held-out evaluation every this many steps (0: only at the end)."""
     save_every: int = 25
@@ -301,6 +307,9 @@ class Recipe:
 
     preset: str = "tiny"
     """Model preset the `[model]` table starts from."""
+    device: str = DEFAULT_DEVICE
+    """Where every stage builds its model, optimizer and engine: cpu, cuda, cuda:N or mps
+    (`--device` on the command line overrides it)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Model shape; keys given here override the preset."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -313,6 +322,7 @@ class Recipe:
     cost: CostConfig = field(default_factory=CostConfig)
 
     def validate(self) -> None:
+        check_device_name(self.device)
         self.model.validate()
         if self.data.vocab_size > self.model.vocab_size:
             raise ConfigError(f"data.vocab_size ({self.data.vocab_size}) exceeds model.vocab_size ({self.model.vocab_size})")

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from r1lab.cost import StageCost, train_flops_per_token
+from r1lab.device import bf16_autocast
 from r1lab.model import Transformer
 from r1lab.recipe import CostConfig, TrainConfig
 from r1lab.tokenizer import Tokenizer
@@ -63,7 +64,6 @@ def train_supervised(model: Transformer, tokenizer: Tokenizer | None, batch_fn: 
     progress = Progress(stage, cfg.steps, start, quiet)
     seq_len = batch_fn(0, 0, 1)[0].shape[1]
     flops_per_token = train_flops_per_token(model.config, seq_len)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16_autocast)
     model.train()
     flops, seconds, metrics = flops_before, seconds_before, {}
     window_tokens, window_start = 0, time.perf_counter()
@@ -75,7 +75,7 @@ def train_supervised(model: Transformer, tokenizer: Tokenizer | None, batch_fn: 
         tokens = 0
         for micro in range(cfg.grad_accum):
             inputs, targets, mask = (t.to(device) if t is not None else None for t in batch_fn(step, micro, cfg.batch_size))
-            with autocast:
+            with bf16_autocast(device, cfg.bf16_autocast):
                 out = model.loss(inputs, targets, mask)
             (out.loss / cfg.grad_accum).backward()
             for key in parts:

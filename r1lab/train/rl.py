@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from r1lab.cost import StageCost, generate_flops_per_token, train_flops_per_token
+from r1lab.device import bf16_autocast
 from r1lab.engine import Engine, SamplingParams
 from r1lab.model import Transformer
 from r1lab.recipe import CostConfig, GRPOConfig
@@ -223,8 +224,9 @@ def _optimise(model, reference, optimizer, batch: Rollout, cfg: GRPOConfig, loss
     device = next(model.parameters()).device
     inputs, targets, mask = (t.to(device) for t in pack(batch.prompts, batch.completions, pad_id))
     advantages = group_advantages(batch.rewards, cfg.group_size, scale).to(device)
-    old_logp, entropy = reference_logprobs(model, inputs, targets, mask, cfg.minibatch_size)
-    ref_logp = reference_logprobs(reference, inputs, targets, mask, cfg.minibatch_size)[0] if cfg.beta > 0 else None
+    with bf16_autocast(device, cfg.bf16_autocast):  # the ratio compares log-probs of one precision
+        old_logp, entropy = reference_logprobs(model, inputs, targets, mask, cfg.minibatch_size)
+        ref_logp = reference_logprobs(reference, inputs, targets, mask, cfg.minibatch_size)[0] if cfg.beta > 0 else None
     set_lr(optimizer, lr)
     model.train()
     stats = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0}
@@ -234,7 +236,8 @@ def _optimise(model, reference, optimizer, batch: Rollout, cfg: GRPOConfig, loss
         order = torch.randperm(len(inputs), generator=order_rng).to(device)
         for s in range(0, len(inputs), cfg.minibatch_size):
             idx = order[s:s + cfg.minibatch_size]
-            logp, _ = token_logprobs(model, inputs[idx], targets[idx])
+            with bf16_autocast(device, cfg.bf16_autocast):
+                logp, _ = token_logprobs(model, inputs[idx], targets[idx])
             out = loss_fn(logp, old_logp[idx], advantages[idx], mask[idx],
                           ref_logp=None if ref_logp is None else ref_logp[idx], beta=cfg.beta,
                           eps_low=cfg.eps_low, eps_high=cfg.eps_high, max_tokens=cfg.max_new_tokens)

@@ -2,11 +2,11 @@
 R1-Zero GRPO and the control. The command line and the demo call these; each stage writes its own
 directory (`checkpoint/`, `metrics.jsonl`) and resumes from it when interrupted.
 
-Each stage first checks what it can without heavy work (the checkpoint it starts from, its data
-files line by line, that sequences and prompts fit the model, that a checkpoint it would resume was
-made by the same recipe) and raises `ConfigError` (or `CheckpointError`) naming the field, file or
+Each stage first checks what it can without heavy work (that this machine has the recipe's
+`device`, the checkpoint it starts from, its data files line by line, that sequences and prompts
+fit the model, that a checkpoint it would resume was made by the same recipe) and raises `ConfigError` (or `CheckpointError`) naming the field, file or
 value; only then does it measure the matmul peak (when the recipe gives none), train a tokenizer or
-build a model.
+build a model, on that device.
 
 Run directory layout:
     recipe.toml       the resolved recipe
@@ -28,6 +28,7 @@ import torch
 from r1lab.checkpoint import committed_checkpoint, load_checkpoint, load_model_config, load_tokenizer
 from r1lab.config import ConfigError, ModelConfig
 from r1lab.cost import train_flops_per_token
+from r1lab.device import resolve_device
 from r1lab.model import Transformer
 from r1lab.recipe import Recipe, save_recipe
 from r1lab.tasks import get_family
@@ -114,6 +115,7 @@ def pretraining_data(recipe: Recipe, tokenizer: Tokenizer, seed: int) -> tuple[P
 def run_pretrain(recipe: Recipe, run_dir: Path, peak_flops: float | None = None, quiet: bool = False) -> StageResult:
     """Pretraining into run_dir/base. `peak_flops` None: the recipe's, else measured after the checks."""
     cfg, d = recipe.pretrain, recipe.data
+    device = resolve_device(recipe.device)
     model_cfg = load_model_config(cfg.init_from) if cfg.init_from else recipe.model
     _check_seq_len(recipe, model_cfg, f"pretrain.init_from ({cfg.init_from})" if cfg.init_from else "")
     check_resumable(run_dir / "base", "pretrain", model_cfg, cfg.steps, run_metadata(recipe))
@@ -131,9 +133,13 @@ def run_pretrain(recipe: Recipe, run_dir: Path, peak_flops: float | None = None,
     tokenizer = prepare_tokenizer(recipe, run_dir)
     _check_vocab(tokenizer, model_cfg, run_dir / "tokenizer")
     stream, heldout = pretraining_data(recipe, tokenizer, cfg.seed)
-    peak = _peak(recipe, peak_flops)
+    peak = _peak(recipe, peak_flops, device)
     torch.manual_seed(cfg.seed)
-    model = load_checkpoint(cfg.init_from)[0] if cfg.init_from else Transformer(model_cfg)
+    if cfg.init_from:
+        model = load_checkpoint(cfg.init_from, device)[0]
+    else:
+        with device:  # initialised in place: a large model never exists on the CPU first
+            model = Transformer(model_cfg)
     return train_supervised(model, tokenizer, stream.batch, heldout, cfg, run_dir / "base", "pretrain", recipe.cost,
                             peak, run_metadata(recipe), quiet)
 
@@ -146,16 +152,17 @@ def run_control(recipe: Recipe, run_dir: Path, peak_flops: float | None = None, 
     rollouts and updates), at least one.
     """
     cfg = recipe.control
+    device = resolve_device(recipe.device)
     if cfg.match == "flops":
         if rl_flops is None:
             raise ConfigError("control.match = \"flops\" needs the RL stage's FLOPs: run the control after grpo")
         cfg = replace(cfg, steps=control_steps(recipe, rl_flops))
     base = run_dir / "base" / CHECKPOINT
     check_resumable(run_dir / "control", "control", load_model_config(base), cfg.steps, run_metadata(recipe))
-    model, tokenizer, state = load_checkpoint(base)
+    model, tokenizer, state = load_checkpoint(base, device)
     stream, heldout = pretraining_data(recipe, tokenizer, cfg.seed + 7)  # batches the base did not see in order
     return train_supervised(model, tokenizer, stream.batch, heldout, cfg, run_dir / "control", "control", recipe.cost,
-                            _peak(recipe, peak_flops), run_metadata(recipe), quiet,
+                            _peak(recipe, peak_flops, device), run_metadata(recipe), quiet,
                             optimizer_state=(state or {}).get("optimizer"))
 
 
@@ -169,6 +176,7 @@ def control_steps(recipe: Recipe, flops: float) -> int:
 def run_sft(recipe: Recipe, run_dir: Path, peak_flops: float | None = None, quiet: bool = False) -> StageResult:
     """Supervised fine-tuning of sft.init_from on data.sft_files into run_dir/sft."""
     cfg, d = recipe.sft, recipe.data
+    device = resolve_device(recipe.device)
     if not d.sft_files:
         raise ConfigError("sft needs data.sft_files: JSONL files of {\"messages\": [...]} conversations")
     if not cfg.init_from:
@@ -178,8 +186,8 @@ def run_sft(recipe: Recipe, run_dir: Path, peak_flops: float | None = None, quie
     tokenizer = _checkpoint_tokenizer(cfg.init_from, "sft.init_from")
     check_resumable(run_dir / "sft", "sft", model_cfg, cfg.steps, run_metadata(recipe))
     data = ConversationSet.from_jsonl(tokenizer, d.sft_files, d.template, d.seq_len, cfg.seed)
-    peak = _peak(recipe, peak_flops)
-    model = load_checkpoint(cfg.init_from)[0]
+    peak = _peak(recipe, peak_flops, device)
+    model = load_checkpoint(cfg.init_from, device)[0]
     return train_supervised(model, tokenizer, data.batch, data.fixed_batches(cfg.eval_batches, cfg.batch_size), cfg,
                             run_dir / "sft", "sft", recipe.cost, peak, run_metadata(recipe), quiet)
 
@@ -200,6 +208,7 @@ def run_grpo(recipe: Recipe, run_dir: Path, peak_flops: float | None = None, eva
              quiet: bool = False) -> RLResult:
     """R1-Zero GRPO from grpo.init_from (default run_dir/base) into run_dir/rl."""
     cfg = recipe.grpo
+    device = resolve_device(recipe.device)
     init = Path(cfg.init_from) if cfg.init_from else run_dir / "base" / CHECKPOINT
     if not cfg.init_from and committed_checkpoint(init) is None:
         raise ConfigError(f"grpo starts from {init}, which does not exist: run `r1lab pretrain --run {run_dir}` "
@@ -214,16 +223,16 @@ def run_grpo(recipe: Recipe, run_dir: Path, peak_flops: float | None = None, eva
                           f"plus grpo.max_new_tokens ({cfg.max_new_tokens}) exceeds the max_seq_len "
                           f"({model_cfg.max_seq_len}) of {init}")
     check_resumable(run_dir / "rl", "grpo", model_cfg, cfg.steps, run_metadata(recipe))
-    peak = _peak(recipe, peak_flops)
-    model = load_checkpoint(init)[0]
-    reference = load_checkpoint(init)[0].eval() if cfg.beta > 0 else None
+    peak = _peak(recipe, peak_flops, device)
+    model = load_checkpoint(init, device)[0]
+    reference = load_checkpoint(init, device)[0].eval() if cfg.beta > 0 else None
     torch.manual_seed(cfg.seed)
     return train_grpo(model, tokenizer, pool, cfg, run_dir / "rl", recipe.data.template, recipe.cost,
                       peak, reference=reference, evaluate=evaluate, metadata=run_metadata(recipe), quiet=quiet,
                       max_prompt_len=longest)
 
 
-def _peak(recipe: Recipe, peak_flops: float | None) -> float:
+def _peak(recipe: Recipe, peak_flops: float | None, device: torch.device) -> float:
     """FLOP/s for MFU: the caller's, the recipe's, or measured (a few seconds, so after every check)."""
     if peak_flops:
         return peak_flops
@@ -231,7 +240,7 @@ def _peak(recipe: Recipe, peak_flops: float | None) -> float:
         return recipe.cost.peak_gflops * 1e9
     from r1lab.hardware import measure_matmul_peak
 
-    return measure_matmul_peak() * 1e9
+    return measure_matmul_peak(device=device) * 1e9
 
 
 def _run_tokenizer(path: Path) -> Tokenizer:
