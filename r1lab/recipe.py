@@ -66,6 +66,10 @@ class DataConfig:
     """JSONL field holding a document's text."""
     sft_files: list[str] = field(default_factory=list)
     """JSONL conversations (`messages` with roles) for `r1lab sft`."""
+    sft_task_examples: int = 0
+    """Cold-start conversations `r1lab sft` generates from data.task's train split (with data.difficulty and
+    data.task_options): readable R1-format reasoning, summary and answer (`r1lab.tasks.coldstart`), added to
+    data.sft_files (0: none)."""
     rl_files: list[str] = field(default_factory=list)
     """JSONL files of questions with reference answers: GRPO's prompt pool instead of the task family's
     train split, graded by the accuracy reward (math-verify). GSM8K's `#### N` answers are cut to N."""
@@ -87,7 +91,7 @@ class DataConfig:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.direct_extra < 0:
             raise ConfigError(f"direct_extra must be >= 0, got {self.direct_extra}")
-        for name, low in (("n_problems", 1), ("seq_len", 8), ("vocab_size", 300)):
+        for name, low in (("n_problems", 1), ("seq_len", 8), ("vocab_size", 300), ("sft_task_examples", 0)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
         if not self.text_field:

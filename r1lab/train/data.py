@@ -6,8 +6,9 @@ contain slips that lead to a wrong answer) or directly. Held-out documents come 
 test split, which never overlaps. Documents are tokenised once and packed into one token stream;
 the batch of step s is a function of (seed, s) only, so a resumed run reads exactly the batches an
 uninterrupted one would. SFT batches are padded conversations with a loss mask on the assistant
-turn. A data file that cannot be used raises `DataError` naming the file and line. This module
-knows text, the tokenizer and the task families; it knows no model.
+turn, read from JSONL files or generated as cold-start conversations (`r1lab.tasks.coldstart`). A
+data file that cannot be used raises `DataError` naming the file and line. This module knows text,
+the tokenizer and the task families; it knows no model.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from r1lab.config import DataError
 from r1lab.recipe import RL_FIELD_DEFAULTS, DataConfig
 from r1lab.tasks import get_family
 from r1lab.tasks.base import completion_text
+from r1lab.tasks.coldstart import cold_start_conversations
 from r1lab.tokenizer import Tokenizer, render_conversation
 
 
@@ -180,6 +182,36 @@ class PackedStream:
         return [self.batch(-1 - i, 0, batch_size) for i in range(n)]
 
 
+def read_conversations(paths: list[str]) -> tuple[list[list[dict]], list[str]]:
+    """(conversations, "file:line" of each) from JSONL lines {"messages": [{role, content}, ...]}."""
+    conversations, sources = [], []
+    for name in paths:
+        path = Path(name)
+        if not path.is_file():
+            raise DataError(f"data.sft_files: {path}: no such file")
+        for i, row in read_jsonl(path):
+            messages = row.get("messages") if isinstance(row, dict) else None
+            if not isinstance(messages, list) or not all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in messages):
+                raise DataError(f"{path}:{i}: needs 'messages', a list of {{role, content}} objects")
+            conversations.append(messages)
+            sources.append(f"{path}:{i}")
+    if not conversations:
+        raise DataError(f"data.sft_files: no conversations in {', '.join(paths)}")
+    return conversations, sources
+
+
+def task_conversations(data: DataConfig) -> list[list[dict]]:
+    """data.sft_task_examples cold-start conversations from data.task's train split (seed data.seed + 2: other
+    draws than the corpus's, seed data.seed, and the RL pool's, seed data.seed + 1)."""
+    try:
+        return cold_start_conversations(data.task, data.sft_task_examples, seed=data.seed + 2,
+                                        difficulty=data.difficulty, **data.task_options)
+    except ValueError as e:  # the family's problem space is smaller than asked
+        raise DataError(f"data.sft_task_examples: {e}") from None
+
+
 class ConversationSet:
     """SFT data: conversations with a loss mask on the final assistant turn, padded per batch."""
 
@@ -202,22 +234,18 @@ class ConversationSet:
 
     @classmethod
     def from_jsonl(cls, tokenizer: Tokenizer, paths: list[str], template: str, seq_len: int, seed: int):
-        conversations, sources = [], []
-        for name in paths:
-            path = Path(name)
-            if not path.is_file():
-                raise DataError(f"data.sft_files: {path}: no such file")
-            for i, row in read_jsonl(path):
-                messages = row.get("messages") if isinstance(row, dict) else None
-                if not isinstance(messages, list) or not all(
-                        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                        for m in messages):
-                    raise DataError(f"{path}:{i}: needs 'messages', a list of {{role, content}} objects")
-                conversations.append(messages)
-                sources.append(f"{path}:{i}")
-        if not conversations:
-            raise DataError(f"data.sft_files: no conversations in {', '.join(paths)}")
+        conversations, sources = read_conversations(paths)
         return cls(tokenizer, conversations, template, seq_len, seed, sources)
+
+    @classmethod
+    def from_data(cls, tokenizer: Tokenizer, data: DataConfig, seed: int):
+        """The SFT set a recipe describes: data.sft_files, then data.sft_task_examples cold-start ones."""
+        conversations, sources = read_conversations(data.sft_files) if data.sft_files else ([], [])
+        if data.sft_task_examples:
+            generated = task_conversations(data)
+            conversations += generated
+            sources += [f"data.sft_task_examples, conversation {i}" for i in range(len(generated))]
+        return cls(tokenizer, conversations, data.template, data.seq_len, seed, sources)
 
     def batch(self, step: int, micro: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         g = random.Random(self.seed * 1_000_003 + step * 1009 + micro)

@@ -58,7 +58,8 @@ CORPUS_FILE = "corpus.json"  # beside the tokenizer: the [data] section it was t
 
 def corpus_config(recipe: Recipe) -> dict:
     """The [data] fields that decide the pretraining corpus (and so the tokenizer trained on it)."""
-    return {k: v for k, v in asdict(recipe.data).items() if k not in ("sft_files", "rl_files", "rl_fields")}
+    not_corpus = ("sft_files", "sft_task_examples", "rl_files", "rl_fields")
+    return {k: v for k, v in asdict(recipe.data).items() if k not in not_corpus}
 
 
 def check_tokenizer_corpus(recipe: Recipe, run_dir: Path) -> None:
@@ -174,18 +175,19 @@ def control_steps(recipe: Recipe, flops: float) -> int:
 
 
 def run_sft(recipe: Recipe, run_dir: Path, peak_flops: float | None = None, quiet: bool = False) -> StageResult:
-    """Supervised fine-tuning of sft.init_from on data.sft_files into run_dir/sft."""
+    """Supervised fine-tuning of sft.init_from on data.sft_files and data.sft_task_examples into run_dir/sft."""
     cfg, d = recipe.sft, recipe.data
     device = resolve_device(recipe.device)
-    if not d.sft_files:
-        raise ConfigError("sft needs data.sft_files: JSONL files of {\"messages\": [...]} conversations")
+    if not d.sft_files and not d.sft_task_examples:
+        raise ConfigError("sft needs data.sft_files: JSONL files of {\"messages\": [...]} conversations "
+                          "(or data.sft_task_examples: cold-start conversations from data.task)")
     if not cfg.init_from:
         raise ConfigError("sft needs sft.init_from: the checkpoint to fine-tune")
     model_cfg = load_model_config(cfg.init_from)
     _check_seq_len(recipe, model_cfg, f"sft.init_from ({cfg.init_from})")
     tokenizer = _checkpoint_tokenizer(cfg.init_from, "sft.init_from")
     check_resumable(run_dir / "sft", "sft", model_cfg, cfg.steps, run_metadata(recipe))
-    data = ConversationSet.from_jsonl(tokenizer, d.sft_files, d.template, d.seq_len, cfg.seed)
+    data = ConversationSet.from_data(tokenizer, d, cfg.seed)
     peak = _peak(recipe, peak_flops, device)
     model = load_checkpoint(cfg.init_from, device)[0]
     return train_supervised(model, tokenizer, data.batch, data.fixed_batches(cfg.eval_batches, cfg.batch_size), cfg,
