@@ -25,11 +25,14 @@ FORBIDDEN = {
     "r1lab.serve": {"r1lab.train", "r1lab.eval"},
     "r1lab.device": {"r1lab.model", "r1lab.engine", "r1lab.tokenizer", "r1lab.checkpoint", "r1lab.recipe",
                      "r1lab.train", "r1lab.eval", "r1lab.serve", "r1lab.tasks"},  # torch's device API and ConfigError
+    # rejection sampling's filter judges graded text: it generates, tokenizes and grades nothing itself
+    "r1lab.train.rejection": {"r1lab.model", "r1lab.engine", "r1lab.tokenizer", "r1lab.rewards", "r1lab.checkpoint",
+                              "r1lab.eval", "r1lab.serve", "r1lab.backends"},
     "r1lab.convert": {"r1lab.train", "r1lab.eval", "r1lab.serve", "r1lab.engine"},  # file layouts only
     "r1lab.": {"r1lab.cli"},  # nothing imports the command line
 }
 TORCH_FREE = {"r1lab.config", "r1lab.rewards", "r1lab.mathcheck", "r1lab.sandbox", "r1lab.tasks", "r1lab.cost",
-              "r1lab.tokenizer"}
+              "r1lab.tokenizer", "r1lab.train.rejection"}
 
 
 def module_name(path: Path) -> str:
