@@ -40,15 +40,20 @@ def _digits(x: int) -> list[int]:
     return [int(ch) for ch in str(x)[::-1]]
 
 
+def _column(i: int, terms: str, total: int) -> str:
+    """One column of an addition or a one-digit multiplication: its sum, the digit written, the carry."""
+    carry = f", carry {total // 10}." if total >= 10 else "."
+    return f"{_place(i)}: {terms} = {total}, write {total % 10}{carry}"
+
+
 def _add_steps(a: int, b: int) -> list[str]:
     xs, ys = _digits(a), _digits(b)
     lines, carry = [f"Add {a} and {b} column by column, from the right."], 0
     for i in range(max(len(xs), len(ys))):
         dx, dy = (xs[i] if i < len(xs) else 0), (ys[i] if i < len(ys) else 0)
         total = dx + dy + carry
-        terms = f"{dx} + {dy}" + (f" + {carry}" if carry else "")
+        lines.append(_column(i, f"{dx} + {dy}" + (f" + {carry}" if carry else ""), total))
         carry = total // 10
-        lines.append(f"{_place(i)}: {terms} = {total}, write {total % 10}" + (f", carry {carry}." if carry else "."))
     if carry:
         lines.append(f"The last carry {carry} is the leading digit.")
     return lines
@@ -79,9 +84,8 @@ def _mul_steps(a: int, b: int) -> list[str]:
         lines = [f"Multiply {a} by {b} digit by digit, from the right."]
         for i, dx in enumerate(xs):
             total = dx * b + carry
-            terms = f"{dx} * {b}" + (f" + {carry}" if carry else "")
+            lines.append(_column(i, f"{dx} * {b}" + (f" + {carry}" if carry else ""), total))
             carry = total // 10
-            lines.append(f"{_place(i)}: {terms} = {total}, write {total % 10}" + (f", carry {carry}." if carry else "."))
         if carry:
             lines.append(f"The last carry {carry} is the leading digit.")
         return lines
