@@ -21,7 +21,8 @@ LOW_DIFFICULTY = {"arithmetic": 2, "code": 1, "countdown": 1, "linear": 1, "sort
 
 
 def _examples(family: str, n: int = 12, difficulty: int | None = None, **options) -> list[dict]:
-    return FAMILIES[family].generate(n, seed=7, split="train", difficulty=difficulty or LOW_DIFFICULTY[family], **options)
+    difficulty = difficulty or LOW_DIFFICULTY[family]
+    return FAMILIES[family].generate(n, seed=7, split="train", difficulty=difficulty, **options)
 
 
 def _generated_part(completion: str) -> str:

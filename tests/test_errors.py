@@ -139,6 +139,11 @@ CASES = [
      "user_last.jsonl:1: the last message must be from the assistant"),
     (["sft", "--run", "fresh", '--data.sft_files=["chat.jsonl"]', "--sft.init_from=run/base/checkpoint",
       "--data.seq_len=8"], "no conversation fits data.seq_len=8"),
+    (["sft", "--run", "fresh", "--data.sft_task_examples=-3", "--sft.init_from=run/base/checkpoint"],
+     "data.sft_task_examples must be >= 0, got -3"),
+    (["sft", "--run", "fresh", "--data.sft_task_examples=500", "--data.difficulty=1",
+      "--sft.init_from=run/base/checkpoint"],
+     "data.sft_task_examples: arithmetic: only 90 distinct train problems"),
     # grpo
     (["grpo", "--run", "run", "--grpo.reward_weights={acuracy = 1.0}"],
      "grpo.reward_weights: unknown reward 'acuracy'; known: accuracy, format, language, code, overlong"),
@@ -191,6 +196,8 @@ def test_valid_input_gets_past_the_checks_to_the_expensive_work(work):
     """The other side of the cases above: with nothing wrong, each stage reaches the forbidden work."""
     for args in (["pretrain", "--run", "fresh"], ["grpo", "--run", "run"],
                  ["sft", "--run", "fresh", '--data.sft_files=["chat.jsonl"]', "--sft.init_from=run/base/checkpoint",
-                  "--data.seq_len=128"]):
+                  "--data.seq_len=128"],
+                 ["sft", "--run", "fresh", "--data.sft_task_examples=8", "--data.difficulty=1",
+                  "--sft.init_from=run/base/checkpoint", "--data.seq_len=192"]):
         with pytest.raises(AssertionError, match="expensive work before the input was checked"):
             main([*args, "--recipe", "tiny.toml"])
