@@ -43,7 +43,7 @@ import shutil
 import struct
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -90,6 +90,28 @@ def save_checkpoint(path: str | Path, model: Transformer, tokenizer: Tokenizer |
         raise TypeError("metadata must be a JSON-serialisable dict")
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be > 0, got {max_shard_bytes}")
+
+    def write(tmp: Path) -> None:
+        tied = _write_weights(tmp, model.state_dict(), max_shard_bytes)
+        doc = {"format_version": FORMAT_VERSION, "r1lab_version": __version__,
+               "model": dataclasses.asdict(config), "tied_weights": tied,
+               "metadata": metadata or {}}
+        _write_json(tmp / CONFIG_FILE, doc)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        if trainer_state is not None:
+            write_trainer_state(tmp, trainer_state)
+
+    return write_atomically(target, write)
+
+
+def write_atomically(target: Path, write: Callable[[Path], None]) -> Path:
+    """Have `write(tmp_dir)` fill a temp dir, then put it at `target` by the protocol above.
+
+    Any directory with a config.json counts as a checkpoint here (an r1lab one or a Hugging Face
+    one written by `save_pretrained`); a directory without one is never replaced.
+    """
+    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     _recover(target)
     if target.exists() and not (target / CONFIG_FILE).is_file():
@@ -101,19 +123,7 @@ def save_checkpoint(path: str | Path, model: Transformer, tokenizer: Tokenizer |
     old = _sibling(target, "old", token)
     try:
         tmp.mkdir()
-        tied = _write_weights(tmp, model.state_dict(), max_shard_bytes)
-        doc = {"format_version": FORMAT_VERSION, "r1lab_version": __version__,
-               "model": dataclasses.asdict(config), "tied_weights": tied,
-               "metadata": metadata or {}}
-        _write_json(tmp / CONFIG_FILE, doc)
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-        if trainer_state is not None:
-            buffer = io.BytesIO()
-            torch.save(trainer_state, buffer)
-            _write_bytes(tmp / TRAINER_STATE_FILE, buffer.getbuffer())
-            _write_json(tmp / TRAINER_STATE_JSON,
-                        {k: v for k, v in trainer_state.items() if _is_jsonable(v)})
+        write(tmp)
         _fsync_tree(tmp)
     except OSError as e:  # a full disk, a quota, a read-only file system: the user's to fix
         shutil.rmtree(tmp, ignore_errors=True)
@@ -137,6 +147,14 @@ def save_checkpoint(path: str | Path, model: Transformer, tokenizer: Tokenizer |
     if moved_aside:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def write_trainer_state(directory: Path, trainer_state: dict[str, Any]) -> None:
+    """trainer_state.pt (everything) and trainer_state.json (its JSON-able top-level entries)."""
+    buffer = io.BytesIO()
+    torch.save(trainer_state, buffer)
+    _write_bytes(directory / TRAINER_STATE_FILE, buffer.getbuffer())
+    _write_json(directory / TRAINER_STATE_JSON, {k: v for k, v in trainer_state.items() if _is_jsonable(v)})
 
 
 def _write_weights(directory: Path, state: dict[str, torch.Tensor], max_shard_bytes: int
