@@ -9,7 +9,7 @@ import torch
 from r1lab.config import ModelConfig
 from r1lab.tokenizer import Tokenizer
 
-HF_VOCAB = 320  # the embedding rows of the tiny Hugging Face models (the tokenizer has 300 ids)
+HF_VOCAB = 320  # the embedding rows of the tiny Hugging Face models (more than the tokenizer's ids)
 
 
 def tiny_config(**changes) -> ModelConfig:

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from r1lab.checkpoint import committed_checkpoint, load_checkpoint, load_model_config, load_tokenizer
+from r1lab.checkpoint import (CheckpointError, committed_checkpoint, load_checkpoint, load_model_config,
+                              load_tokenizer)
 from r1lab.config import ConfigError, ModelConfig
 from r1lab.cost import train_flops_per_token
 from r1lab.device import resolve_device
@@ -234,6 +235,43 @@ def run_grpo(recipe: Recipe, run_dir: Path, peak_flops: float | None = None, eva
     return train_grpo(model, tokenizer, pool, cfg, run_dir / "rl", recipe.data.template, recipe.cost,
                       peak, reference=reference, evaluate=evaluate, metadata=run_metadata(recipe), quiet=quiet,
                       max_prompt_len=longest)
+
+
+STAGE_DATA = {"pretrain": "files", "sft": "sft_files", "grpo": "rl_files"}  # the [data] key each stage reads
+
+
+def dry_run(recipe: Recipe, stage: str, run_dir: Path) -> list[str]:
+    """What `stage` would lack on this machine, one line each: the device, the model directory it
+    starts from, data files. Loads nothing heavy and writes nothing.
+
+    The recipe itself was validated when it was loaded; what makes the stage impossible whatever the
+    machine (SFT without sft_files or init_from, a data file with a bad line) is a ConfigError.
+    """
+    cfg, d = getattr(recipe, stage), recipe.data
+    if stage == "sft" and not d.sft_files:
+        raise ConfigError("sft needs data.sft_files: JSONL files of {\"messages\": [...]} conversations")
+    if stage == "sft" and not cfg.init_from:
+        raise ConfigError("sft needs sft.init_from: the checkpoint or Hugging Face model directory to fine-tune")
+    missing = []
+    try:
+        resolve_device(recipe.device)
+    except ConfigError as e:
+        missing.append(str(e))
+    key = STAGE_DATA[stage]
+    files = getattr(d, key)
+    absent = [name for name in files if not Path(name).is_file()]
+    missing += [f"data.{key}: {name}: no such file" for name in absent]
+    if stage == "grpo" and files and not absent:
+        rl_examples(files, d.rl_fields)  # a bad line is an error now, not after the model is loaded
+    init = cfg.init_from or (str(run_dir / "base" / CHECKPOINT) if stage == "grpo" else "")
+    if init:
+        try:
+            found = policy_dir(init, f"{stage}.init_from")
+            model_shape(found)
+            _checkpoint_tokenizer(found, f"{stage}.init_from")
+        except (ConfigError, CheckpointError) as e:
+            missing.append(str(e) if cfg.init_from else f"{e} (grpo starts from {run_dir}/base: run pretrain first)")
+    return missing
 
 
 def _peak(recipe: Recipe, peak_flops: float | None, device: torch.device) -> float:
