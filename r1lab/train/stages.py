@@ -264,13 +264,16 @@ def dry_run(recipe: Recipe, stage: str, run_dir: Path) -> list[str]:
     if stage == "grpo" and files and not absent:
         rl_examples(files, d.rl_fields)  # a bad line is an error now, not after the model is loaded
     init = cfg.init_from or (str(run_dir / "base" / CHECKPOINT) if stage == "grpo" else "")
-    if init:
+    if init and not cfg.init_from and committed_checkpoint(init) is None:
+        missing.append(f"grpo starts from {init}, which does not exist: run `r1lab pretrain --run {run_dir}` first, "
+                       f"or set grpo.init_from")
+    elif init:
         try:
             found = policy_dir(init, f"{stage}.init_from")
             model_shape(found)
             _checkpoint_tokenizer(found, f"{stage}.init_from")
         except (ConfigError, CheckpointError) as e:
-            missing.append(str(e) if cfg.init_from else f"{e} (grpo starts from {run_dir}/base: run pretrain first)")
+            missing.append(str(e))
     return missing
 
 
