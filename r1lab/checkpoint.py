@@ -10,6 +10,10 @@ A checkpoint is a directory:
                                   step, RNG states from `rng_state()`), loaded with weights_only
     trainer_state.json            the JSON-able top-level entries of the trainer state (humans, quick checks)
 
+A Hugging Face model directory a stage trained (`train/policy.py`) is saved by the same protocol:
+`save_pretrained`'s files, the tokenizer, the trainer state files and the run metadata in
+`r1lab_metadata.json`; `read_model_metadata` reads either kind's metadata.
+
 Tensors that share storage (a tied embedding) are stored once; config.json's `tied_weights` maps
 each dropped name to the stored one.
 
@@ -61,6 +65,7 @@ INDEX_FILE = "model.safetensors.index.json"
 TRAINER_STATE_FILE = "trainer_state.pt"
 TRAINER_STATE_JSON = "trainer_state.json"
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+METADATA_FILE = "r1lab_metadata.json"  # a run's metadata beside a Hugging Face model, which transformers ignores
 _CONFIG_KEYS = {"format_version", "r1lab_version", "model", "tied_weights", "metadata"}
 
 
@@ -278,6 +283,28 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     """The `metadata` dict given to `save_checkpoint` (empty if none)."""
     root = _committed_dir(Path(path))
     return _read_config(root)["metadata"]
+
+
+def read_model_metadata(path: str | Path) -> dict[str, Any]:
+    """The run metadata of any model directory: an r1lab checkpoint's (`read_metadata`), else the
+    `r1lab_metadata.json` beside a Hugging Face model ({} when it has none)."""
+    root = _committed_dir(Path(path))
+    try:
+        doc = json.loads((root / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        doc = None
+    if isinstance(doc, dict) and "format_version" in doc:
+        return read_metadata(root)
+    file = root / METADATA_FILE
+    if not file.is_file():
+        return {}
+    try:
+        metadata = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(metadata).__name__}")
+    return metadata
 
 
 def read_trainer_state(path: str | Path) -> dict[str, Any] | None:

@@ -198,3 +198,13 @@ def test_a_missing_or_foreign_model_directory_is_one_line(tmp_path, capsys, comm
     (tmp_path / "empty").mkdir()
     assert main([command, "--recipe", str(recipe), "--run", str(tmp_path / "run"), f"{init}={tmp_path / 'empty'}"]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_eval_and_serve_prompt_a_trained_hf_model_with_its_template(tf, tok, tmp_path):
+    from r1lab.eval import model_template
+    from r1lab.serve import load_served_model
+
+    model = tiny_hf_model(tf, "llama", tmp_path / "hf", tok)
+    assert model_template(model) == "r1" and load_served_model(model).template == "r1"
+    (model / "r1lab_metadata.json").write_text(json.dumps({"template": "r1-zero", "task": "arithmetic"}))
+    assert model_template(model) == "r1-zero" and load_served_model(model).template == "r1-zero"

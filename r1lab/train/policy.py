@@ -33,10 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from r1lab.checkpoint import (CheckpointError, committed_checkpoint, load_checkpoint, load_model_config,
-                              read_metadata, save_checkpoint, write_atomically, write_trainer_state)
+from r1lab.checkpoint import (METADATA_FILE, committed_checkpoint, load_checkpoint, load_model_config,
+                              read_model_metadata, save_checkpoint, write_atomically, write_trainer_state)
 from r1lab.config import ConfigError
-from r1lab.convert import METADATA_FILE  # the run metadata beside a Hugging Face model
 from r1lab.cost import DenseShape
 from r1lab.hf import CONFIG_FILE, HFDecoder
 from r1lab.model import LossOutput
@@ -147,19 +146,7 @@ def model_max_len(path: str | Path) -> int:
 
 def policy_metadata(path: str | Path) -> dict:
     """The run metadata saved with a model (template, task, ...): config.json's or r1lab_metadata.json."""
-    path = Path(path)
-    if is_r1lab(path):
-        return read_metadata(path)
-    file = path / METADATA_FILE
-    if not file.is_file():
-        return {}
-    try:
-        metadata = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(metadata, dict):
-        raise CheckpointError(f"{file}: expected a JSON object, got {type(metadata).__name__}")
-    return metadata
+    return read_model_metadata(path)
 
 
 # ---------------------------------------------------------------------------------------------
