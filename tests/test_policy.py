@@ -208,3 +208,15 @@ def test_eval_and_serve_prompt_a_trained_hf_model_with_its_template(tf, tok, tmp
     assert model_template(model) == "r1" and load_served_model(model).template == "r1"
     (model / "r1lab_metadata.json").write_text(json.dumps({"template": "r1-zero", "task": "arithmetic"}))
     assert model_template(model) == "r1-zero" and load_served_model(model).template == "r1-zero"
+
+
+def test_grpo_with_a_kl_term_uses_a_frozen_copy_of_the_hf_model(tf, tok, tmp_path):
+    from r1lab.train.stages import run_grpo
+
+    hf = tiny_hf_model(tf, "qwen2", tmp_path / "hf", tok, max_len=128)
+    sft, rl = user_data(tmp_path)
+    recipe = load_recipe(write_recipe(tmp_path, sft, rl, hf), [f"--grpo.init_from={hf}", "--grpo.beta=0.1"])
+    result = run_grpo(recipe, tmp_path / "run", 10e9, quiet=True)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["kl"] == 0.0 < rows[1]["kl"]  # the policy equals its reference until the first update
+    assert isinstance(result.model, HFPolicy) and result.flops > 0
