@@ -84,7 +84,8 @@ class HFPolicy(HFDecoder):
 
 def matmul_params(hf_model: nn.Module) -> int:
     """Weights each token multiplies through: every matrix but the input embedding (a lookup), the
-    head counted once even when it shares the embedding's storage."""
+    head counted once even when it shares the embedding's storage. Exact for dense models; for a
+    Hugging Face mixture of experts it counts every expert, an upper bound on the active ones."""
     embedding = hf_model.get_input_embeddings().weight
     head = hf_model.get_output_embeddings()
     total = sum(p.numel() for p in hf_model.parameters() if p.dim() == 2) - embedding.numel()
