@@ -10,6 +10,10 @@ A checkpoint is a directory:
                                   step, RNG states from `rng_state()`), loaded with weights_only
     trainer_state.json            the JSON-able top-level entries of the trainer state (humans, quick checks)
 
+A Hugging Face model directory a stage trained (`train/policy.py`) is saved by the same protocol:
+`save_pretrained`'s files, the tokenizer, the trainer state files and the run metadata in
+`r1lab_metadata.json`; `read_model_metadata` reads either kind's metadata.
+
 Tensors that share storage (a tied embedding) are stored once; config.json's `tied_weights` maps
 each dropped name to the stored one.
 
@@ -43,7 +47,7 @@ import shutil
 import struct
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -61,6 +65,7 @@ INDEX_FILE = "model.safetensors.index.json"
 TRAINER_STATE_FILE = "trainer_state.pt"
 TRAINER_STATE_JSON = "trainer_state.json"
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+METADATA_FILE = "r1lab_metadata.json"  # a run's metadata beside a Hugging Face model, which transformers ignores
 _CONFIG_KEYS = {"format_version", "r1lab_version", "model", "tied_weights", "metadata"}
 
 
@@ -90,6 +95,28 @@ def save_checkpoint(path: str | Path, model: Transformer, tokenizer: Tokenizer |
         raise TypeError("metadata must be a JSON-serialisable dict")
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be > 0, got {max_shard_bytes}")
+
+    def write(tmp: Path) -> None:
+        tied = _write_weights(tmp, model.state_dict(), max_shard_bytes)
+        doc = {"format_version": FORMAT_VERSION, "r1lab_version": __version__,
+               "model": dataclasses.asdict(config), "tied_weights": tied,
+               "metadata": metadata or {}}
+        _write_json(tmp / CONFIG_FILE, doc)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        if trainer_state is not None:
+            write_trainer_state(tmp, trainer_state)
+
+    return write_atomically(target, write)
+
+
+def write_atomically(target: Path, write: Callable[[Path], None]) -> Path:
+    """Have `write(tmp_dir)` fill a temp dir, then put it at `target` by the protocol above.
+
+    Any directory with a config.json counts as a checkpoint here (an r1lab one or a Hugging Face
+    one written by `save_pretrained`); a directory without one is never replaced.
+    """
+    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     _recover(target)
     if target.exists() and not (target / CONFIG_FILE).is_file():
@@ -101,19 +128,7 @@ def save_checkpoint(path: str | Path, model: Transformer, tokenizer: Tokenizer |
     old = _sibling(target, "old", token)
     try:
         tmp.mkdir()
-        tied = _write_weights(tmp, model.state_dict(), max_shard_bytes)
-        doc = {"format_version": FORMAT_VERSION, "r1lab_version": __version__,
-               "model": dataclasses.asdict(config), "tied_weights": tied,
-               "metadata": metadata or {}}
-        _write_json(tmp / CONFIG_FILE, doc)
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-        if trainer_state is not None:
-            buffer = io.BytesIO()
-            torch.save(trainer_state, buffer)
-            _write_bytes(tmp / TRAINER_STATE_FILE, buffer.getbuffer())
-            _write_json(tmp / TRAINER_STATE_JSON,
-                        {k: v for k, v in trainer_state.items() if _is_jsonable(v)})
+        write(tmp)
         _fsync_tree(tmp)
     except OSError as e:  # a full disk, a quota, a read-only file system: the user's to fix
         shutil.rmtree(tmp, ignore_errors=True)
@@ -137,6 +152,14 @@ def save_checkpoint(path: str | Path, model: Transformer, tokenizer: Tokenizer |
     if moved_aside:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def write_trainer_state(directory: Path, trainer_state: dict[str, Any]) -> None:
+    """trainer_state.pt (everything) and trainer_state.json (its JSON-able top-level entries)."""
+    buffer = io.BytesIO()
+    torch.save(trainer_state, buffer)
+    _write_bytes(directory / TRAINER_STATE_FILE, buffer.getbuffer())
+    _write_json(directory / TRAINER_STATE_JSON, {k: v for k, v in trainer_state.items() if _is_jsonable(v)})
 
 
 def _write_weights(directory: Path, state: dict[str, torch.Tensor], max_shard_bytes: int
@@ -260,6 +283,28 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     """The `metadata` dict given to `save_checkpoint` (empty if none)."""
     root = _committed_dir(Path(path))
     return _read_config(root)["metadata"]
+
+
+def read_model_metadata(path: str | Path) -> dict[str, Any]:
+    """The run metadata of any model directory: an r1lab checkpoint's (`read_metadata`), else the
+    `r1lab_metadata.json` beside a Hugging Face model ({} when it has none)."""
+    root = _committed_dir(Path(path))
+    try:
+        doc = json.loads((root / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        doc = None
+    if isinstance(doc, dict) and "format_version" in doc:
+        return read_metadata(root)
+    file = root / METADATA_FILE
+    if not file.is_file():
+        return {}
+    try:
+        metadata = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(metadata).__name__}")
+    return metadata
 
 
 def read_trainer_state(path: str | Path) -> dict[str, Any] | None:

@@ -168,7 +168,20 @@ def _device(args: argparse.Namespace):
 def _training_recipe(args: argparse.Namespace, overrides: list[str]):
     if args.run.exists() and not args.run.is_dir():
         raise ConfigError(f"--run {args.run} is a file, not a run directory")
-    return load_recipe(args.recipe, overrides + _device_override(args))
+    model = [f"--{args.command}.init_from={args.model}"] if getattr(args, "model", None) else []
+    return load_recipe(args.recipe, overrides + _device_override(args) + model)
+
+
+def _dry_run(args: argparse.Namespace, recipe: Recipe) -> int:
+    """`--dry-run`: the recipe is valid (else it raised); print what this machine lacks, one line each."""
+    from r1lab.train.stages import dry_run
+
+    missing = dry_run(recipe, args.command, args.run)
+    print(f"r1lab {args.command}: recipe {args.recipe or '(defaults)'} is valid; "
+          f"{len(missing) or 'nothing'} missing on this machine{':' if missing else ''}")
+    for line in missing:
+        print(f"  missing: {line}")
+    return 0
 
 
 def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -176,6 +189,8 @@ def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
     from r1lab.train.stages import run_pretrain
 
     recipe = _training_recipe(args, overrides)
+    if args.dry_run:
+        return _dry_run(args, recipe)
     result = run_pretrain(recipe, args.run)
     print(f"pretrained {result.steps} steps in {result.seconds:.0f} s: {args.run / 'base' / 'checkpoint'}")
     return 0
@@ -186,6 +201,8 @@ def cmd_sft(args: argparse.Namespace, overrides: list[str]) -> int:
     from r1lab.train.stages import run_sft
 
     recipe = _training_recipe(args, overrides)
+    if args.dry_run:
+        return _dry_run(args, recipe)
     result = run_sft(recipe, args.run)
     print(f"fine-tuned {result.steps} steps in {result.seconds:.0f} s: {args.run / 'sft' / 'checkpoint'}")
     return 0
@@ -196,6 +213,8 @@ def cmd_grpo(args: argparse.Namespace, overrides: list[str]) -> int:
     from r1lab.train.stages import run_grpo
 
     recipe = _training_recipe(args, overrides)
+    if args.dry_run:
+        return _dry_run(args, recipe)
     result = run_grpo(recipe, args.run)
     print(f"GRPO {recipe.grpo.steps} steps in {result.seconds:.0f} s: {args.run / 'rl' / 'checkpoint'}")
     return 0
@@ -265,6 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--recipe", type=Path, help="TOML recipe (default: the tiny preset's defaults)")
         p.add_argument("--run", type=Path, default=Path("runs/default"), help="run directory (default runs/default)")
         p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the recipe's device, else cpu)")
+        p.add_argument("--dry-run", action="store_true",
+                       help="validate the recipe and list what this machine lacks (device, model dir, data files); "
+                            "load and write nothing; exit 0 when the recipe is valid")
+        if name != "pretrain":
+            p.add_argument("--model", type=Path, help=f"the model to start from: an r1lab checkpoint or a local Hugging "
+                                                      f"Face model directory (sets {name}.init_from)")
         p.set_defaults(func=func)
 
     demo = sub.add_parser("demo", help="pretrain a tiny base, R1-Zero GRPO, the control, evaluate, report",

@@ -20,12 +20,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from r1lab.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
+from r1lab.checkpoint import METADATA_FILE, load_checkpoint, read_metadata, read_model_metadata, save_checkpoint
 from r1lab.config import ConfigError
 from r1lab.hf import CONFIG_FILE, export_hf, hf_config_from_model_config, import_hf
 from r1lab.tokenizer import TOKENIZER_FILE, Tokenizer
-
-METADATA_FILE = "r1lab_metadata.json"
 
 
 def _needs_transformers(command: str) -> None:
@@ -88,17 +86,6 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> Path:
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ConfigError(f"{hf_dir / TOKENIZER_FILE}: {tokenizer.vocab_size} ids exceed vocab_size "
                               f"{model.config.vocab_size} in {config_file}")
-    metadata = _read_metadata_file(hf_dir / METADATA_FILE)
+    metadata = read_model_metadata(hf_dir)
     return save_checkpoint(out_dir, model, tokenizer, metadata=metadata)
 
-
-def _read_metadata_file(file: Path) -> dict:
-    if not file.is_file():
-        return {}
-    try:
-        metadata = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(metadata, dict):
-        raise CheckpointError(f"{file}: expected a JSON object, got {type(metadata).__name__}")
-    return metadata

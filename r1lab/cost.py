@@ -2,13 +2,16 @@
 
 Counts come from the config alone (closed formulas, checked against the built module in the
 tests), so the 671B shape is counted without allocating it. FLOPs count matmuls only (2 per
-multiply-add), the convention of MFU: norms, softmax and activations are left out. This module
-knows configs and arithmetic; it does not run models.
+multiply-add), the convention of MFU: norms, softmax and activations are left out. A dense
+decoder that is not r1lab's (a Hugging Face Qwen2 or Llama) is a `DenseShape`: its matmul weights
+counted (from the module, or from its config.json with `dense_shape`), and the same FLOPs functions
+take it. This module knows configs and arithmetic; it does not run models.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from r1lab.config import ModelConfig
 
@@ -89,17 +92,48 @@ def attention_flops_per_token(c: ModelConfig, n_keys: float, attn_impl: str | No
     return per_layer * c.n_layers
 
 
-def train_flops_per_token(c: ModelConfig, seq_len: int, with_mtp: bool = True) -> float:
+@dataclass(frozen=True)
+class DenseShape:
+    """A dense decoder with grouped-query attention, as the FLOPs formulas and the engine see it."""
+
+    vocab_size: int
+    max_seq_len: int
+    matmul_params: int  # weights each token multiplies through: every layer's projections and the head
+    n_layers: int
+    n_heads: int
+    head_dim: int
+
+
+def dense_shape(config: dict[str, Any]) -> DenseShape:
+    """The DenseShape of a Llama-style Hugging Face config.json (Qwen2, Llama, Mistral): q/k/v/o
+    projections with `num_key_value_heads` key-value heads, a SwiGLU MLP and an untied or tied head."""
+    D, L, H = config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"]
+    hd = config.get("head_dim") or D // H
+    kv = config.get("num_key_value_heads") or H
+    per_layer = D * H * hd + 2 * D * kv * hd + H * hd * D + 3 * D * config["intermediate_size"]
+    return DenseShape(config["vocab_size"], config["max_position_embeddings"],
+                      L * per_layer + config["vocab_size"] * D, L, H, hd)
+
+
+def _dense_attention_flops(c: DenseShape, n_keys: float) -> float:
+    return 2 * c.n_heads * n_keys * 2 * c.head_dim * c.n_layers  # scores and values, per head
+
+
+def train_flops_per_token(c: ModelConfig | DenseShape, seq_len: int, with_mtp: bool = True) -> float:
     """Forward + backward (3x forward) per trained token of a causal sequence of `seq_len`."""
     mean_keys = (seq_len + 1) / 2
+    if isinstance(c, DenseShape):
+        return 3 * (2 * c.matmul_params + _dense_attention_flops(c, mean_keys))
     forward = 2 * _matmul_params_per_token(c, with_mtp) + attention_flops_per_token(c, mean_keys)
     if with_mtp and c.n_mtp_modules:
         forward += c.n_mtp_modules * attention_flops_per_token(c, mean_keys) / c.n_layers
     return 3 * forward
 
 
-def generate_flops_per_token(c: ModelConfig, context_len: float) -> float:
+def generate_flops_per_token(c: ModelConfig | DenseShape, context_len: float) -> float:
     """Forward FLOPs to produce one token with `context_len` keys already in the cache."""
+    if isinstance(c, DenseShape):
+        return 2 * c.matmul_params + _dense_attention_flops(c, context_len)
     return 2 * _matmul_params_per_token(c, with_mtp=False) + attention_flops_per_token(c, context_len)
 
 

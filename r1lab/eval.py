@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from r1lab import __version__
-from r1lab.checkpoint import read_metadata
+from r1lab.checkpoint import read_model_metadata
 from r1lab.config import ConfigError, ModelConfig
 from r1lab.cost import generate_flops_per_token
 from r1lab.engine import Engine, SamplingParams
@@ -168,20 +168,18 @@ def default_instruction(template: str) -> str:
 
 def _metadata(model_dir: Path) -> dict:
     try:
-        return read_metadata(model_dir)
-    except Exception:  # noqa: BLE001 - a Hugging Face directory has no r1lab metadata
+        return read_model_metadata(model_dir)
+    except Exception:  # noqa: BLE001 - a directory without readable r1lab metadata
         return {}
 
 
 def model_template(model_dir: str | os.PathLike) -> str:
-    """The chat template a model directory was trained with: its checkpoint metadata's "template",
-    else "r1" (also for Hugging Face directories, which carry no r1lab metadata)."""
+    """The chat template a model directory was trained with: its metadata's "template" (an r1lab
+    checkpoint's, or r1lab_metadata.json beside a Hugging Face model r1lab trained), else "r1"."""
     root = Path(model_dir)
-    try:
-        doc = json.loads((root / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+    if not (root / "config.json").is_file():
         return R1
-    template = read_metadata(root).get("template", R1) if "format_version" in doc else R1
+    template = _metadata(root).get("template", R1)
     if template not in TEMPLATES:
         raise EvalError(f"{root}: metadata names template {template!r}; expected one of {TEMPLATES}")
     return template

@@ -126,7 +126,7 @@ CASES = [
     (["sft", "--run", "fresh"], "sft needs data.sft_files"),
     (["sft", "--run", "fresh", '--data.sft_files=["chat.jsonl"]'], "sft needs sft.init_from"),
     (["sft", "--run", "fresh", '--data.sft_files=["chat.jsonl"]', "--sft.init_from=nowhere"],
-     "nowhere: no checkpoint here"),
+     "sft.init_from: nowhere: no such model directory"),
     (["sft", "--run", "fresh", '--data.sft_files=["chat.jsonl"]', "--sft.init_from=no_tokenizer"],
      "sft.init_from: no_tokenizer has no tokenizer"),
     (["sft", "--run", "fresh", '--data.sft_files=["absent.jsonl"]', "--sft.init_from=run/base/checkpoint"],

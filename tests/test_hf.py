@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_hf_model
 from safetensors.torch import load_file, save_file
 
 from r1lab import hf
@@ -48,17 +49,6 @@ def random_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
 
 
 @pytest.fixture(scope="module")
-def tf():
-    return pytest.importorskip("transformers")
-
-
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    texts = [f"{i} + {i} = {2 * i}. the cat sat on the mat <think> why </think>" for i in range(200)]
-    return Tokenizer.train(texts, vocab_size=300)
-
-
-@pytest.fixture(scope="module")
 def exported(tf, tok, tmp_path_factory):
     """(r1lab model, its export dir) for q_lora_rank > 0 with YaRN on."""
     model = random_model(moe_config(**YARN))
@@ -67,14 +57,7 @@ def exported(tf, tok, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def qwen_dir(tf, tok, tmp_path_factory) -> Path:
-    torch.manual_seed(1)
-    config = tf.Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                            initializer_range=0.2, tie_word_embeddings=False)
-    out = tmp_path_factory.mktemp("qwen") / "hf"
-    tf.Qwen2ForCausalLM(config).save_pretrained(out)
-    tok.save(out)
-    return out
+    return tiny_hf_model(tf, "qwen2", tmp_path_factory.mktemp("qwen") / "hf", tok)
 
 
 def no_grad_logits(model, tokens: torch.Tensor) -> torch.Tensor:

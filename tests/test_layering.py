@@ -29,6 +29,10 @@ FORBIDDEN = {
     "r1lab.train.rejection": {"r1lab.model", "r1lab.engine", "r1lab.tokenizer", "r1lab.rewards", "r1lab.checkpoint",
                               "r1lab.eval", "r1lab.serve", "r1lab.backends"},
     "r1lab.convert": {"r1lab.train", "r1lab.eval", "r1lab.serve", "r1lab.engine"},  # file layouts only
+    # the model a stage trains and its files: no sampling, rewards, optimiser or loop
+    "r1lab.train.policy": {"r1lab.engine", "r1lab.rewards", "r1lab.eval", "r1lab.serve", "r1lab.tasks",
+                           "r1lab.train.rl", "r1lab.train.grpo", "r1lab.train.pretrain", "r1lab.train.stages",
+                           "r1lab.train.common", "r1lab.train.data"},
     "r1lab.": {"r1lab.cli"},  # nothing imports the command line
 }
 TORCH_FREE = {"r1lab.config", "r1lab.rewards", "r1lab.mathcheck", "r1lab.sandbox", "r1lab.tasks", "r1lab.cost",

@@ -13,16 +13,17 @@ import math
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from r1lab.checkpoint import (committed_checkpoint, load_checkpoint, load_model_config, read_metadata,
-                              read_trainer_summary, rng_state, save_checkpoint, set_rng_state)
+from r1lab.checkpoint import committed_checkpoint, read_trainer_state, read_trainer_summary, rng_state, set_rng_state
 from r1lab.config import ConfigError, ModelConfig
 from r1lab.cost import StageCost
 from r1lab.recipe import CostConfig, OptimConfig
 from r1lab.tokenizer import Tokenizer
+from r1lab.train.policy import load_weights_into, model_shape, policy_metadata, save_policy
 
 CHECKPOINT = "checkpoint"
 
@@ -136,24 +137,26 @@ class Progress:
 
 def save_stage(stage_dir: Path, model, tokenizer: Tokenizer | None, optimizer, step: int, done: bool,
                extra: dict | None = None, metadata: dict | None = None) -> None:
-    """Atomic checkpoint of a stage with everything needed to resume it exactly."""
+    """Atomic checkpoint of a stage, in the model's own format, with everything needed to resume it exactly."""
     state = {"step": step, "done": done, "optimizer": optimizer.state_dict(), "rng": rng_state(), **(extra or {})}
-    save_checkpoint(stage_dir / CHECKPOINT, model, tokenizer, state, metadata=metadata)
+    save_policy(stage_dir / CHECKPOINT, model, tokenizer, state, metadata)
 
 
-def check_resumable(stage_dir: Path, stage: str, config: ModelConfig, steps: int, metadata: dict | None) -> None:
+def check_resumable(stage_dir: Path, stage: str, config: ModelConfig | dict, steps: int, metadata: dict | None) -> None:
     """Refuse to resume a stage's checkpoint that another recipe made (another model, task or length).
 
+    `config` is the model the stage starts from: a ModelConfig, or `policy.model_shape` of its directory.
     Cheap (config.json and trainer_state.json only), so a stage calls it before any expensive work."""
     path = committed_checkpoint(stage_dir / CHECKPOINT)
     if path is None:
         return
     hint = f"use another --run, or delete {stage_dir} to start {stage} over"
-    saved = load_model_config(path)
-    if saved != config:
-        changed = [f"{k} {v} (now {getattr(config, k)})" for k, v in vars(saved).items() if getattr(config, k) != v]
-        raise ConfigError(f"{path} holds a {stage} model with {', '.join(changed)}; {hint}")
-    saved_meta = read_metadata(path)
+    want = asdict(config) if isinstance(config, ModelConfig) else config
+    saved = model_shape(path)
+    if saved != want:
+        changed = [f"{k} {saved.get(k)} (now {v})" for k, v in want.items() if saved.get(k) != v]
+        raise ConfigError(f"{path} holds a {stage} model with {', '.join(changed) or 'another kind of model'}; {hint}")
+    saved_meta = policy_metadata(path)
     if metadata is not None and saved_meta != metadata:
         changed = [f"{k} {saved_meta.get(k)!r} (now {v!r})" for k, v in metadata.items() if saved_meta.get(k) != v]
         raise ConfigError(f"{path} was trained with data {', '.join(changed)}; {hint}")
@@ -162,26 +165,16 @@ def check_resumable(stage_dir: Path, stage: str, config: ModelConfig, steps: int
         raise ConfigError(f"{path} is at step {step}, past {stage}.steps = {steps}; {hint}")
 
 
-def resume_stage(stage_dir: Path, device: torch.device | None = None):
-    """(model, tokenizer, trainer_state) of a stage's checkpoint, or None when it has none.
-
-    A save killed before the stage's first checkpoint was committed leaves none."""
-    path = committed_checkpoint(stage_dir / CHECKPOINT)
-    if path is None:
-        return None
-    model, tokenizer, state = load_checkpoint(path, device=device)
-    return None if state is None else (model, tokenizer, state)
-
-
 def resume_into(stage_dir: Path, model, optimizer) -> tuple[int, float, float] | None:
     """Load a stage's checkpoint into `model` and `optimizer` and restore the RNG states.
 
-    Returns (step, seconds, flops) reached so far, or None when the stage has no checkpoint."""
-    resumed = resume_stage(stage_dir, next(model.parameters()).device)
-    if resumed is None:
+    Returns (step, seconds, flops) reached so far, or None when the stage has no checkpoint (a save
+    killed before the stage's first checkpoint was committed leaves none)."""
+    path = committed_checkpoint(stage_dir / CHECKPOINT)
+    state = None if path is None else read_trainer_state(path)
+    if state is None:
         return None
-    saved, _, state = resumed
-    model.load_state_dict(saved.state_dict())
+    load_weights_into(path, model)
     optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"])
     return state["step"], state["seconds"], state["flops"]

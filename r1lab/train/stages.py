@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from r1lab.checkpoint import committed_checkpoint, load_checkpoint, load_model_config, load_tokenizer
+from r1lab.checkpoint import (CheckpointError, committed_checkpoint, load_checkpoint, load_model_config,
+                              load_tokenizer)
 from r1lab.config import ConfigError, ModelConfig
 from r1lab.cost import train_flops_per_token
 from r1lab.device import resolve_device
@@ -36,6 +37,7 @@ from r1lab.tokenizer import R1_ZERO, R1_ZERO_PROMPT, TOKENIZER_FILE, Tokenizer
 from r1lab.train.common import CHECKPOINT, check_resumable
 from r1lab.train.data import (ConversationSet, PackedStream, encode_documents, encode_texts, file_documents,
                               rl_examples, task_documents, tokenizer_texts)
+from r1lab.train.policy import load_policy, model_max_len, model_shape, policy_dir
 from r1lab.train.pretrain import StageResult, train_supervised
 from r1lab.train.rl import RLResult, longest_prompt, train_grpo
 
@@ -118,7 +120,7 @@ def run_pretrain(recipe: Recipe, run_dir: Path, peak_flops: float | None = None,
     cfg, d = recipe.pretrain, recipe.data
     device = resolve_device(recipe.device)
     model_cfg = load_model_config(cfg.init_from) if cfg.init_from else recipe.model
-    _check_seq_len(recipe, model_cfg, f"pretrain.init_from ({cfg.init_from})" if cfg.init_from else "")
+    _check_seq_len(recipe, model_cfg.max_seq_len, f"pretrain.init_from ({cfg.init_from})" if cfg.init_from else "")
     check_resumable(run_dir / "base", "pretrain", model_cfg, cfg.steps, run_metadata(recipe))
     if (run_dir / "tokenizer" / TOKENIZER_FILE).exists():
         _check_vocab(_run_tokenizer(run_dir / "tokenizer"), model_cfg, run_dir / "tokenizer")
@@ -175,21 +177,22 @@ def control_steps(recipe: Recipe, flops: float) -> int:
 
 
 def run_sft(recipe: Recipe, run_dir: Path, peak_flops: float | None = None, quiet: bool = False) -> StageResult:
-    """Supervised fine-tuning of sft.init_from on data.sft_files and data.sft_task_examples into run_dir/sft."""
+    """Supervised fine-tuning of sft.init_from (an r1lab checkpoint or a Hugging Face model directory)
+    on data.sft_files and data.sft_task_examples into run_dir/sft, saved in the format it came in."""
     cfg, d = recipe.sft, recipe.data
     device = resolve_device(recipe.device)
     if not d.sft_files and not d.sft_task_examples:
         raise ConfigError("sft needs data.sft_files: JSONL files of {\"messages\": [...]} conversations "
                           "(or data.sft_task_examples: cold-start conversations from data.task)")
     if not cfg.init_from:
-        raise ConfigError("sft needs sft.init_from: the checkpoint to fine-tune")
-    model_cfg = load_model_config(cfg.init_from)
-    _check_seq_len(recipe, model_cfg, f"sft.init_from ({cfg.init_from})")
-    tokenizer = _checkpoint_tokenizer(cfg.init_from, "sft.init_from")
-    check_resumable(run_dir / "sft", "sft", model_cfg, cfg.steps, run_metadata(recipe))
+        raise ConfigError("sft needs sft.init_from: the checkpoint or Hugging Face model directory to fine-tune")
+    init = policy_dir(cfg.init_from, "sft.init_from")
+    _check_seq_len(recipe, model_max_len(init), f"sft.init_from ({cfg.init_from})")
+    tokenizer = _checkpoint_tokenizer(init, "sft.init_from")
+    check_resumable(run_dir / "sft", "sft", model_shape(init), cfg.steps, run_metadata(recipe))
     data = ConversationSet.from_data(tokenizer, d, cfg.seed)
     peak = _peak(recipe, peak_flops, device)
-    model = load_checkpoint(cfg.init_from, device)[0]
+    model = load_policy(init, device, tokenizer)
     return train_supervised(model, tokenizer, data.batch, data.fixed_batches(cfg.eval_batches, cfg.batch_size), cfg,
                             run_dir / "sft", "sft", recipe.cost, peak, run_metadata(recipe), quiet)
 
@@ -208,30 +211,72 @@ def rl_pool(recipe: Recipe, n: int = RL_POOL) -> list[dict]:
 
 def run_grpo(recipe: Recipe, run_dir: Path, peak_flops: float | None = None, evaluate=None,
              quiet: bool = False) -> RLResult:
-    """R1-Zero GRPO from grpo.init_from (default run_dir/base) into run_dir/rl."""
+    """R1-Zero GRPO from grpo.init_from (default run_dir/base; an r1lab checkpoint or a Hugging Face model
+    directory) into run_dir/rl, saved in the format it came in."""
     cfg = recipe.grpo
     device = resolve_device(recipe.device)
     init = Path(cfg.init_from) if cfg.init_from else run_dir / "base" / CHECKPOINT
     if not cfg.init_from and committed_checkpoint(init) is None:
         raise ConfigError(f"grpo starts from {init}, which does not exist: run `r1lab pretrain --run {run_dir}` "
                           f"first, or set grpo.init_from")
-    model_cfg = load_model_config(init)
+    init = policy_dir(init, "grpo.init_from")
+    max_len = model_max_len(init)
     tokenizer = _checkpoint_tokenizer(init, "grpo.init_from")
     pool = rl_pool(recipe)
     longest = longest_prompt(tokenizer, pool, recipe.data.template)
-    if longest + cfg.max_new_tokens > model_cfg.max_seq_len:
+    if longest + cfg.max_new_tokens > max_len:
         source = "data.rl_files" if recipe.data.rl_files else recipe.data.task
         raise ConfigError(f"the longest {source} prompt ({longest} tokens, template {recipe.data.template!r}) "
                           f"plus grpo.max_new_tokens ({cfg.max_new_tokens}) exceeds the max_seq_len "
-                          f"({model_cfg.max_seq_len}) of {init}")
-    check_resumable(run_dir / "rl", "grpo", model_cfg, cfg.steps, run_metadata(recipe))
+                          f"({max_len}) of {init}")
+    check_resumable(run_dir / "rl", "grpo", model_shape(init), cfg.steps, run_metadata(recipe))
     peak = _peak(recipe, peak_flops, device)
-    model = load_checkpoint(init, device)[0]
-    reference = load_checkpoint(init, device)[0].eval() if cfg.beta > 0 else None
+    model = load_policy(init, device, tokenizer)
+    reference = load_policy(init, device, tokenizer).eval() if cfg.beta > 0 else None
     torch.manual_seed(cfg.seed)
     return train_grpo(model, tokenizer, pool, cfg, run_dir / "rl", recipe.data.template, recipe.cost,
                       peak, reference=reference, evaluate=evaluate, metadata=run_metadata(recipe), quiet=quiet,
                       max_prompt_len=longest)
+
+
+STAGE_DATA = {"pretrain": "files", "sft": "sft_files", "grpo": "rl_files"}  # the [data] key each stage reads
+
+
+def dry_run(recipe: Recipe, stage: str, run_dir: Path) -> list[str]:
+    """What `stage` would lack on this machine, one line each: the device, the model directory it
+    starts from, data files. Loads nothing heavy and writes nothing.
+
+    The recipe itself was validated when it was loaded; what makes the stage impossible whatever the
+    machine (SFT without sft_files or init_from, a data file with a bad line) is a ConfigError.
+    """
+    cfg, d = getattr(recipe, stage), recipe.data
+    if stage == "sft" and not d.sft_files:
+        raise ConfigError("sft needs data.sft_files: JSONL files of {\"messages\": [...]} conversations")
+    if stage == "sft" and not cfg.init_from:
+        raise ConfigError("sft needs sft.init_from: the checkpoint or Hugging Face model directory to fine-tune")
+    missing = []
+    try:
+        resolve_device(recipe.device)
+    except ConfigError as e:
+        missing.append(str(e))
+    key = STAGE_DATA[stage]
+    files = getattr(d, key)
+    absent = [name for name in files if not Path(name).is_file()]
+    missing += [f"data.{key}: {name}: no such file" for name in absent]
+    if stage == "grpo" and files and not absent:
+        rl_examples(files, d.rl_fields)  # a bad line is an error now, not after the model is loaded
+    init = cfg.init_from or (str(run_dir / "base" / CHECKPOINT) if stage == "grpo" else "")
+    if init and not cfg.init_from and committed_checkpoint(init) is None:
+        missing.append(f"grpo starts from {init}, which does not exist: run `r1lab pretrain --run {run_dir}` first, "
+                       f"or set grpo.init_from")
+    elif init:
+        try:
+            found = policy_dir(init, f"{stage}.init_from")
+            model_shape(found)
+            _checkpoint_tokenizer(found, f"{stage}.init_from")
+        except (ConfigError, CheckpointError) as e:
+            missing.append(str(e))
+    return missing
 
 
 def _peak(recipe: Recipe, peak_flops: float | None, device: torch.device) -> float:
@@ -259,11 +304,11 @@ def _checkpoint_tokenizer(path: str | Path, key: str) -> Tokenizer:
     return tokenizer
 
 
-def _check_seq_len(recipe: Recipe, model_cfg: ModelConfig, checkpoint: str) -> None:
+def _check_seq_len(recipe: Recipe, max_seq_len: int, checkpoint: str) -> None:
     """Training windows fit the model's positions (`checkpoint` names where the model comes from, if not [model])."""
-    if recipe.data.seq_len > model_cfg.max_seq_len:
+    if recipe.data.seq_len > max_seq_len:
         where = f"the max_seq_len of {checkpoint}" if checkpoint else "model.max_seq_len"
-        raise ConfigError(f"data.seq_len ({recipe.data.seq_len}) exceeds {where} ({model_cfg.max_seq_len})")
+        raise ConfigError(f"data.seq_len ({recipe.data.seq_len}) exceeds {where} ({max_seq_len})")
 
 
 def _check_vocab(tokenizer: Tokenizer, model_cfg: ModelConfig, path: Path) -> None:
