@@ -10,6 +10,7 @@ take it. This module knows configs and arithmetic; it does not run models.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,6 +136,19 @@ def generate_flops_per_token(c: ModelConfig | DenseShape, context_len: float) ->
     if isinstance(c, DenseShape):
         return 2 * c.matmul_params + _dense_attention_flops(c, context_len)
     return 2 * _matmul_params_per_token(c, with_mtp=False) + attention_flops_per_token(c, context_len)
+
+
+def generation_flops(c: ModelConfig, prompt_len: int, completion_lens: Sequence[int]) -> float:
+    """FLOPs to sample completions of one prompt: one prefill they share, then each one's decode steps.
+
+    Prefill token t (t = 1..P) attends to t keys. A completion of n tokens feeds n - 1 of them back
+    (its last is sampled, never fed): fed token j (j = 1..n-1) attends to P + j keys. The cost of a
+    token is linear in its keys, so each sum is its count times the mean number of keys.
+    """
+    total = prompt_len * generate_flops_per_token(c, (prompt_len + 1) / 2)
+    for n in completion_lens:
+        total += max(n - 1, 0) * generate_flops_per_token(c, prompt_len + n / 2)
+    return total
 
 
 @dataclass

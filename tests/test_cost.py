@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from r1lab.config import model_preset
-from r1lab.cost import count_parameters, generate_flops_per_token, kv_cache_bytes, train_flops_per_token
+from r1lab.cost import count_parameters, generate_flops_per_token, generation_flops, kv_cache_bytes, train_flops_per_token
 from r1lab.model import Transformer
 
 
@@ -42,6 +42,21 @@ def test_flops_match_a_hand_count(make_config):
     assert generate_flops_per_token(cfg, ctx) == per_token + absorbed_attn
     seq = 9  # mean keys (9 + 1) / 2 = 5 per token, causal
     assert train_flops_per_token(cfg, seq) == 3 * (per_token + 2 * (2 * 4 * 5 * ((32 + 8) + 32)))
+
+
+def test_generation_flops_match_a_hand_count(make_config):
+    # The dense config above: M matmul FLOPs per token, A attention FLOPs per key (absorbed, 2 layers).
+    cfg = make_config(n_routed_experts=0, n_mtp_modules=0, n_layers=2, n_dense_layers=2, vocab_size=100,
+                      dim=64, inter_dim=128, n_heads=4, kv_lora_rank=32, qk_nope_head_dim=16,
+                      qk_rope_head_dim=8, v_head_dim=16)
+    M = 2 * (2 * (64 * 4 * 24 + 64 * 40 + 32 * 4 * 32 + 4 * 16 * 64 + 3 * 64 * 128) + 64 * 100)
+    A = 2 * (2 * 4 * ((32 + 8) + 32))
+    # A prompt of 3 tokens, prefilled once: its tokens see 1, 2 and 3 keys. A sample of 4 tokens feeds
+    # back its first 3 (4, 5 and 6 keys); a sample of 1 token feeds back none.
+    prefill = 3 * M + (1 + 2 + 3) * A
+    assert generation_flops(cfg, 3, []) == prefill
+    assert generation_flops(cfg, 3, [4]) == prefill + 3 * M + (4 + 5 + 6) * A
+    assert generation_flops(cfg, 3, [4, 1, 4]) == prefill + 2 * (3 * M + (4 + 5 + 6) * A)
 
 
 def test_flops_count_matches_profiler(make_config):
