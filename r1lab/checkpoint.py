@@ -56,7 +56,7 @@ from safetensors.torch import save as safetensors_bytes
 from r1lab import __version__
 from r1lab.config import ConfigError, ModelConfig, model_config_from_dict
 from r1lab.model import Transformer
-from r1lab.tokenizer import TOKENIZER_FILE, Tokenizer
+from r1lab.tokenizer import R1, TEMPLATES, TOKENIZER_FILE, Tokenizer
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -305,6 +305,23 @@ def read_model_metadata(path: str | Path) -> dict[str, Any]:
     if not isinstance(metadata, dict):
         raise CheckpointError(f"{file}: expected a JSON object, got {type(metadata).__name__}")
     return metadata
+
+
+def model_metadata(path: str | Path) -> dict[str, Any]:
+    """`read_model_metadata`, or empty when a directory has none that can be read."""
+    try:
+        return read_model_metadata(path)
+    except CheckpointError:
+        return {}
+
+
+def model_template(path: str | Path) -> str:
+    """The chat template a model directory was trained with: its metadata's "template" (an r1lab
+    checkpoint's, or r1lab_metadata.json beside a Hugging Face model r1lab trained), else "r1"."""
+    template = model_metadata(path).get("template", R1)
+    if template not in TEMPLATES:
+        raise CheckpointError(f"{Path(path) / CONFIG_FILE}: metadata template {template!r} is not one of {TEMPLATES}")
+    return template
 
 
 def read_trainer_state(path: str | Path) -> dict[str, Any] | None:

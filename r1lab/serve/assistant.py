@@ -1,8 +1,7 @@
 """What the server and the terminal chat share: the served model, its prompts, and its replies as text.
 
-* `load_served_model(dir)`: decoder + tokenizer + chat template. The template comes from the
-  metadata key ``"template"`` (``read_model_metadata``: an r1lab checkpoint's, or the
-  r1lab_metadata.json beside a Hugging Face model r1lab trained); models without it use ``"r1"``.
+* `load_served_model(dir)`: decoder + tokenizer + chat template (``checkpoint.model_template``: the
+  metadata's ``"template"``, also beside a Hugging Face model r1lab trained, else ``"r1"``).
 * `chat_prompt(model, messages)`: ids for a conversation. Under ``"r1"`` earlier assistant turns
   keep only their answer (``render_prompt`` strips the reasoning, as DeepSeek's API does). The
   ``"r1-zero"`` template has no turns, so it is given the last user message alone.
@@ -22,10 +21,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from r1lab.checkpoint import CheckpointError, read_model_metadata
+from r1lab.checkpoint import model_template
 from r1lab.engine import Engine
 from r1lab.hf import load_causal_lm
-from r1lab.tokenizer import (ANSWER_CLOSE, ANSWER_OPEN, R1, R1_ZERO, TEMPLATES, THINK_CLOSE, THINK_OPEN,
+from r1lab.tokenizer import (ANSWER_CLOSE, ANSWER_OPEN, R1, R1_ZERO, THINK_CLOSE, THINK_OPEN,
                              IncrementalDecoder, Tokenizer, render_prompt)
 
 REASONING, CONTENT = "reasoning", "content"
@@ -51,13 +50,7 @@ def load_served_model(path: str | Path, name: str | None = None, device=None) ->
     decoder, tokenizer = load_causal_lm(path, device=device)
     if tokenizer is None:
         raise FileNotFoundError(f"{path / 'tokenizer.json'}: missing; serving needs the model's tokenizer")
-    try:
-        template = read_model_metadata(path).get("template", R1)
-    except CheckpointError:
-        template = R1
-    if template not in TEMPLATES:
-        raise CheckpointError(f"{path / 'config.json'}: metadata template {template!r} is not one of {TEMPLATES}")
-    return ServedModel(decoder, tokenizer, template, name or path.resolve().name)
+    return ServedModel(decoder, tokenizer, model_template(path), name or path.resolve().name)
 
 
 def make_engine(model: ServedModel, max_batch_size: int = 256, compile: bool = False) -> Engine:
