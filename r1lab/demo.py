@@ -33,14 +33,14 @@ import torch
 from r1lab.checkpoint import load_checkpoint
 from r1lab.cost import CostLedger, StageCost
 from r1lab.device import resolve_device
-from r1lab.engine import Engine, SamplingParams
+from r1lab.engine import SamplingParams
 from r1lab.eval import EvalResult, evaluate
 from r1lab.evalreport import GREEDY, BestDecoding, Verdict, best_decoding, item_scores, verdict
 from r1lab.hardware import describe_machine, measure_matmul_peak
 from r1lab.recipe import Recipe, load_recipe, save_recipe
 from r1lab.rewards import chain_of_thought
+from r1lab.sampling import longest_prompt, sized_engine
 from r1lab.tasks import get_family
-from r1lab.tokenizer import render_prompt
 from r1lab.train.common import CHECKPOINT, read_metrics
 from r1lab.train.data import task_documents
 from r1lab.train.stages import run_control, run_grpo, run_pretrain
@@ -93,9 +93,7 @@ def evaluate_stage(recipe: Recipe, run_dir: Path, stage: str, examples: list[dic
     model, tokenizer, _ = load_checkpoint(run_dir / stage / CHECKPOINT, device)
     model.eval()
     e, template = recipe.eval, recipe.data.template
-    longest = max(len(render_prompt(tokenizer, ex["prompt"], template)) for ex in examples)
-    engine = Engine(model, eos_id=tokenizer.eos_id, max_batch_size=256,
-                    max_len=min(model.config.max_seq_len, longest + e.max_new_tokens))
+    engine = sized_engine(model, tokenizer, longest_prompt(tokenizer, examples, template), e.max_new_tokens, 256)
     params = SamplingParams(max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p, seed=e.seed)
     return evaluate(engine, tokenizer, examples, k=e.k, params=params, template=template, instruction="",
                     out_dir=run_dir / "eval" / stage, peak_gflops=peak_gflops, greedy=True,

@@ -40,9 +40,8 @@ from typing import Any
 import torch
 
 from r1lab import __version__
-from r1lab.checkpoint import read_model_metadata
+from r1lab.checkpoint import model_metadata, model_template
 from r1lab.config import ConfigError, ModelConfig
-from r1lab.cost import generate_flops_per_token
 from r1lab.engine import Engine, SamplingParams
 from r1lab.evalreport import (  # noqa: F401 (pass_at_k is re-exported)
     best_decoding,
@@ -58,15 +57,8 @@ from r1lab.mathcheck import extract_answer, normalize, quick_equal
 from r1lab.rewards import accuracy_reward, format_reward, score_batch
 from r1lab.tasks import FAMILIES, get_family
 from r1lab.tasks.benchmarks import BENCHMARKS, BenchmarkNotFoundError, load_benchmark
-from r1lab.tokenizer import (
-    ANSWER_CLOSE,
-    R1,
-    R1_ZERO,
-    TEMPLATES,
-    Tokenizer,
-    render_prompt,
-    split_reasoning,
-)
+from r1lab.sampling import longest_prompt, sample, sized_engine, with_stop_rule
+from r1lab.tokenizer import R1, R1_ZERO, TEMPLATES, Tokenizer, split_reasoning
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 DEFAULT_K = 4                 # the report uses 4-64 samples; 4 keeps a CPU run short
@@ -155,34 +147,10 @@ def bench_label(bench: str, difficulty: int = 1) -> str:
     return bench.lower() if bench.lower() in BENCHMARKS else Path(bench).stem
 
 
-def question_text(example: dict, instruction: str) -> str:
-    """The user message: the example's prompt, then the instruction on its own line (if any)."""
-    return f"{example['prompt']}\n{instruction}" if instruction else str(example["prompt"])
-
-
 def default_instruction(template: str) -> str:
     """R1's recommended math instruction for the chat template; none for R1-Zero, whose prompt
     already asks for <answer> tags."""
     return "" if template == R1_ZERO else MATH_INSTRUCTION
-
-
-def _metadata(model_dir: Path) -> dict:
-    try:
-        return read_model_metadata(model_dir)
-    except Exception:  # noqa: BLE001 - a directory without readable r1lab metadata
-        return {}
-
-
-def model_template(model_dir: str | os.PathLike) -> str:
-    """The chat template a model directory was trained with: its metadata's "template" (an r1lab
-    checkpoint's, or r1lab_metadata.json beside a Hugging Face model r1lab trained), else "r1"."""
-    root = Path(model_dir)
-    if not (root / "config.json").is_file():
-        return R1
-    template = _metadata(root).get("template", R1)
-    if template not in TEMPLATES:
-        raise EvalError(f"{root}: metadata names template {template!r}; expected one of {TEMPLATES}")
-    return template
 
 
 # ------------------------------------------------------------------------------------- generation
@@ -213,44 +181,21 @@ def chunk_seed(seed: int, start: int) -> int:
     return int.from_bytes(hashlib.sha256(f"r1lab-eval:{seed}:{start}".encode()).digest()[:8], "big") >> 2
 
 
-def decode_flops(cfg: ModelConfig, prompt_len: int, n_tokens: int) -> float:
-    """FLOPs of the decode steps after the prefill: token j (1 <= j < n) is fed with P + j keys.
-
-    `generate_flops_per_token` is linear in the context, so the sum is (n-1) f(P + n/2).
-    """
-    return max(n_tokens - 1, 0) * generate_flops_per_token(cfg, prompt_len + n_tokens / 2)
-
-
-def prefill_flops(cfg: ModelConfig, prompt_len: int) -> float:
-    """FLOPs of one prefill: prompt token t attends to t keys, t = 1..P."""
-    return prompt_len * generate_flops_per_token(cfg, (prompt_len + 1) / 2)
-
-
 def engine_sampler(engine: Engine, tokenizer: Tokenizer, params: SamplingParams, template: str,
                    instruction: str, think_opened: bool) -> SampleChunk:
-    """Generate a chunk with one `engine.generate` call (n = k per prompt)."""
+    """Generate a chunk with one `sampling.sample` call (n = k per prompt); a prompt that does not fit
+    the engine's context gives k empty samples that end for "length"."""
     cfg = getattr(engine.model, "config", None)
     cfg = cfg if isinstance(cfg, ModelConfig) else None  # FLOPs are known for r1lab models only
 
-    def sample(examples: list[dict], start: int) -> list[Generated]:
-        prompts = [render_prompt(tokenizer, question_text(ex, instruction), template) for ex in examples]
-        fits = [i for i, p in enumerate(prompts) if len(p) < engine.max_len]
-        chunk_params = replace(params, seed=chunk_seed(params.seed, start))
-        completions = engine.generate([prompts[i] for i in fits], chunk_params) if fits else []
-        out = [Generated([Sample("", "", 0, "length")] * params.n, len(p), 0.0 if cfg else None,
-                         f"prompt of {len(p)} tokens does not fit max_len {engine.max_len}") for p in prompts]
-        for slot, i in enumerate(fits):
-            samples, flops = [], prefill_flops(cfg, len(prompts[i])) if cfg else None
-            for c in completions[slot * params.n:(slot + 1) * params.n]:
-                text = tokenizer.decode(c.token_ids, skip_special=True)
-                answer = split_reasoning(text, think_opened=think_opened)[1]
-                samples.append(Sample(text, answer, len(c.token_ids), c.finish_reason))
-                if cfg:
-                    flops += decode_flops(cfg, len(prompts[i]), len(c.token_ids))
-            out[i] = Generated(samples, len(prompts[i]), flops)
-        return out
+    def sample_chunk(examples: list[dict], start: int) -> list[Generated]:
+        groups = sample(engine, tokenizer, examples, replace(params, seed=chunk_seed(params.seed, start)), template,
+                        instruction)
+        return [Generated([Sample(s.text, split_reasoning(s.text, think_opened=think_opened)[1], len(s.token_ids),
+                                  s.finish_reason) for s in g.samples] or [Sample("", "", 0, "length")] * params.n,
+                          len(g.prompt_ids), g.flops(cfg) if cfg else None, g.skipped) for g in groups]
 
-    return sample
+    return sample_chunk
 
 
 # ------------------------------------------------------------------------------------- grading
@@ -469,11 +414,7 @@ def evaluate(engine: Engine, tokenizer: Tokenizer, examples: list[dict], *, k: i
     if template not in TEMPLATES:
         raise EvalError(f"unknown template {template!r}; expected one of {TEMPLATES}")
     params = params or SamplingParams(max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=R1_TEMPERATURE, top_p=R1_TOP_P)
-    stop = tuple(params.stop_token_ids)
-    answer_close = tokenizer.token_to_id(ANSWER_CLOSE)
-    if template == R1_ZERO and answer_close is not None and answer_close not in stop:
-        stop += (answer_close,)
-    params = replace(params, n=k, seed=0 if params.seed is None else params.seed, stop_token_ids=stop)
+    params = replace(with_stop_rule(params, tokenizer, template), n=k, seed=0 if params.seed is None else params.seed)
     params.validate()
     think_opened = template == R1 if think_opened is None else think_opened
     instruction = default_instruction(template) if instruction is None else instruction
@@ -481,7 +422,7 @@ def evaluate(engine: Engine, tokenizer: Tokenizer, examples: list[dict], *, k: i
     if not peak_gflops and has_flops:
         peak_gflops = measure_matmul_peak()
     sampling = {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
-                "max_new_tokens": params.max_new_tokens, "seed": params.seed, "stop_token_ids": list(stop)}
+                "max_new_tokens": params.max_new_tokens, "seed": params.seed, "stop_token_ids": list(params.stop_token_ids)}
     settings = {"model": None, "bench": None, "difficulty": None, **(settings or {}), "template": template,
                 "instruction": instruction, "think_opened": think_opened, "sampling": sampling,
                 "max_len": engine.max_len}
@@ -518,7 +459,7 @@ def evaluate_checkpoint(model_dir: str | os.PathLike, bench: str, *, k: int = DE
     the one the training run evaluated.
     """
     model_dir = Path(model_dir)
-    meta = _metadata(model_dir)
+    meta = model_metadata(model_dir)
     own_task = bench in FAMILIES and meta.get("task") == bench
     if difficulty is None:
         difficulty = int(meta.get("difficulty", 1)) if own_task else 1
@@ -531,9 +472,8 @@ def evaluate_checkpoint(model_dir: str | os.PathLike, bench: str, *, k: int = DE
     if instruction is None and own_task:
         instruction = meta.get("instruction")  # how the training run prompted its own task
     instruction = default_instruction(template) if instruction is None else instruction
-    longest = max(len(render_prompt(tokenizer, question_text(ex, instruction), template)) for ex in examples)
-    max_len = min(decoder.config.max_seq_len, longest + max_new_tokens)  # a smaller KV cache to allocate
-    engine = Engine(decoder, tokenizer.eos_id, max_batch_size=batch_size, max_len=max_len)
+    engine = sized_engine(decoder, tokenizer, longest_prompt(tokenizer, examples, template, instruction),
+                          max_new_tokens, batch_size)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     settings = {"model": str(model_dir.resolve()), "bench": bench_label(bench, difficulty), "limit": limit,
                 "difficulty": difficulty if bench in FAMILIES else None}

@@ -41,10 +41,10 @@ from r1lab.eval import (
     Sample,
     bench_label,
     load_examples,
-    question_text,
     run_evaluation,
     with_greedy,
 )
+from r1lab.sampling import question_text
 from r1lab.tasks import FAMILIES
 from r1lab.tokenizer import split_reasoning
 

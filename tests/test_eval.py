@@ -25,11 +25,11 @@ from r1lab.eval import (
     load_examples,
     majority_vote,
     pass_at_k,
-    question_text,
 )
 from r1lab.evalapi import EndpointError, _samples, evaluate_endpoint
 from r1lab.evalreport import GREEDY, SAMPLED, BestDecoding, best_decoding, compare_results, default_ks, verdict
 from r1lab.model import Transformer
+from r1lab.sampling import question_text
 from r1lab.tasks.benchmarks import BenchmarkNotFoundError, candidate_dirs
 from r1lab.tokenizer import R1, R1_ZERO, R1_ZERO_PROMPT, Tokenizer, render_prompt
 

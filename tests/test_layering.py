@@ -13,16 +13,21 @@ FORBIDDEN = {
     "r1lab.config": {"r1lab."},  # describes only
     "r1lab.backends": {"r1lab.engine", "r1lab.tokenizer", "r1lab.train", "r1lab.rewards", "r1lab.eval",
                        "r1lab.serve", "r1lab.tasks", "r1lab.checkpoint"},
-    "r1lab.engine": {"r1lab.tokenizer", "r1lab.train", "r1lab.rewards", "r1lab.eval", "r1lab.serve", "r1lab.tasks"},
+    "r1lab.engine": {"r1lab.tokenizer", "r1lab.train", "r1lab.rewards", "r1lab.eval", "r1lab.serve", "r1lab.tasks",
+                     "r1lab.sampling"},
     "r1lab.tokenizer": {"r1lab.model", "r1lab.engine", "r1lab.train", "r1lab.eval", "r1lab.serve"},
     "r1lab.mathcheck": {"r1lab.model", "r1lab.engine", "r1lab.tokenizer", "r1lab.train", "r1lab.eval", "r1lab.serve"},
     "r1lab.sandbox": {"r1lab."},  # runs untrusted code: depends on nothing of ours
-    "r1lab.rewards": {"r1lab.model", "r1lab.engine", "r1lab.tokenizer", "r1lab.train", "r1lab.eval", "r1lab.serve"},
+    "r1lab.rewards": {"r1lab.model", "r1lab.engine", "r1lab.tokenizer", "r1lab.train", "r1lab.eval", "r1lab.serve",
+                      "r1lab.sampling"},
     "r1lab.tasks": {"r1lab.model", "r1lab.engine", "r1lab.tokenizer", "r1lab.train", "r1lab.eval", "r1lab.serve",
                     "r1lab.rewards"},
     "r1lab.cost": {"r1lab.model", "r1lab.engine", "r1lab.train", "r1lab.eval", "r1lab.serve"},
+    "r1lab.checkpoint": {"r1lab.engine", "r1lab.sampling", "r1lab.train", "r1lab.eval", "r1lab.serve"},
+    # sample-and-grade sits on the engine, tokenizer and rewards; RL, eval and the demo use it
+    "r1lab.sampling": {"r1lab.checkpoint", "r1lab.hf", "r1lab.train", "r1lab.eval", "r1lab.serve", "r1lab.demo"},
     "r1lab.eval": {"r1lab.train", "r1lab.serve"},
-    "r1lab.serve": {"r1lab.train", "r1lab.eval"},
+    "r1lab.serve": {"r1lab.train", "r1lab.eval", "r1lab.sampling"},  # serving grades nothing
     "r1lab.device": {"r1lab.model", "r1lab.engine", "r1lab.tokenizer", "r1lab.checkpoint", "r1lab.recipe",
                      "r1lab.train", "r1lab.eval", "r1lab.serve", "r1lab.tasks"},  # torch's device API and ConfigError
     # rejection sampling's filter judges graded text: it generates, tokenizes and grades nothing itself

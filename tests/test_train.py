@@ -8,6 +8,7 @@ from r1lab.cost import CostLedger, StageCost
 from r1lab.engine import Completion
 from r1lab.model import Transformer
 from r1lab.recipe import OptimConfig, load_recipe
+from r1lab.sampling import Sampled
 from r1lab.tokenizer import R1_ZERO, Tokenizer, render_conversation
 from r1lab.train import data as data_mod
 from r1lab.train.common import lr_at
@@ -108,7 +109,7 @@ def test_one_grpo_step_changes_every_trainable_parameter(tokenizer, make_config)
     prompts = [tokenizer.encode(f"What is {i} + 1?") for i in range(16)]
     completions = [torch.randint(0, 400, (30,), generator=g).tolist() for _ in range(16)]
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.0] * 4)
-    batch = Rollout([{}] * 16, prompts, completions, [""] * 16, [False] * 16, rewards, {}, 4, 0)
+    batch = Rollout([Sampled({}, p, c, "", "stop", float(r)) for p, c, r in zip(prompts, completions, rewards)], [], 0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     from r1lab.train.grpo import grpo_loss
@@ -121,6 +122,8 @@ def test_one_grpo_step_changes_every_trainable_parameter(tokenizer, make_config)
 
 class ScriptedEngine:
     """Answers prompt p of each call: even p -> G identical right answers (no signal), odd p -> mixed."""
+
+    max_len = 1 << 20  # any prompt fits
 
     def __init__(self, tokenizer):
         self.tokenizer, self.calls = tokenizer, 0
@@ -145,11 +148,11 @@ def test_dynamic_sampling_drops_all_equal_groups_and_refills(tokenizer):
     batch = rollout(engine, tokenizer, pool, recipe.grpo, step=0, template=R1_ZERO)
     assert engine.calls == 2  # 2 informative groups per call: one refill round fills the batch
     assert len(batch.completions) == 4 * 3
-    assert batch.n_groups_sampled == 8 and batch.n_all_equal == 4
+    assert len(batch.generated) == 8 and batch.n_all_equal == 4
     assert bool(torch.all(torch.tensor([len(set(batch.rewards[i:i + 3].tolist())) > 1 for i in range(0, 12, 3)])))
     no_refill = load_recipe(None, SMALL + ["--grpo.prompts_per_step=4", "--grpo.group_size=3"]).grpo
     plain = rollout(ScriptedEngine(tokenizer), tokenizer, pool, no_refill, step=0, template=R1_ZERO)
-    assert plain.n_groups_sampled == 4 and plain.n_all_equal == 2 and len(plain.completions) == 12
+    assert len(plain.generated) == 4 and plain.n_all_equal == 2 and len(plain.completions) == 12
 
 
 def test_sft_masks_everything_but_the_assistant_turn(tokenizer):
@@ -238,7 +241,7 @@ def test_grpo_command_trains_on_prompts_from_a_user_jsonl(tmp_path, grpo_base, m
 
     def spy(engine, tokenizer, pool, cfg, step, template):
         batch = original(engine, tokenizer, pool, cfg, step, template)
-        seen.extend(batch.examples)
+        seen.extend(s.example for s in batch.samples)
         return batch
 
     monkeypatch.setattr(rl_mod, "rollout", spy)

@@ -1,8 +1,9 @@
 """The R1-Zero loop: rollouts from the engine, rule-based rewards, group advantages, clipped updates.
 
-Per step: P train-split prompts (a function of seed and step) x G samples from `Engine` (one
-prefill per prompt, shared by its G samples) -> rewards from `r1lab.rewards` (accuracy + format by
-default, weights from the recipe; a completion cut by the length limit has no valid format) ->
+Per step: P train-split prompts (a function of seed and step) x G samples, sampled and graded by
+`r1lab.sampling` (one prefill per prompt, shared by its G samples; the template's stop rule;
+accuracy + format by default, weights from the recipe; a completion cut by the length limit has
+no valid format) ->
 optional dynamic sampling (drop all-equal groups, refill) -> advantages within each group -> old
 log-probs recomputed by the current policy before the first pass -> `epochs` passes of minibatch
 updates with the chosen loss (`train/grpo.py`) -> aux-loss-free bias update -> metrics,
@@ -19,93 +20,61 @@ from pathlib import Path
 
 import torch
 
-from r1lab.cost import StageCost, generate_flops_per_token, train_flops_per_token
+from r1lab.cost import StageCost, train_flops_per_token
 from r1lab.device import bf16_autocast
 from r1lab.engine import Engine, SamplingParams
 from r1lab.model import Transformer
 from r1lab.recipe import CostConfig, GRPOConfig
-from r1lab.rewards import REWARD_FUNCTIONS, overlong_penalty, score_batch
-from r1lab.tokenizer import ANSWER_CLOSE, R1, Tokenizer, render_prompt
+from r1lab.sampling import Group, Sampled, grade, longest_prompt, sample, sized_engine
+from r1lab.tokenizer import R1, Tokenizer
 from r1lab.train.common import MetricsLog, Progress, lr_at, make_optimizer, resume_into, save_stage, set_lr, stage_cost
 from r1lab.train.grpo import LOSSES, group_advantages, keep_informative_groups
 
 @dataclass
 class Rollout:
-    examples: list[dict]          # one per sequence (each prompt's example repeated G times)
-    prompts: list[list[int]]      # prompt ids per sequence
-    completions: list[list[int]]  # generated ids per sequence (stop token included)
-    texts: list[str]
-    truncated: list[bool]
-    rewards: torch.Tensor         # (N,) weighted total
-    parts: dict[str, list[float]]  # reward name -> per sequence
-    n_groups_sampled: int         # groups generated (more than P under dynamic sampling)
+    samples: list[Sampled]        # the kept groups' graded samples, G consecutive ones per prompt
+    generated: list[Group]        # every group sampled (more than P under dynamic sampling)
     n_all_equal: int              # of those, groups whose rewards were all equal
 
+    @property
+    def prompts(self) -> list[list[int]]:
+        return [s.prompt_ids for s in self.samples]
 
-def stop_ids(tokenizer: Tokenizer, template: str) -> tuple[int, ...]:
-    """R1-Zero completions end at `</answer>` (or EOS): nothing may follow the answer."""
-    close = tokenizer.token_to_id(ANSWER_CLOSE)
-    return (close,) if template != R1 and close is not None else ()
+    @property
+    def completions(self) -> list[list[int]]:
+        return [s.token_ids for s in self.samples]
 
+    @property
+    def rewards(self) -> torch.Tensor:
+        return torch.tensor([s.reward for s in self.samples])  # (N,) weighted totals
 
-def longest_prompt(tokenizer: Tokenizer, pool: list[dict], template: str) -> int:
-    """Tokens in the longest rendered prompt of the pool: what the engine's context must hold."""
-    return max(len(render_prompt(tokenizer, ex["prompt"], template)) for ex in pool)
-
-
-def score(cfg: GRPOConfig, texts: list[str], examples: list[dict], truncated: list[bool], lengths: list[int],
-          think_opened: bool) -> tuple[torch.Tensor, dict[str, list[float]]]:
-    names = [name for name in cfg.reward_weights if name in REWARD_FUNCTIONS]  # the recipe checked every name
-    scored = score_batch([(REWARD_FUNCTIONS[n], cfg.reward_weights[n]) for n in names], texts,
-                         [{**ex, "think_opened": think_opened} for ex in examples])
-    parts = {name: list(scored.per_function[REWARD_FUNCTIONS[name].__name__]) for name in names}
-    totals = list(scored.totals)
-    if "format" in parts:  # a completion the length limit cut off has no valid format
-        for i, cut in enumerate(truncated):
-            if cut and parts["format"][i]:
-                totals[i] -= cfg.reward_weights["format"] * parts["format"][i]
-                parts["format"][i] = 0.0
-    if cfg.overlong_buffer:
-        penalty = [overlong_penalty(n, cfg.max_new_tokens, cfg.overlong_buffer) for n in lengths]
-        parts["overlong"] = penalty
-        totals = [t + cfg.reward_weights.get("overlong", 1.0) * p for t, p in zip(totals, penalty)]
-    return torch.tensor(totals), parts
+    @property
+    def parts(self) -> dict[str, list[float]]:
+        return {name: [s.rewards[name] for s in self.samples] for name in (self.samples[0].rewards if self.samples else {})}
 
 
 def rollout(engine: Engine, tokenizer: Tokenizer, pool: list[dict], cfg: GRPOConfig, step: int, template: str) -> Rollout:
     """P groups of G samples; with dynamic sampling, informative groups only (refilled)."""
     rng = random.Random(cfg.seed * 1_000_003 + step)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                            n=cfg.group_size, stop_token_ids=stop_ids(tokenizer, template))
-    think_opened = template == R1
-    kept: list[tuple] = []
-    sampled = all_equal = 0
+                            n=cfg.group_size)
+    kept: list[list[Sampled]] = []
+    generated: list[Group] = []
+    all_equal = 0
     for round_ in range(1 + (cfg.max_refill_rounds if cfg.dynamic_sampling else 0)):
         examples = [pool[rng.randrange(len(pool))] for _ in range(cfg.prompts_per_step)]
-        prompts = [render_prompt(tokenizer, ex["prompt"], template) for ex in examples]
-        outs = engine.generate(prompts, replace(params, seed=rng.randrange(2**62)))
-        G = cfg.group_size
-        for p, ex in enumerate(examples):
-            group = outs[p * G:(p + 1) * G]
-            texts = [tokenizer.decode(o.token_ids, skip_special=True) for o in group]
-            truncated = [o.finish_reason == "length" for o in group]
-            totals, parts = score(cfg, texts, [ex] * G, truncated, [len(o.token_ids) for o in group], think_opened)
-            sampled += 1
-            informative = bool(keep_informative_groups(totals, G)[0])
+        groups = sample(engine, tokenizer, examples, replace(params, seed=rng.randrange(2**62)), template)
+        generated += groups
+        for group in groups:
+            graded = grade(group.samples, cfg.reward_weights, think_opened=template == R1,
+                           max_new_tokens=cfg.max_new_tokens, overlong_buffer=cfg.overlong_buffer)
+            informative = bool(keep_informative_groups(torch.tensor([s.reward for s in graded]), cfg.group_size)[0])
             all_equal += not informative
             if informative or not cfg.dynamic_sampling:
-                kept.append((ex, prompts[p], group, texts, truncated, totals, parts))
+                kept.append(graded)
         if len(kept) >= cfg.prompts_per_step:
             break
-    kept = kept[:cfg.prompts_per_step] if kept else []
-    G = cfg.group_size
-    return Rollout(
-        examples=[k[0] for k in kept for _ in range(G)], prompts=[k[1] for k in kept for _ in range(G)],
-        completions=[o.token_ids for k in kept for o in k[2]], texts=[t for k in kept for t in k[3]],
-        truncated=[t for k in kept for t in k[4]],
-        rewards=torch.cat([k[5] for k in kept]) if kept else torch.zeros(0),
-        parts={name: [v for k in kept for v in k[6][name]] for name in (kept[0][6] if kept else {})},
-        n_groups_sampled=sampled, n_all_equal=all_equal)
+    return Rollout([s for group in kept[:cfg.prompts_per_step] for s in group], generated, all_equal)
 
 
 def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -169,9 +138,8 @@ def train_grpo(model: Transformer, tokenizer: Tokenizer, pool: list[dict], cfg: 
     start, seconds, flops = resumed or (0, 0.0, 0.0)
     if cfg.beta > 0 and reference is None:
         raise ValueError("grpo.beta > 0 needs a reference model")
-    engine = Engine(model, eos_id=tokenizer.eos_id, max_batch_size=cfg.prompts_per_step * cfg.group_size,
-                    max_len=min(model.config.max_seq_len,
-                                (max_prompt_len or longest_prompt(tokenizer, pool, template)) + cfg.max_new_tokens + 8))
+    engine = sized_engine(model, tokenizer, max_prompt_len or longest_prompt(tokenizer, pool, template),
+                          cfg.max_new_tokens, max_batch_size=cfg.prompts_per_step * cfg.group_size)
     log = MetricsLog(stage_dir / "metrics.jsonl", resume_step=start if resumed is not None else None)
     progress = Progress("grpo", cfg.steps, start, quiet)
     last: dict = {}
@@ -186,10 +154,10 @@ def train_grpo(model: Transformer, tokenizer: Tokenizer, pool: list[dict], cfg: 
                    "accuracy": _mean(batch.parts.get("accuracy", [])), "format_rate": _mean(batch.parts.get("format", [])),
                    "response_length_mean": gen_tokens / max(1, len(batch.completions)),
                    "response_length_max": max((len(c) for c in batch.completions), default=0),
-                   "truncated_share": _mean([float(t) for t in batch.truncated]),
-                   "all_equal_group_share": batch.n_all_equal / max(1, batch.n_groups_sampled),
+                   "truncated_share": _mean([float(s.truncated) for s in batch.samples]),
+                   "all_equal_group_share": batch.n_all_equal / max(1, len(batch.generated)),
                    "rollout_tokens_per_s": gen_tokens / t_rollout}
-        flops += _generation_flops(model, batch, cfg.group_size)
+        flops += sum(group.flops(model.config) for group in batch.generated)
         if batch.completions:
             t1 = time.perf_counter()
             train_metrics, train_flops = _optimise(model, reference, optimizer, batch, cfg, loss_fn, scale,
@@ -254,16 +222,6 @@ def _optimise(model, reference, optimizer, batch: Rollout, cfg: GRPOConfig, loss
     fwd = train_flops_per_token(model.config, inputs.shape[1], with_mtp=False) / 3
     passes = 3 * cfg.epochs + 1 + (1 if ref_logp is not None else 0)  # training passes, old log-probs, reference
     return result, fwd * passes * inputs.numel()
-
-
-def _generation_flops(model: Transformer, batch: Rollout, group_size: int) -> float:
-    cfg = model.config
-    total = 0.0
-    for i, (p, c) in enumerate(zip(batch.prompts, batch.completions)):
-        if i % group_size == 0:  # the prompt is prefilled once per group
-            total += len(p) * generate_flops_per_token(cfg, len(p) / 2)
-        total += len(c) * generate_flops_per_token(cfg, len(p) + len(c) / 2)
-    return total
 
 
 def _mean(values: list[float]) -> float:

@@ -32,6 +32,7 @@ from r1lab.cost import train_flops_per_token
 from r1lab.device import resolve_device
 from r1lab.model import Transformer
 from r1lab.recipe import Recipe, save_recipe
+from r1lab.sampling import longest_prompt
 from r1lab.tasks import get_family
 from r1lab.tokenizer import R1_ZERO, R1_ZERO_PROMPT, TOKENIZER_FILE, Tokenizer
 from r1lab.train.common import CHECKPOINT, check_resumable
@@ -39,7 +40,7 @@ from r1lab.train.data import (ConversationSet, PackedStream, encode_documents, e
                               rl_examples, task_documents, tokenizer_texts)
 from r1lab.train.policy import load_policy, model_max_len, model_shape, policy_dir
 from r1lab.train.pretrain import StageResult, train_supervised
-from r1lab.train.rl import RLResult, longest_prompt, train_grpo
+from r1lab.train.rl import RLResult, train_grpo
 
 HELDOUT_DOCS = 200
 RL_POOL = 5000

@@ -1,0 +1,138 @@
+"""Sample k completions per example through the engine and grade them with the reward functions.
+
+What RL rollouts, engine evaluation and every generate-then-grade job (distillation sets, rejection
+sampling: k samples per prompt, graded, kept or not) share, so none of them carries its own copy:
+
+* `render`: an example's prompt ids under a chat template (the example's prompt, then the
+  instruction on its own line, if any);
+* `stop_ids` / `with_stop_rule`: the template's stop rule. An R1-Zero completion ends at
+  `</answer>` (nothing may follow the answer); an R1 one at EOS, which the engine always stops at;
+* `longest_prompt` / `sized_engine`: an engine whose context holds the longest prompt plus the new
+  tokens (capped at the model's max_seq_len), so no sample is cut short by the context;
+* `sample`: one `Group` per example, its k `Sampled` completions (`SamplingParams.n`, one shared
+  prefill); a prompt that does not fit the engine's context is skipped, with the reason;
+* `grade`: the weighted reward functions of `r1lab.rewards` on each completion's text. A
+  completion the length limit cut off has no valid format; the optional DAPO overlong shaping is
+  one more weighted part.
+
+The FLOPs of a group come from `cost.generation_flops`. This module knows the engine, the
+tokenizer's templates and the reward functions; it knows no training step, no result files and no
+metrics, and it never loads a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+from r1lab.config import ModelConfig
+from r1lab.cost import generation_flops
+from r1lab.engine import Engine, SamplingParams
+from r1lab.rewards import REWARD_FUNCTIONS, overlong_penalty, score_batch
+from r1lab.tokenizer import ANSWER_CLOSE, R1_ZERO, Tokenizer, render_prompt
+
+
+@dataclass
+class Sampled:
+    """One completion of one example, and (once graded) what the reward functions gave it."""
+    example: dict
+    prompt_ids: list[int]
+    token_ids: list[int]          # generated ids, the stop id included
+    text: str                     # decoded without special tokens
+    finish_reason: str            # "stop", "length" or "abort"
+    reward: float = 0.0           # weighted total, set by `grade`
+    rewards: dict[str, float] = field(default_factory=dict)  # reward name -> unweighted value, set by `grade`
+
+    @property
+    def truncated(self) -> bool:
+        """Cut off by the token limit: it never reached a stop."""
+        return self.finish_reason == "length"
+
+
+@dataclass
+class Group:
+    """The k completions of one example; none when its prompt was skipped."""
+    example: dict
+    prompt_ids: list[int]
+    samples: list[Sampled]
+    skipped: str | None = None    # why nothing was generated (the prompt does not fit the context)
+
+    def flops(self, config: ModelConfig) -> float:
+        """Model FLOPs of generating this group: one prefill, then each sample's decode steps."""
+        return 0.0 if self.skipped else generation_flops(config, len(self.prompt_ids),
+                                                         [len(s.token_ids) for s in self.samples])
+
+
+def question_text(example: dict, instruction: str = "") -> str:
+    """The user message: the example's prompt, then the instruction on its own line (if any)."""
+    return f"{example['prompt']}\n{instruction}" if instruction else str(example["prompt"])
+
+
+def render(tokenizer: Tokenizer, example: dict, template: str, instruction: str = "") -> list[int]:
+    """Prompt ids of one example under `template`."""
+    return render_prompt(tokenizer, question_text(example, instruction), template)
+
+
+def stop_ids(tokenizer: Tokenizer, template: str) -> tuple[int, ...]:
+    """Ids that end a completion under `template`, besides EOS: `</answer>` for R1-Zero."""
+    close = tokenizer.token_to_id(ANSWER_CLOSE)
+    return (close,) if template == R1_ZERO and close is not None else ()
+
+
+def with_stop_rule(params: SamplingParams, tokenizer: Tokenizer, template: str) -> SamplingParams:
+    """`params` with the template's stop ids added to its own (each once)."""
+    own = tuple(params.stop_token_ids)
+    return replace(params, stop_token_ids=own + tuple(i for i in stop_ids(tokenizer, template) if i not in own))
+
+
+def longest_prompt(tokenizer: Tokenizer, examples: Sequence[dict], template: str, instruction: str = "") -> int:
+    """Tokens in the longest rendered prompt of `examples`: what the engine's context must hold."""
+    return max(len(render(tokenizer, ex, template, instruction)) for ex in examples)
+
+
+def sized_engine(model, tokenizer: Tokenizer, longest: int, max_new_tokens: int, max_batch_size: int) -> Engine:
+    """An engine for prompts of up to `longest` tokens and `max_new_tokens` each, within max_seq_len."""
+    return Engine(model, eos_id=tokenizer.eos_id, max_batch_size=max_batch_size,
+                  max_len=min(model.config.max_seq_len, longest + max_new_tokens))
+
+
+def sample(engine: Engine, tokenizer: Tokenizer, examples: Sequence[dict], params: SamplingParams, template: str,
+           instruction: str = "") -> list[Group]:
+    """`params.n` completions of every example in one `engine.generate` call, under the template's stop rule."""
+    params = with_stop_rule(params, tokenizer, template)
+    prompts = [render(tokenizer, ex, template, instruction) for ex in examples]
+    fits = [i for i, p in enumerate(prompts) if len(p) < engine.max_len]
+    outs = engine.generate([prompts[i] for i in fits], params) if fits else []
+    groups = [Group(ex, p, [], f"prompt of {len(p)} tokens does not fit max_len {engine.max_len}")
+              for ex, p in zip(examples, prompts)]
+    for slot, i in enumerate(fits):
+        ex, prompt = examples[i], prompts[i]
+        groups[i] = Group(ex, prompt, [Sampled(ex, prompt, o.token_ids, tokenizer.decode(o.token_ids, skip_special=True),
+                                               o.finish_reason) for o in outs[slot * params.n:(slot + 1) * params.n]])
+    return groups
+
+
+def grade(samples: Sequence[Sampled], weights: Mapping[str, float], *, think_opened: bool,
+          max_new_tokens: int = 0, overlong_buffer: int = 0) -> list[Sampled]:
+    """`samples` with their rewards: each named reward function (`rewards.REWARD_FUNCTIONS`) at its weight.
+
+    `think_opened`: the prompt already opened `<think>` (the R1 template does). A truncated
+    completion's format part is 0. With `overlong_buffer`, the DAPO overlong penalty of
+    `rewards.overlong_penalty` (against `max_new_tokens`) is added as part "overlong" at
+    `weights["overlong"]` (default 1).
+    """
+    names = [name for name in weights if name in REWARD_FUNCTIONS]
+    scored = score_batch([(REWARD_FUNCTIONS[n], weights[n]) for n in names], [s.text for s in samples],
+                         [{**s.example, "think_opened": think_opened} for s in samples])
+    parts = {name: list(scored.per_function[REWARD_FUNCTIONS[name].__name__]) for name in names}
+    totals = list(scored.totals)
+    if "format" in parts:
+        for i, s in enumerate(samples):
+            if s.truncated and parts["format"][i]:
+                totals[i] -= weights["format"] * parts["format"][i]
+                parts["format"][i] = 0.0
+    if overlong_buffer:
+        parts["overlong"] = [overlong_penalty(len(s.token_ids), max_new_tokens, overlong_buffer) for s in samples]
+        totals = [t + weights.get("overlong", 1.0) * p for t, p in zip(totals, parts["overlong"])]
+    return [replace(s, reward=t, rewards={name: values[i] for name, values in parts.items()})
+            for i, (s, t) in enumerate(zip(samples, totals))]
