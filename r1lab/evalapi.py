@@ -201,21 +201,15 @@ def evaluate_endpoint(api_base: str, api_model: str, examples: list[dict], *, k:
     With `greedy`, the items are also asked once at temperature 0 (into `out_dir/greedy`), as
     `r1lab.eval.evaluate` does.
     """
-    if greedy and temperature == 0:
-        result = evaluate_endpoint(api_base, api_model, examples, k=k, temperature=0.0, top_p=top_p,
-                                   max_new_tokens=max_new_tokens, seed=seed, api_key=api_key, instruction=instruction,
-                                   ks=ks, out_dir=out_dir, resume=resume, grade=grade, concurrency=concurrency,
-                                   chunk_size=chunk_size, max_retries=max_retries, backoff=backoff,
-                                   settings=settings, progress=progress)
-        return with_greedy(result, result, out_dir)
     if greedy:
         common = dict(max_new_tokens=max_new_tokens, seed=seed, api_key=api_key, instruction=instruction,
                       resume=resume, grade=grade, concurrency=concurrency, chunk_size=chunk_size,
                       max_retries=max_retries, backoff=backoff, settings=settings, progress=progress)
         sampled = evaluate_endpoint(api_base, api_model, examples, k=k, temperature=temperature, top_p=top_p, ks=ks,
                                     out_dir=out_dir, **common)
-        greedy_run = evaluate_endpoint(api_base, api_model, examples, k=1, temperature=0.0, top_p=1.0,
-                                       out_dir=None if out_dir is None else Path(out_dir) / "greedy", **common)
+        greedy_run = sampled if temperature == 0 else evaluate_endpoint(  # a greedy run is its own greedy twin
+            api_base, api_model, examples, k=1, temperature=0.0, top_p=1.0,
+            out_dir=None if out_dir is None else Path(out_dir) / "greedy", **common)
         return with_greedy(sampled, greedy_run, out_dir)
     instruction = MATH_INSTRUCTION if instruction is None else instruction
     sampler = ChatSampler(api_base, api_model, k=k, max_tokens=max_new_tokens, temperature=temperature,

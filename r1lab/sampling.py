@@ -1,23 +1,14 @@
 """Sample k completions per example through the engine and grade them with the reward functions.
 
 What RL rollouts, engine evaluation and every generate-then-grade job (distillation sets, rejection
-sampling: k samples per prompt, graded, kept or not) share, so none of them carries its own copy:
+sampling: k samples per prompt, graded, kept or not) share: prompts rendered under a chat template
+(`render`), the template's stop rule (`stop_ids`: R1-Zero ends at `</answer>`, R1 at EOS), an engine
+whose context holds the longest prompt plus the new tokens (`sized_engine`), k samples per example
+as named records (`sample` -> `Group` of `Sampled`) and their grades (`grade`). A group's FLOPs
+come from `cost.generation_flops`.
 
-* `render`: an example's prompt ids under a chat template (the example's prompt, then the
-  instruction on its own line, if any);
-* `stop_ids` / `with_stop_rule`: the template's stop rule. An R1-Zero completion ends at
-  `</answer>` (nothing may follow the answer); an R1 one at EOS, which the engine always stops at;
-* `longest_prompt` / `sized_engine`: an engine whose context holds the longest prompt plus the new
-  tokens (capped at the model's max_seq_len), so no sample is cut short by the context;
-* `sample`: one `Group` per example, its k `Sampled` completions (`SamplingParams.n`, one shared
-  prefill); a prompt that does not fit the engine's context is skipped, with the reason;
-* `grade`: the weighted reward functions of `r1lab.rewards` on each completion's text. A
-  completion the length limit cut off has no valid format; the optional DAPO overlong shaping is
-  one more weighted part.
-
-The FLOPs of a group come from `cost.generation_flops`. This module knows the engine, the
-tokenizer's templates and the reward functions; it knows no training step, no result files and no
-metrics, and it never loads a model.
+It knows the engine, the tokenizer's templates and the reward functions; it knows no training
+step, no result files and no metrics, and it never loads a model.
 """
 
 from __future__ import annotations

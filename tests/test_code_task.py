@@ -151,14 +151,15 @@ def test_a_failing_grader_scores_zero_for_every_copy_in_a_batch():
 
 
 def test_grpo_takes_code_as_a_reward_and_the_recipe_uses_it():
-    from r1lab.train.rl import score
+    from r1lab.sampling import Sampled, grade
 
     ex = code.generate(1, seed=0)[0]
     texts = [answer(ex["answer"]), answer("def f(x): return 'no'"), "<answer>" + ex["answer"]]
-    totals, parts = score(GRPOConfig(reward_weights={"code": 1.0, "format": 0.5}), texts, [ex] * 3,
-                          [False, False, True], [10, 10, 10], think_opened=False)
-    assert parts["code"] == [1.0, 0.0, 0.0] and parts["format"] == [1.0, 1.0, 0.0]
-    assert totals.tolist() == [1.5, 0.5, 0.0]
+    samples = [Sampled(ex, [], [0] * 10, text, reason) for text, reason in zip(texts, ["stop", "stop", "length"])]
+    graded = grade(samples, GRPOConfig(reward_weights={"code": 1.0, "format": 0.5}).reward_weights, think_opened=False)
+    assert [s.rewards["code"] for s in graded] == [1.0, 0.0, 0.0]
+    assert [s.rewards["format"] for s in graded] == [1.0, 1.0, 0.0]
+    assert [s.reward for s in graded] == [1.5, 0.5, 0.0]
     recipe = load_recipe(RECIPE)
     assert recipe.data.task == "code" and recipe.grpo.reward_weights == {"code": 1.0, "format": 0.5}
 

@@ -48,10 +48,6 @@ class Rollout:
     def rewards(self) -> torch.Tensor:
         return torch.tensor([s.reward for s in self.samples])  # (N,) weighted totals
 
-    @property
-    def parts(self) -> dict[str, list[float]]:
-        return {name: [s.rewards[name] for s in self.samples] for name in (self.samples[0].rewards if self.samples else {})}
-
 
 def rollout(engine: Engine, tokenizer: Tokenizer, pool: list[dict], cfg: GRPOConfig, step: int, template: str) -> Rollout:
     """P groups of G samples; with dynamic sampling, informative groups only (refilled)."""
@@ -151,7 +147,8 @@ def train_grpo(model: Transformer, tokenizer: Tokenizer, pool: list[dict], cfg: 
         gen_tokens = sum(len(c) for c in batch.completions)
         metrics = {"reward_mean": float(batch.rewards.mean()) if len(batch.rewards) else 0.0,
                    "reward_std": float(batch.rewards.std()) if len(batch.rewards) > 1 else 0.0,
-                   "accuracy": _mean(batch.parts.get("accuracy", [])), "format_rate": _mean(batch.parts.get("format", [])),
+                   "accuracy": _mean([s.rewards.get("accuracy", 0.0) for s in batch.samples]),
+                   "format_rate": _mean([s.rewards.get("format", 0.0) for s in batch.samples]),
                    "response_length_mean": gen_tokens / max(1, len(batch.completions)),
                    "response_length_max": max((len(c) for c in batch.completions), default=0),
                    "truncated_share": _mean([float(s.truncated) for s in batch.samples]),
