@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from r1lab.mathcheck import CheckTimeout, answer_block, answers_equal, extract_answer
-from r1lab.sandbox import plain_data, run_python
+from r1lab.sandbox import plain_data, run_python, values_equal
 from r1lab.tasks import FAMILIES
 
 log = logging.getLogger(__name__)
@@ -228,22 +228,6 @@ def code_tests(tests: Sequence) -> tuple[list[tuple[str, object]], list[tuple[st
         except ValueError as exc:
             raise ValueError(f"code test {test!r}: the expected value is {exc}") from None
     return calls, cases
-
-
-def values_equal(got, want) -> bool:
-    """Equality of plain data, stricter than `==`: a bool equals only a bool (True is not 1),
-    numbers compare by value (4 == 4.0), lists and dicts element by element."""
-    if type(got) is bool or type(want) is bool:
-        return type(got) is type(want) and got == want
-    if type(got) in (int, float) and type(want) in (int, float):
-        return got == want
-    if type(got) is not type(want):
-        return False
-    if type(got) is list:
-        return len(got) == len(want) and all(map(values_equal, got, want))
-    if type(got) is dict:
-        return got.keys() == want.keys() and all(values_equal(got[k], want[k]) for k in got)
-    return got == want
 
 
 def code_reward(completion: str, example: dict) -> float:

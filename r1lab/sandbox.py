@@ -66,6 +66,22 @@ def plain_data(value, depth: int = 0):
     raise ValueError("not plain data: " + ("dict with a non-str key" if kind is dict else kind.__name__))
 
 
+def values_equal(got, want) -> bool:
+    """Equality of plain data, stricter than `==`: a bool equals only a bool (True is not 1),
+    numbers compare by value (4 == 4.0), lists and dicts element by element."""
+    if type(got) is bool or type(want) is bool:
+        return type(got) is type(want) and got == want
+    if type(got) in (int, float) and type(want) in (int, float):
+        return got == want
+    if type(got) is not type(want):
+        return False
+    if type(got) is list:
+        return len(got) == len(want) and all(map(values_equal, got, want))
+    if type(got) is dict:
+        return got.keys() == want.keys() and all(values_equal(got[k], want[k]) for k in got)
+    return got == want
+
+
 _HARNESS = r'''
 import ctypes, json, os, resource, signal, sys, traceback
 with open(sys.argv[1], encoding="utf-8") as f:

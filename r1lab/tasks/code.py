@@ -42,7 +42,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from r1lab.sandbox import run_python
+from r1lab.sandbox import run_python, values_equal
 from r1lab.tasks.base import check_args, generate_split
 
 NAME = "code"
@@ -253,23 +253,12 @@ def same_program(program: str, gold: str) -> bool:
         return False
 
 
-def same_value(got, want) -> bool:
-    """Plain-data equality as `rewards.values_equal` judges it: True is not 1, 4 equals 4.0."""
-    if type(got) is bool or type(want) is bool:
-        return type(got) is type(want) and got == want
-    if type(got) in (int, float) and type(want) in (int, float):
-        return got == want
-    if type(got) is list and type(want) is list:
-        return len(got) == len(want) and all(map(same_value, got, want))
-    return False
-
-
 def passed_tests(program: str, example: dict) -> list[bool]:
     """Whether each of the example's tests passes, the program run once in the sandbox for all of
     them. Raises `sandbox.SandboxError` when no sandbox can be set up."""
     tests = example["tests"]
     run = run_python(program, [t["call"] for t in tests], timeout=float(example.get("timeout", TIMEOUT)))
-    return [r.ok and same_value(r.value, t["expected"]) for r, t in zip(run.calls, tests, strict=True)]
+    return [r.ok and values_equal(r.value, t["expected"]) for r, t in zip(run.calls, tests, strict=True)]
 
 
 def verify(answer_text: str, example: dict) -> bool:
