@@ -147,12 +147,12 @@ def test_dynamic_sampling_drops_all_equal_groups_and_refills(tokenizer):
     engine = ScriptedEngine(tokenizer)
     batch = rollout(engine, tokenizer, pool, recipe.grpo, step=0, template=R1_ZERO)
     assert engine.calls == 2  # 2 informative groups per call: one refill round fills the batch
-    assert len(batch.completions) == 4 * 3
+    assert len(batch.samples) == 4 * 3
     assert len(batch.generated) == 8 and batch.n_all_equal == 4
     assert bool(torch.all(torch.tensor([len(set(batch.rewards[i:i + 3].tolist())) > 1 for i in range(0, 12, 3)])))
     no_refill = load_recipe(None, SMALL + ["--grpo.prompts_per_step=4", "--grpo.group_size=3"]).grpo
     plain = rollout(ScriptedEngine(tokenizer), tokenizer, pool, no_refill, step=0, template=R1_ZERO)
-    assert len(plain.generated) == 4 and plain.n_all_equal == 2 and len(plain.completions) == 12
+    assert len(plain.generated) == 4 and plain.n_all_equal == 2 and len(plain.samples) == 12
 
 
 def test_sft_masks_everything_but_the_assistant_turn(tokenizer):

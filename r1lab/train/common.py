@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -21,11 +21,23 @@ import torch
 from r1lab.checkpoint import committed_checkpoint, read_trainer_state, read_trainer_summary, rng_state, set_rng_state
 from r1lab.config import ConfigError, ModelConfig
 from r1lab.cost import StageCost
+from r1lab.model import Transformer
 from r1lab.recipe import CostConfig, OptimConfig
 from r1lab.tokenizer import Tokenizer
 from r1lab.train.policy import load_weights_into, model_shape, policy_metadata, save_policy
 
 CHECKPOINT = "checkpoint"
+
+
+@dataclass
+class StageResult:
+    """What a training stage (pretraining, SFT, the control, RL) hands back."""
+    model: Transformer
+    steps: int
+    seconds: float               # wall time of this process's part of the stage (resumed runs: the sum)
+    flops: float
+    final_metrics: dict
+    cost: StageCost
 
 
 def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:

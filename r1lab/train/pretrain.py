@@ -9,30 +9,20 @@ killed at any point and resumed continues with exactly the numbers it would have
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from r1lab.cost import StageCost, train_flops_per_token
+from r1lab.cost import train_flops_per_token
 from r1lab.device import bf16_autocast
 from r1lab.model import Transformer
 from r1lab.recipe import CostConfig, TrainConfig
 from r1lab.tokenizer import Tokenizer
-from r1lab.train.common import MetricsLog, Progress, lr_at, make_optimizer, resume_into, save_stage, set_lr, stage_cost
+from r1lab.train.common import (MetricsLog, Progress, StageResult, lr_at, make_optimizer, resume_into, save_stage,
+                                set_lr, stage_cost)
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # inputs, targets, loss mask (None: all)
-
-
-@dataclass
-class StageResult:
-    model: Transformer
-    steps: int
-    seconds: float               # wall time of this process's part of the stage (resumed runs: the sum)
-    flops: float
-    final_metrics: dict
-    cost: StageCost
 
 
 @torch.no_grad()

@@ -20,14 +20,15 @@ from pathlib import Path
 
 import torch
 
-from r1lab.cost import StageCost, train_flops_per_token
+from r1lab.cost import train_flops_per_token
 from r1lab.device import bf16_autocast
 from r1lab.engine import Engine, SamplingParams
 from r1lab.model import Transformer
 from r1lab.recipe import CostConfig, GRPOConfig
 from r1lab.sampling import Group, Sampled, grade, longest_prompt, sample, sized_engine
 from r1lab.tokenizer import R1, Tokenizer
-from r1lab.train.common import MetricsLog, Progress, lr_at, make_optimizer, resume_into, save_stage, set_lr, stage_cost
+from r1lab.train.common import (MetricsLog, Progress, StageResult, lr_at, make_optimizer, resume_into, save_stage,
+                                set_lr, stage_cost)
 from r1lab.train.grpo import LOSSES, group_advantages, keep_informative_groups
 
 @dataclass
@@ -35,14 +36,6 @@ class Rollout:
     samples: list[Sampled]        # the kept groups' graded samples, G consecutive ones per prompt
     generated: list[Group]        # every group sampled (more than P under dynamic sampling)
     n_all_equal: int              # of those, groups whose rewards were all equal
-
-    @property
-    def prompts(self) -> list[list[int]]:
-        return [s.prompt_ids for s in self.samples]
-
-    @property
-    def completions(self) -> list[list[int]]:
-        return [s.token_ids for s in self.samples]
 
     @property
     def rewards(self) -> torch.Tensor:
@@ -106,19 +99,10 @@ def reference_logprobs(model: Transformer, inputs: torch.Tensor, targets: torch.
     return torch.cat(out), entropy_sum / float(mask.sum().clamp(min=1))
 
 
-@dataclass
-class RLResult:
-    model: Transformer
-    seconds: float
-    flops: float
-    cost: StageCost
-    last: dict
-
-
 def train_grpo(model: Transformer, tokenizer: Tokenizer, pool: list[dict], cfg: GRPOConfig, stage_dir: Path,
                template: str, cost: CostConfig, peak_flops: float, reference: Transformer | None = None,
                evaluate=None, metadata: dict | None = None, quiet: bool = False,
-               max_prompt_len: int | None = None) -> RLResult:
+               max_prompt_len: int | None = None) -> StageResult:
     """R1-Zero GRPO from `model` (the base) on prompts drawn from `pool`.
 
     `reference` is the frozen policy for the KL term (needed only when cfg.beta > 0). `evaluate`
@@ -144,18 +128,18 @@ def train_grpo(model: Transformer, tokenizer: Tokenizer, pool: list[dict], cfg: 
         model.eval()
         batch = rollout(engine, tokenizer, pool, cfg, step, template)
         t_rollout = time.perf_counter() - t0
-        gen_tokens = sum(len(c) for c in batch.completions)
+        lengths = [len(s.token_ids) for s in batch.samples]
         metrics = {"reward_mean": float(batch.rewards.mean()) if len(batch.rewards) else 0.0,
                    "reward_std": float(batch.rewards.std()) if len(batch.rewards) > 1 else 0.0,
                    "accuracy": _mean([s.rewards.get("accuracy", 0.0) for s in batch.samples]),
                    "format_rate": _mean([s.rewards.get("format", 0.0) for s in batch.samples]),
-                   "response_length_mean": gen_tokens / max(1, len(batch.completions)),
-                   "response_length_max": max((len(c) for c in batch.completions), default=0),
+                   "response_length_mean": sum(lengths) / max(1, len(lengths)),
+                   "response_length_max": max(lengths, default=0),
                    "truncated_share": _mean([float(s.truncated) for s in batch.samples]),
                    "all_equal_group_share": batch.n_all_equal / max(1, len(batch.generated)),
-                   "rollout_tokens_per_s": gen_tokens / t_rollout}
+                   "rollout_tokens_per_s": sum(lengths) / t_rollout}
         flops += sum(group.flops(model.config) for group in batch.generated)
-        if batch.completions:
+        if batch.samples:
             t1 = time.perf_counter()
             train_metrics, train_flops = _optimise(model, reference, optimizer, batch, cfg, loss_fn, scale,
                                                    lr_at(step, cfg.steps, cfg.optim), tokenizer.pad_id, step)
@@ -180,14 +164,16 @@ def train_grpo(model: Transformer, tokenizer: Tokenizer, pool: list[dict], cfg: 
                        {"seconds": seconds, "flops": flops}, metadata)
     progress.close()
     log.close()
-    return RLResult(model, seconds, flops, stage_cost("rl", flops, seconds, cost, peak_flops, device), last)
+    return StageResult(model, cfg.steps, seconds, flops, last,
+                       stage_cost("rl", flops, seconds, cost, peak_flops, device))
 
 
 def _optimise(model, reference, optimizer, batch: Rollout, cfg: GRPOConfig, loss_fn, scale: bool, lr: float,
               pad_id: int, step: int) -> tuple[dict, float]:
     """epochs x minibatches of clipped-objective steps on one rollout batch."""
     device = next(model.parameters()).device
-    inputs, targets, mask = (t.to(device) for t in pack(batch.prompts, batch.completions, pad_id))
+    inputs, targets, mask = (t.to(device) for t in pack([s.prompt_ids for s in batch.samples],
+                                                         [s.token_ids for s in batch.samples], pad_id))
     advantages = group_advantages(batch.rewards, cfg.group_size, scale).to(device)
     with bf16_autocast(device, cfg.bf16_autocast):  # the ratio compares log-probs of one precision
         old_logp, entropy = reference_logprobs(model, inputs, targets, mask, cfg.minibatch_size)

@@ -40,7 +40,7 @@ from r1lab.train.data import (ConversationSet, PackedStream, encode_documents, e
                               rl_examples, task_documents, tokenizer_texts)
 from r1lab.train.policy import load_policy, model_max_len, model_shape, policy_dir
 from r1lab.train.pretrain import StageResult, train_supervised
-from r1lab.train.rl import RLResult, train_grpo
+from r1lab.train.rl import train_grpo
 
 HELDOUT_DOCS = 200
 RL_POOL = 5000
@@ -211,7 +211,7 @@ def rl_pool(recipe: Recipe, n: int = RL_POOL) -> list[dict]:
 
 
 def run_grpo(recipe: Recipe, run_dir: Path, peak_flops: float | None = None, evaluate=None,
-             quiet: bool = False) -> RLResult:
+             quiet: bool = False) -> StageResult:
     """R1-Zero GRPO from grpo.init_from (default run_dir/base; an r1lab checkpoint or a Hugging Face model
     directory) into run_dir/rl, saved in the format it came in."""
     cfg = recipe.grpo
