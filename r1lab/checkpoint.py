@@ -580,6 +580,16 @@ def _recover(target: Path) -> None:
                 shutil.rmtree(path, ignore_errors=True)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace a file's contents so that a kill leaves either the old or the new file, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def _write_json(file: Path, obj: Any) -> None:
     file.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from r1lab import __version__
-from r1lab.checkpoint import model_metadata, model_template
+from r1lab.checkpoint import model_metadata, model_template, write_text_atomic
 from r1lab.config import ConfigError, ModelConfig
 from r1lab.engine import Engine, SamplingParams
 from r1lab.evalreport import (  # noqa: F401 (pass_at_k is re-exported)
@@ -319,8 +319,8 @@ def run_evaluation(sample_chunk: SampleChunk, examples: list[dict], *, k: int, s
 
 
 def _write_results(out: Path, result: EvalResult) -> None:
-    _write_atomic(out / RESULTS_JSON, json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n")
-    _write_atomic(out / RESULTS_MD, result.markdown())
+    write_text_atomic(out / RESULTS_JSON, json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(out / RESULTS_MD, result.markdown())
 
 
 def _cost(items: list[dict], run_seconds: float, cores: int | None, peak_gflops: float | None) -> dict[str, Any]:
@@ -354,7 +354,7 @@ def _open_run(out: Path, settings: dict, resume: bool, by_id: dict[str, dict]) -
             done[key] = record
     else:
         samples.unlink(missing_ok=True)
-    _write_atomic(settings_file, json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(settings_file, json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
     return done
 
 
@@ -380,15 +380,6 @@ def _append(path: Path, records: list[dict]) -> None:
         f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------- entry points

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -18,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from r1lab.checkpoint import committed_checkpoint, read_trainer_state, read_trainer_summary, rng_state, set_rng_state
+from r1lab.checkpoint import (committed_checkpoint, read_trainer_state, read_trainer_summary, rng_state, set_rng_state,
+                              write_text_atomic)
 from r1lab.config import ConfigError, ModelConfig
 from r1lab.cost import StageCost
 from r1lab.model import Transformer
@@ -73,7 +73,7 @@ class MetricsLog:
         if resume_step is not None and path.exists():
             # Rows written after the checkpoint we resume from would be duplicated: drop them.
             rows = [line for line in _whole_lines(path) if json.loads(line).get("step", -1) <= resume_step]
-            _replace_text(path, "".join(r + "\n" for r in rows))
+            write_text_atomic(path, "".join(r + "\n" for r in rows))
         elif path.exists():
             path.unlink()
         self.writer = None
@@ -103,13 +103,6 @@ def _whole_lines(path: Path) -> list[str]:
     text = path.read_text(encoding="utf-8")
     lines = text.split("\n")[:-1]  # whatever follows the last newline is torn (or empty)
     return [line for line in lines if line.strip()]
-
-
-def _replace_text(path: Path, text: str) -> None:
-    """Replace a file's contents so that a kill leaves either the old or the new file, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def read_metrics(path: Path) -> list[dict]:
