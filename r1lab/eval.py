@@ -412,8 +412,8 @@ def evaluate(engine: Engine, tokenizer: Tokenizer, examples: list[dict], *, k: i
     has_flops = isinstance(getattr(engine.model, "config", None), ModelConfig)
     if not peak_gflops and has_flops:
         peak_gflops = measure_matmul_peak()
-    sampling = {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
-                "max_new_tokens": params.max_new_tokens, "seed": params.seed, "stop_token_ids": list(params.stop_token_ids)}
+    sampling = {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k, "seed": params.seed,
+                "max_new_tokens": params.max_new_tokens, "stop_token_ids": list(params.stop_token_ids)}
     settings = {"model": None, "bench": None, "difficulty": None, **(settings or {}), "template": template,
                 "instruction": instruction, "think_opened": think_opened, "sampling": sampling,
                 "max_len": engine.max_len}
@@ -424,13 +424,11 @@ def evaluate(engine: Engine, tokenizer: Tokenizer, examples: list[dict], *, k: i
                             progress=progress)
     if not greedy:
         return result
-    if params.temperature == 0:  # the run was greedy already
-        return with_greedy(result, result, out_dir)
-    greedy_params = replace(params, temperature=0.0, top_p=1.0, top_k=0, n=1)
-    greedy_run = evaluate(engine, tokenizer, examples, k=1, params=greedy_params, template=template,
-                          think_opened=think_opened, out_dir=None if out_dir is None else Path(out_dir) / "greedy",
-                          resume=resume, instruction=instruction, grade=grade, peak_gflops=peak_gflops,
-                          settings=settings, progress=progress)
+    greedy_run = result if params.temperature == 0 else evaluate(  # a greedy run is its own greedy twin
+        engine, tokenizer, examples, k=1, params=replace(params, temperature=0.0, top_p=1.0, top_k=0, n=1),
+        template=template, think_opened=think_opened, out_dir=None if out_dir is None else Path(out_dir) / "greedy",
+        resume=resume, instruction=instruction, grade=grade, peak_gflops=peak_gflops, settings=settings,
+        progress=progress)
     return with_greedy(result, greedy_run, out_dir)
 
 

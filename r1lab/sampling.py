@@ -97,9 +97,9 @@ def sample(engine: Engine, tokenizer: Tokenizer, examples: Sequence[dict], param
     groups = [Group(ex, p, [], f"prompt of {len(p)} tokens does not fit max_len {engine.max_len}")
               for ex, p in zip(examples, prompts)]
     for slot, i in enumerate(fits):
-        ex, prompt = examples[i], prompts[i]
+        ex, prompt, group = examples[i], prompts[i], outs[slot * params.n:(slot + 1) * params.n]
         groups[i] = Group(ex, prompt, [Sampled(ex, prompt, o.token_ids, tokenizer.decode(o.token_ids, skip_special=True),
-                                               o.finish_reason) for o in outs[slot * params.n:(slot + 1) * params.n]])
+                                               o.finish_reason) for o in group])
     return groups
 
 
