@@ -36,7 +36,6 @@ class StageResult:
     steps: int
     seconds: float               # wall time of this process's part of the stage (resumed runs: the sum)
     flops: float
-    final_metrics: dict
     cost: StageCost
 
 

@@ -55,7 +55,7 @@ def train_supervised(model: Transformer, tokenizer: Tokenizer | None, batch_fn: 
     seq_len = batch_fn(0, 0, 1)[0].shape[1]
     flops_per_token = train_flops_per_token(model.config, seq_len)
     model.train()
-    flops, seconds, metrics = flops_before, seconds_before, {}
+    flops, seconds = flops_before, seconds_before
     window_tokens, window_start = 0, time.perf_counter()
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
@@ -97,4 +97,4 @@ def train_supervised(model: Transformer, tokenizer: Tokenizer | None, batch_fn: 
                        {"seconds": seconds, "flops": flops}, metadata)
     progress.close()
     log.close()
-    return StageResult(model, cfg.steps, seconds, flops, metrics, stage_cost(stage, flops, seconds, cost, peak_flops, device))
+    return StageResult(model, cfg.steps, seconds, flops, stage_cost(stage, flops, seconds, cost, peak_flops, device))

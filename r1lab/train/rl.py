@@ -122,7 +122,6 @@ def train_grpo(model: Transformer, tokenizer: Tokenizer, pool: list[dict], cfg: 
                           cfg.max_new_tokens, max_batch_size=cfg.prompts_per_step * cfg.group_size)
     log = MetricsLog(stage_dir / "metrics.jsonl", resume_step=start if resumed is not None else None)
     progress = Progress("grpo", cfg.steps, start, quiet)
-    last: dict = {}
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         model.eval()
@@ -158,14 +157,12 @@ def train_grpo(model: Transformer, tokenizer: Tokenizer, pool: list[dict], cfg: 
             log.log(done, metrics)
         progress.update(done, f"reward {metrics['reward_mean']:.2f} | acc {metrics['accuracy']:.2f} | "
                               f"len {metrics['response_length_mean']:.0f}", force=True)
-        last = metrics
         if done == cfg.steps or (cfg.save_every and done % cfg.save_every == 0):
             save_stage(stage_dir, model, tokenizer, optimizer, done, done == cfg.steps,
                        {"seconds": seconds, "flops": flops}, metadata)
     progress.close()
     log.close()
-    return StageResult(model, cfg.steps, seconds, flops, last,
-                       stage_cost("rl", flops, seconds, cost, peak_flops, device))
+    return StageResult(model, cfg.steps, seconds, flops, stage_cost("rl", flops, seconds, cost, peak_flops, device))
 
 
 def _optimise(model, reference, optimizer, batch: Rollout, cfg: GRPOConfig, loss_fn, scale: bool, lr: float,
