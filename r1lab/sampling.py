@@ -1,11 +1,11 @@
 """Sample k completions per example through the engine and grade them with the reward functions.
 
 What RL rollouts, engine evaluation and every generate-then-grade job (distillation sets, rejection
-sampling: k samples per prompt, graded, kept or not) share: prompts rendered under a chat template
-(`render`), the template's stop rule (`stop_ids`: R1-Zero ends at `</answer>`, R1 at EOS), an engine
-whose context holds the longest prompt plus the new tokens (`sized_engine`), k samples per example
-as named records (`sample` -> `Group` of `Sampled`) and their grades (`grade`). A group's FLOPs
-come from `cost.generation_flops`.
+sampling: k samples per prompt, graded, kept or not) share: an example's question under a chat
+template (`question_text`, then the tokenizer's `render_prompt`), the template's stop rule
+(`stop_ids`: R1-Zero ends at `</answer>`, R1 at EOS), an engine whose context holds the longest
+prompt plus the new tokens (`sized_engine`), k samples per example as named records (`sample` ->
+`Group` of `Sampled`) and their grades (`grade`). A group's FLOPs come from `cost.generation_flops`.
 
 It knows the engine, the tokenizer's templates and the reward functions; it knows no training
 step, no result files and no metrics, and it never loads a model.
@@ -59,11 +59,6 @@ def question_text(example: dict, instruction: str = "") -> str:
     return f"{example['prompt']}\n{instruction}" if instruction else str(example["prompt"])
 
 
-def render(tokenizer: Tokenizer, example: dict, template: str, instruction: str = "") -> list[int]:
-    """Prompt ids of one example under `template`."""
-    return render_prompt(tokenizer, question_text(example, instruction), template)
-
-
 def stop_ids(tokenizer: Tokenizer, template: str) -> tuple[int, ...]:
     """Ids that end a completion under `template`, besides EOS: `</answer>` for R1-Zero."""
     close = tokenizer.token_to_id(ANSWER_CLOSE)
@@ -78,7 +73,7 @@ def with_stop_rule(params: SamplingParams, tokenizer: Tokenizer, template: str) 
 
 def longest_prompt(tokenizer: Tokenizer, examples: Sequence[dict], template: str, instruction: str = "") -> int:
     """Tokens in the longest rendered prompt of `examples`: what the engine's context must hold."""
-    return max(len(render(tokenizer, ex, template, instruction)) for ex in examples)
+    return max(len(render_prompt(tokenizer, question_text(ex, instruction), template)) for ex in examples)
 
 
 def sized_engine(model, tokenizer: Tokenizer, longest: int, max_new_tokens: int, max_batch_size: int) -> Engine:
@@ -91,7 +86,7 @@ def sample(engine: Engine, tokenizer: Tokenizer, examples: Sequence[dict], param
            instruction: str = "") -> list[Group]:
     """`params.n` completions of every example in one `engine.generate` call, under the template's stop rule."""
     params = with_stop_rule(params, tokenizer, template)
-    prompts = [render(tokenizer, ex, template, instruction) for ex in examples]
+    prompts = [render_prompt(tokenizer, question_text(ex, instruction), template) for ex in examples]
     fits = [i for i, p in enumerate(prompts) if len(p) < engine.max_len]
     outs = engine.generate([prompts[i] for i in fits], params) if fits else []
     groups = [Group(ex, p, [], f"prompt of {len(p)} tokens does not fit max_len {engine.max_len}")

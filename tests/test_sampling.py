@@ -6,9 +6,8 @@ from r1lab.cost import generation_flops
 from r1lab.engine import Completion, Engine, SamplingParams
 from r1lab.model import Transformer
 from r1lab.rewards import accuracy_reward, format_reward, overlong_penalty
-from r1lab.sampling import (Sampled, grade, longest_prompt, render, sample, sized_engine, stop_ids,
-                            with_stop_rule)
-from r1lab.tokenizer import ANSWER_CLOSE, R1, R1_ZERO, Tokenizer
+from r1lab.sampling import Sampled, grade, longest_prompt, sample, sized_engine, stop_ids, with_stop_rule
+from r1lab.tokenizer import ANSWER_CLOSE, R1, R1_ZERO, Tokenizer, render_prompt
 
 RIGHT = "<think>\n2 plus 2\n</think>\n<answer>4</answer>"
 WRONG = "<think>\nguess\n</think>\n<answer>5</answer>"
@@ -59,7 +58,7 @@ def test_records_carry_the_example_prompt_and_truncation(tokenizer):
     groups = sample(engine, tokenizer, exs, SamplingParams(n=3), R1_ZERO, instruction="Be brief.")
     assert [g.example for g in groups] == exs and all(g.skipped is None for g in groups)
     for g, ex in zip(groups, exs):
-        assert g.prompt_ids == render(tokenizer, ex, R1_ZERO, "Be brief.")
+        assert g.prompt_ids == render_prompt(tokenizer, f"{ex['prompt']}\nBe brief.", R1_ZERO)
         assert tokenizer.decode(g.prompt_ids).count("Be brief.") == 1
         assert [s.text for s in g.samples] == [RIGHT, UNTAGGED, WRONG]
         assert [s.truncated for s in g.samples] == [False, True, False]
@@ -82,7 +81,8 @@ def test_cache_sizing_covers_the_longest_prompt(tokenizer):
     model = Transformer(tiny_config(vocab_size=tokenizer.vocab_size, max_seq_len=256, original_seq_len=256)).eval()
     exs = examples(4)
     longest = longest_prompt(tokenizer, exs, R1)
-    assert longest == max(len(render(tokenizer, ex, R1)) for ex in exs) == len(render(tokenizer, exs[-1], R1))
+    lengths = [len(render_prompt(tokenizer, ex["prompt"], R1)) for ex in exs]
+    assert longest == max(lengths) == lengths[-1]
     engine = sized_engine(model, tokenizer, longest, 9, max_batch_size=8)
     assert engine.max_len == longest + 9
     params = SamplingParams(max_new_tokens=9, temperature=1.0, n=2, seed=3, ignore_eos=True)
