@@ -32,7 +32,7 @@ FORBIDDEN = {
                      "r1lab.train", "r1lab.eval", "r1lab.serve", "r1lab.tasks"},  # torch's device API and ConfigError
     # rejection sampling's filter judges graded text: it generates, tokenizes and grades nothing itself
     "r1lab.train.rejection": {"r1lab.model", "r1lab.engine", "r1lab.tokenizer", "r1lab.rewards", "r1lab.checkpoint",
-                              "r1lab.eval", "r1lab.serve", "r1lab.backends"},
+                              "r1lab.eval", "r1lab.serve", "r1lab.backends", "r1lab.sampling"},
     "r1lab.convert": {"r1lab.train", "r1lab.eval", "r1lab.serve", "r1lab.engine"},  # file layouts only
     # the model a stage trains and its files: no sampling, rewards, optimiser or loop
     "r1lab.train.policy": {"r1lab.engine", "r1lab.rewards", "r1lab.eval", "r1lab.serve", "r1lab.tasks",
