@@ -138,7 +138,7 @@ def generate_flops_per_token(c: ModelConfig | DenseShape, context_len: float) ->
     return 2 * _matmul_params_per_token(c, with_mtp=False) + attention_flops_per_token(c, context_len)
 
 
-def generation_flops(c: ModelConfig, prompt_len: int, completion_lens: Sequence[int]) -> float:
+def generation_flops(c: ModelConfig | DenseShape, prompt_len: int, completion_lens: Sequence[int]) -> float:
     """FLOPs to sample completions of one prompt: one prefill they share, then each one's decode steps.
 
     Prefill token t (t = 1..P) attends to t keys. A completion of n tokens feeds n - 1 of them back

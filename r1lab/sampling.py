@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from r1lab.config import ModelConfig
-from r1lab.cost import generation_flops
+from r1lab.cost import DenseShape, generation_flops
 from r1lab.engine import Engine, SamplingParams
 from r1lab.rewards import REWARD_FUNCTIONS, overlong_penalty, score_batch
 from r1lab.tokenizer import ANSWER_CLOSE, R1_ZERO, Tokenizer, render_prompt
@@ -48,7 +48,7 @@ class Group:
     samples: list[Sampled]
     skipped: str | None = None    # why nothing was generated (the prompt does not fit the context)
 
-    def flops(self, config: ModelConfig) -> float:
+    def flops(self, config: ModelConfig | DenseShape) -> float:
         """Model FLOPs of generating this group: one prefill, then each sample's decode steps."""
         return 0.0 if self.skipped else generation_flops(config, len(self.prompt_ids),
                                                          [len(s.token_ids) for s in self.samples])
