@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from r1lab.checkpoint import (committed_checkpoint, read_trainer_state, read_trainer_summary, rng_state, set_rng_state,
-                              write_text_atomic)
+from r1lab.checkpoint import (committed_checkpoint, read_model_metadata, read_trainer_state, read_trainer_summary,
+                              rng_state, set_rng_state, write_text_atomic)
 from r1lab.config import ConfigError, ModelConfig
 from r1lab.cost import StageCost
 from r1lab.model import Transformer
 from r1lab.recipe import CostConfig, OptimConfig
 from r1lab.tokenizer import Tokenizer
-from r1lab.train.policy import load_weights_into, model_shape, policy_metadata, save_policy
+from r1lab.train.policy import load_weights_into, model_shape, save_policy
 
 CHECKPOINT = "checkpoint"
 
@@ -160,7 +160,7 @@ def check_resumable(stage_dir: Path, stage: str, config: ModelConfig | dict, ste
     if saved != want:
         changed = [f"{k} {saved.get(k)} (now {v})" for k, v in want.items() if saved.get(k) != v]
         raise ConfigError(f"{path} holds a {stage} model with {', '.join(changed) or 'another kind of model'}; {hint}")
-    saved_meta = policy_metadata(path)
+    saved_meta = read_model_metadata(path)  # config.json's, or r1lab_metadata.json beside an HF model
     if metadata is not None and saved_meta != metadata:
         changed = [f"{k} {saved_meta.get(k)!r} (now {v!r})" for k, v in metadata.items() if saved_meta.get(k) != v]
         raise ConfigError(f"{path} was trained with data {', '.join(changed)}; {hint}")

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1lab.checkpoint import (METADATA_FILE, committed_checkpoint, load_checkpoint, load_model_config,
-                              read_model_metadata, save_checkpoint, write_atomically, write_trainer_state)
+                              save_checkpoint, write_atomically, write_trainer_state)
 from r1lab.config import ConfigError
 from r1lab.cost import DenseShape
 from r1lab.hf import CONFIG_FILE, HFDecoder
@@ -143,11 +143,6 @@ def model_max_len(path: str | Path) -> int:
         if isinstance(text.get(key), int):
             return text[key]
     raise ConfigError(f"{path / CONFIG_FILE}: names no maximum length (max_position_embeddings)")
-
-
-def policy_metadata(path: str | Path) -> dict:
-    """The run metadata saved with a model (template, task, ...): config.json's or r1lab_metadata.json."""
-    return read_model_metadata(path)
 
 
 # ---------------------------------------------------------------------------------------------
