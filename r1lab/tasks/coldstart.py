@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from r1lab.tasks import FAMILIES, get_family
+from r1lab.tasks import get_family
 
 _PLACES = ("Ones", "Tens", "Hundreds", "Thousands", "Ten-thousands", "Hundred-thousands")
 
