@@ -40,10 +40,9 @@ from r1lab.hardware import describe_machine, measure_matmul_peak
 from r1lab.recipe import Recipe, load_recipe, save_recipe
 from r1lab.rewards import chain_of_thought
 from r1lab.sampling import longest_prompt, sized_engine
-from r1lab.tasks import get_family
 from r1lab.train.common import CHECKPOINT, read_metrics
 from r1lab.train.data import task_documents
-from r1lab.train.stages import run_control, run_grpo, run_pretrain
+from r1lab.train.stages import heldout_examples, run_control, run_grpo, run_pretrain
 
 STAGES = ("base", "rl", "control")
 HELDOUT_FILE = "heldout.jsonl"
@@ -57,11 +56,6 @@ QUICK = ["--data.n_problems=600", "--pretrain.steps=12", "--pretrain.log_every=4
 def demo_recipe(path: str | Path | None, overrides: list[str], quick: bool) -> Recipe:
     default = files("r1lab").joinpath("recipes/r1-zero-tiny.toml")
     return load_recipe(path or str(default), (QUICK if quick else []) + overrides)
-
-
-def heldout_examples(recipe: Recipe) -> list[dict]:
-    d, e = recipe.data, recipe.eval
-    return get_family(d.task).generate(e.problems, seed=e.seed, split="test", difficulty=d.difficulty, **d.task_options)
 
 
 def write_heldout(examples: list[dict], path: Path) -> None:

@@ -236,7 +236,8 @@ class GRPOConfig:
     """bfloat16 autocast of the policy updates when the run's device is CUDA (false: float32 there
     too; rollouts decode in the model's own dtype); on a CPU training is float32 whatever this says."""
     eval_every: int = 0
-    """Held-out evaluation every this many steps (0: only at the end)."""
+    """Held-out greedy pass@1 and format rate on eval.problems problems of data.task's test split every
+    this many steps, logged as heldout_* (0: none; the demo and `r1lab eval` evaluate after training)."""
     save_every: int = 25
     """Checkpoint every this many steps."""
     log_every: int = 1

@@ -276,3 +276,39 @@ def test_a_bad_rl_files_line_is_one_line_naming_file_and_line(tmp_path, grpo_bas
     assert err.startswith(f"r1lab: error: {user}:3:") and field in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run" / "rl").exists()
+
+
+def test_grpo_eval_every_logs_held_out_greedy_accuracy(tmp_path, grpo_base, capsys, monkeypatch):
+    from r1lab.cli import main
+    from r1lab.train import stages as stages_mod
+
+    graded = []
+    original = stages_mod.grade
+
+    def spy(samples, weights, **kwargs):
+        out = original(samples, weights, **kwargs)
+        graded.append([s.rewards["accuracy"] for s in out])
+        return out
+
+    monkeypatch.setattr(stages_mod, "grade", spy)
+    run = tmp_path / "run"
+    code = main(["grpo", "--run", str(run), f"--grpo.init_from={grpo_base}", "--data.task=arithmetic",
+                 "--data.difficulty=2", "--grpo.eval_every=1", "--eval.problems=6", *GRPO_FAST])
+    assert code == 0, capsys.readouterr().err
+    logged = rows(run / "rl" / "metrics.jsonl")
+    assert len(graded) == 1 and len(graded[0]) == 6  # after step 1 of 2 (the last step is the final eval's)
+    assert logged[0]["heldout_greedy_pass@1"] == sum(graded[0]) / 6
+    assert 0.0 <= logged[0]["heldout_format_rate"] <= 1.0
+    assert "heldout_greedy_pass@1" not in logged[1]
+
+
+def test_grpo_eval_every_with_user_prompts_is_one_line(tmp_path, grpo_base, capsys):
+    from r1lab.cli import main
+
+    user = tmp_path / "mine.jsonl"
+    user.write_text(json.dumps({"question": "What is 1 + 1?", "answer": "2"}) + "\n")
+    code = main(["grpo", "--run", str(tmp_path / "run"), f"--grpo.init_from={grpo_base}",
+                 f"--data.rl_files=[\"{user}\"]", "--grpo.eval_every=1", *GRPO_FAST])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "grpo.eval_every" in err
+    assert not (tmp_path / "run" / "rl").exists()

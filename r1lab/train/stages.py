@@ -32,9 +32,10 @@ from r1lab.cost import train_flops_per_token
 from r1lab.device import resolve_device
 from r1lab.model import Transformer
 from r1lab.recipe import Recipe, save_recipe
-from r1lab.sampling import longest_prompt
+from r1lab.engine import SamplingParams
+from r1lab.sampling import grade, longest_prompt, sample, sized_engine
 from r1lab.tasks import get_family
-from r1lab.tokenizer import R1_ZERO, R1_ZERO_PROMPT, TOKENIZER_FILE, Tokenizer
+from r1lab.tokenizer import R1, R1_ZERO, R1_ZERO_PROMPT, TOKENIZER_FILE, Tokenizer
 from r1lab.train.common import CHECKPOINT, check_resumable
 from r1lab.train.data import (ConversationSet, PackedStream, encode_documents, encode_texts, file_documents,
                               rl_examples, task_documents, tokenizer_texts)
@@ -231,6 +232,8 @@ def run_grpo(recipe: Recipe, run_dir: Path, peak_flops: float | None = None, eva
                           f"plus grpo.max_new_tokens ({cfg.max_new_tokens}) exceeds the max_seq_len "
                           f"({max_len}) of {init}")
     check_resumable(run_dir / "rl", "grpo", model_shape(init), cfg.steps, run_metadata(recipe))
+    if evaluate is None and cfg.eval_every:
+        evaluate = heldout_evaluator(recipe, tokenizer)
     peak = _peak(recipe, peak_flops, device)
     model = load_policy(init, device, tokenizer)
     reference = load_policy(init, device, tokenizer).eval() if cfg.beta > 0 else None
@@ -238,6 +241,36 @@ def run_grpo(recipe: Recipe, run_dir: Path, peak_flops: float | None = None, eva
     return train_grpo(model, tokenizer, pool, cfg, run_dir / "rl", recipe.data.template, recipe.cost,
                       peak, reference=reference, evaluate=evaluate, metadata=run_metadata(recipe), quiet=quiet,
                       max_prompt_len=longest)
+
+
+def heldout_examples(recipe: Recipe) -> list[dict]:
+    """The eval.problems held-out problems of data.task (its test split) every model of a run is judged on."""
+    d, e = recipe.data, recipe.eval
+    return get_family(d.task).generate(e.problems, seed=e.seed, split="test", difficulty=d.difficulty, **d.task_options)
+
+
+def heldout_evaluator(recipe: Recipe, tokenizer: Tokenizer):
+    """model -> {"greedy_pass@1", "format_rate"} on eval.problems problems of data.task's test split:
+    what `grpo.eval_every` logs during RL (as heldout_*), greedy so that it moves only with the policy."""
+    d, cfg = recipe.data, recipe.grpo
+    if d.rl_files:
+        raise ConfigError("grpo.eval_every evaluates on data.task's test split; with data.rl_files set it has "
+                          "none: set grpo.eval_every = 0 and run `r1lab eval` on your held-out file")
+    try:
+        examples = heldout_examples(recipe)
+    except ValueError as e:
+        raise ConfigError(f"grpo.eval_every: data.task {d.task!r}: {e}") from None
+    longest = longest_prompt(tokenizer, examples, d.template)
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
+
+    def evaluate(model) -> dict[str, float]:
+        engine = sized_engine(model, tokenizer, longest, cfg.max_new_tokens, max_batch_size=len(examples))
+        samples = [s for group in sample(engine, tokenizer, examples, params, d.template) for s in group.samples]
+        graded = grade(samples, {"accuracy": 1.0, "format": 1.0}, think_opened=d.template == R1)
+        return {"greedy_pass@1": sum(s.rewards["accuracy"] for s in graded) / len(examples),
+                "format_rate": sum(s.rewards["format"] for s in graded) / len(examples)}
+
+    return evaluate
 
 
 STAGE_DATA = {"pretrain": "files", "sft": "sft_files", "grpo": "rl_files"}  # the [data] key each stage reads
