@@ -18,6 +18,7 @@ from typing import TextIO
 
 from r1lab.engine import SamplingParams
 from r1lab.serve.assistant import REASONING, SampleDecoder, ServedModel, chat_prompt, make_engine
+from r1lab.tokenizer import template_stop_ids
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 PREFIX = "thinking: "
@@ -106,7 +107,8 @@ def run_chat(model: ServedModel, stdin: TextIO | None = None, stdout: TextIO | N
             stdout.write(f"[the conversation is {len(prompt)} tokens, over the model's {model.max_len}; /reset]\n")
             continue
         params = SamplingParams(max_new_tokens=min(max_tokens or room, room), temperature=temperature, top_p=top_p,
-                                seed=None if seed is None else seed + turn)
+                                seed=None if seed is None else seed + turn,
+                                stop_token_ids=template_stop_ids(model.tokenizer, model.template))
         turn += 1
         answer = _reply(engine, model, prompt, params, _Printer(stdout, color))
         history.append({"role": "assistant", "content": answer})

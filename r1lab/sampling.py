@@ -3,7 +3,7 @@
 What RL rollouts, engine evaluation and every generate-then-grade job (distillation sets, rejection
 sampling: k samples per prompt, graded, kept or not) share: an example's question under a chat
 template (`question_text`, then the tokenizer's `render_prompt`), the template's stop rule
-(`stop_ids`: R1-Zero ends at `</answer>`, R1 at EOS), an engine whose context holds the longest
+(`tokenizer.template_stop_ids`: R1-Zero ends at `</answer>`, R1 at EOS), an engine whose context holds the longest
 prompt plus the new tokens (`sized_engine`), k samples per example as named records (`sample` ->
 `Group` of `Sampled`) and their grades (`grade`). A group's FLOPs come from `cost.generation_flops`.
 
@@ -20,7 +20,7 @@ from r1lab.config import ModelConfig
 from r1lab.cost import DenseShape, generation_flops
 from r1lab.engine import Engine, SamplingParams
 from r1lab.rewards import REWARD_FUNCTIONS, overlong_penalty, score_batch
-from r1lab.tokenizer import ANSWER_CLOSE, R1_ZERO, Tokenizer, render_prompt
+from r1lab.tokenizer import Tokenizer, render_prompt, template_stop_ids
 
 
 @dataclass
@@ -59,16 +59,10 @@ def question_text(example: dict, instruction: str = "") -> str:
     return f"{example['prompt']}\n{instruction}" if instruction else str(example["prompt"])
 
 
-def stop_ids(tokenizer: Tokenizer, template: str) -> tuple[int, ...]:
-    """Ids that end a completion under `template`, besides EOS: `</answer>` for R1-Zero."""
-    close = tokenizer.token_to_id(ANSWER_CLOSE)
-    return (close,) if template == R1_ZERO and close is not None else ()
-
-
 def with_stop_rule(params: SamplingParams, tokenizer: Tokenizer, template: str) -> SamplingParams:
     """`params` with the template's stop ids added to its own (each once)."""
     own = tuple(params.stop_token_ids)
-    return replace(params, stop_token_ids=own + tuple(i for i in stop_ids(tokenizer, template) if i not in own))
+    return replace(params, stop_token_ids=own + tuple(i for i in template_stop_ids(tokenizer, template) if i not in own))
 
 
 def longest_prompt(tokenizer: Tokenizer, examples: Sequence[dict], template: str, instruction: str = "") -> int:

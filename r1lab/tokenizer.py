@@ -242,6 +242,13 @@ class IncrementalDecoder:
 
 
 # -------------------------------------------------------------------- chat templates
+def template_stop_ids(tokenizer: Tokenizer, template: str) -> tuple[int, ...]:
+    """Ids that end a reply under `template`, besides EOS: `</answer>` for R1-Zero (nothing may follow
+    the answer), none for R1 (its turn ends at EOS)."""
+    close = tokenizer.token_to_id(ANSWER_CLOSE)
+    return (close,) if template == R1_ZERO and close is not None else ()
+
+
 def render_prompt(tokenizer: Tokenizer, messages_or_question: str | Sequence[Mapping[str, str]],
                   template: str) -> list[int]:
     """Ids to feed the model for generation: a question string or a list of role/content dicts.

@@ -6,8 +6,8 @@ from r1lab.cost import generation_flops
 from r1lab.engine import Completion, Engine, SamplingParams
 from r1lab.model import Transformer
 from r1lab.rewards import accuracy_reward, format_reward, overlong_penalty
-from r1lab.sampling import Sampled, grade, longest_prompt, sample, sized_engine, stop_ids, with_stop_rule
-from r1lab.tokenizer import ANSWER_CLOSE, R1, R1_ZERO, Tokenizer, render_prompt
+from r1lab.sampling import Sampled, grade, longest_prompt, sample, sized_engine, with_stop_rule
+from r1lab.tokenizer import ANSWER_CLOSE, R1, R1_ZERO, Tokenizer, render_prompt, template_stop_ids
 
 RIGHT = "<think>\n2 plus 2\n</think>\n<answer>4</answer>"
 WRONG = "<think>\nguess\n</think>\n<answer>5</answer>"
@@ -40,8 +40,8 @@ class RecordingEngine:
 
 def test_stop_rule_per_template(tokenizer):
     close = tokenizer.token_to_id(ANSWER_CLOSE)
-    assert stop_ids(tokenizer, R1_ZERO) == (close,)
-    assert stop_ids(tokenizer, R1) == ()  # R1 ends at EOS, which the engine always stops at
+    assert template_stop_ids(tokenizer, R1_ZERO) == (close,)
+    assert template_stop_ids(tokenizer, R1) == ()  # R1 ends at EOS, which the engine always stops at
     own = SamplingParams(stop_token_ids=(7, close))
     assert with_stop_rule(own, tokenizer, R1_ZERO).stop_token_ids == (7, close)  # each id once
     assert with_stop_rule(SamplingParams(stop_token_ids=(7,)), tokenizer, R1_ZERO).stop_token_ids == (7, close)

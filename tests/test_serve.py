@@ -290,6 +290,21 @@ def test_r1_zero_template_uses_the_last_user_message_and_strips_answer_tags(tok)
     assert "the zero question" in model.decoder.prompts[0] and "first question" not in model.decoder.prompts[0]
 
 
+def test_r1_zero_reply_ends_at_the_answer_close_tag(tok):
+    """Under R1-Zero nothing may follow </answer>: the server stops there, as RL and eval do."""
+    model = fake_model(tok, template="r1-zero", name="zero", max_seq_len=512,
+                       reply=lambda prompt: "<think>a b</think> <answer>7</answer> and then more talk")
+    with BackgroundServer(create_app(model)) as srv:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        r = c.chat.completions.create(model="zero", messages=[{"role": "user", "content": "q"}])
+        raw = c.completions.create(model="zero", prompt="q", max_tokens=40)
+    full = tok.encode("<think>a b</think> <answer>7</answer> and then more talk")
+    upto_close = tok.encode("<think>a b</think> <answer>7</answer>")
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("7", "stop")
+    assert r.usage.completion_tokens == len(upto_close) < len(full)
+    assert "and then more talk" in raw.choices[0].text  # plain completion has no template, so no tag stops it
+
+
 def test_stop_and_max_tokens(client):
     r = client.chat.completions.create(model="fake-r1", messages=ask("What is 6 times 7?"), stop=["answer"])
     assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("The", "stop")

@@ -59,6 +59,7 @@ from r1lab.serve.observe import REQUEST_ID_HEADER, CatchErrors, RequestLog, requ
 from r1lab.serve.schemas import (APIError, ChatCompletionRequest, CompletionRequest, ReplyBuilder, decode_json,
                                  error_body, openapi_schema, parse_request)
 from r1lab.serve.worker import EngineWorker, Generation, GenerationError, GenerationRefused
+from r1lab.tokenizer import template_stop_ids
 
 STATIC = Path(__file__).resolve().parent / "static"
 log = logging.getLogger(__name__)
@@ -178,7 +179,8 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None) -> Fas
             raise APIError(404, f"the model {name!r} does not exist; this server serves {model.name!r}",
                            param="model", code="model_not_found")
 
-    def sampling(req, prompt_len: int, max_tokens: int | None, default_max: int | None) -> SamplingParams:
+    def sampling(req, prompt_len: int, max_tokens: int | None, default_max: int | None,
+                 template: str = RAW) -> SamplingParams:
         cap = settings.max_tokens_cap or model.max_len
         if max_tokens is not None and max_tokens > cap:
             raise APIError(400, f"max_tokens={max_tokens} is over this server's cap of {cap}",
@@ -194,7 +196,8 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None) -> Fas
             # top_k past the vocabulary means all of it; the engine keeps it in an int64 tensor, where a
             # larger value would not fit
             top_k=min(req.top_k or 0, model.decoder.config.vocab_size), n=req.n, seed=req.seed,
-            stop_strings=req.stop_strings(), ignore_eos=req.ignore_eos)
+            stop_strings=req.stop_strings(), ignore_eos=req.ignore_eos,
+            stop_token_ids=() if template is RAW else template_stop_ids(model.tokenizer, template))
 
     def check_prompt(n_tokens: int, param: str) -> None:
         limit = min(settings.max_prompt_tokens or model.max_len - 1, model.max_len - 1)
@@ -219,7 +222,7 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None) -> Fas
         except ValueError as e:
             raise APIError(400, str(e), param="messages", code="invalid_value") from None
         check_prompt(len(prompt), "messages")
-        params = sampling(req, len(prompt), req.max_completion_tokens or req.max_tokens, None)
+        params = sampling(req, len(prompt), req.max_completion_tokens or req.max_tokens, None, model.template)
         admit()
         return await respond(request, req, [prompt], params, "chat", model.template)
 
