@@ -120,6 +120,45 @@ def test_one_grpo_step_changes_every_trainable_parameter(tokenizer, make_config)
     assert frozen and all(n.startswith("mtp.") and torch.equal(dict(model.named_parameters())[n], before[n]) for n in frozen)
 
 
+def test_on_policy_step_needs_one_forward_and_matches_the_two_pass_step(tokenizer, make_config, monkeypatch):
+    """epochs 1, one minibatch: old log-probs are the current ones, so the loss, entropy and gradients
+    equal those of the step that recomputes them in a forward of its own; that forward is skipped."""
+    from r1lab.train import rl as rl_mod
+    from r1lab.train.grpo import LOSSES
+
+    real_on_policy = rl_mod.on_policy
+    base = Transformer(make_config(vocab_size=400, max_seq_len=128, n_mtp_modules=0))
+    g = torch.Generator().manual_seed(1)
+    prompts = [tokenizer.encode(f"What is {i} + 1?") for i in range(8)]
+    completions = [torch.randint(0, 400, (int(torch.randint(5, 30, (), generator=g)),), generator=g).tolist()
+                   for _ in range(8)]
+    rewards = [1.0, 0.0, 0.5, 0.0, 0.0, 1.0, 1.0, 0.25]
+    batch = Rollout([Sampled({}, p, c, "", "stop", r) for p, c, r in zip(prompts, completions, rewards)], [], 0)
+    for loss in ("grpo", "dr_grpo", "dapo"):
+        cfg = load_recipe(None, ["--grpo.group_size=4", "--grpo.minibatch_size=8", "--grpo.epochs=1",
+                                 f"--grpo.loss={loss}", "--grpo.optim.grad_clip=0"]).grpo
+        results = {}
+        for single in (True, False):
+            model = Transformer(base.config)
+            model.load_state_dict(base.state_dict())
+            forwards = []
+            model.register_forward_hook(lambda *_: forwards.append(1))
+            monkeypatch.setattr(rl_mod, "on_policy", lambda *_, single=single: single)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # keeps the weights: compare gradients
+            stats, flops = _optimise(model, None, optimizer, batch, cfg, *LOSSES[loss], 0.0, tokenizer.pad_id, step=0)
+            results[single] = (stats, flops, len(forwards), {n: p.grad.clone() for n, p in model.named_parameters()})
+        (one, one_flops, one_fwd, one_grad), (two, two_flops, two_fwd, two_grad) = results[True], results[False]
+        assert (one_fwd, two_fwd) == (1, 2)
+        assert one_flops == pytest.approx(two_flops * 3 / 4)
+        assert one["loss"] != 0.0 and one["clip_fraction"] == two["clip_fraction"] == 0.0
+        for key in ("loss", "entropy", "grad_norm"):
+            assert one[key] == pytest.approx(two[key], rel=1e-5, abs=1e-7), (loss, key)
+        for name, grad in one_grad.items():
+            torch.testing.assert_close(grad, two_grad[name], rtol=1e-4, atol=1e-7, msg=f"{loss}: {name}")
+    from dataclasses import replace
+    assert real_on_policy(cfg, 8) and not real_on_policy(cfg, 9) and not real_on_policy(replace(cfg, epochs=2), 8)
+
+
 class ScriptedEngine:
     """Answers prompt p of each call: even p -> G identical right answers (no signal), odd p -> mixed."""
 

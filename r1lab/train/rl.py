@@ -5,9 +5,10 @@ Per step: P train-split prompts (a function of seed and step) x G samples, sampl
 accuracy + format by default, weights from the recipe; a completion cut by the length limit has
 no valid format) ->
 optional dynamic sampling (drop all-equal groups, refill) -> advantages within each group -> old
-log-probs recomputed by the current policy before the first pass -> `epochs` passes of minibatch
-updates with the chosen loss (`train/grpo.py`) -> aux-loss-free bias update -> metrics,
-periodic held-out evaluation and checkpoints. Killed and resumed, it continues with the numbers an
+log-probs recomputed by the current policy before the first pass (none on policy: one pass in one
+minibatch takes them from its own forward, detached) -> `epochs` passes of minibatch updates with
+the chosen loss (`train/grpo.py`) -> aux-loss-free bias update -> metrics, periodic held-out
+evaluation and checkpoints. Killed and resumed, it continues with the numbers an
 uninterrupted run would have had.
 """
 
@@ -93,10 +94,21 @@ def reference_logprobs(model: Transformer, inputs: torch.Tensor, targets: torch.
     for s in range(0, len(inputs), chunk):
         lp, lp_all = token_logprobs(model, inputs[s:s + chunk], targets[s:s + chunk])
         out.append(lp)
-        entropy = -(lp_all.exp() * lp_all).sum(-1)
-        entropy_sum += float((entropy * mask[s:s + chunk]).sum())
+        entropy_sum += entropy_total(lp_all, mask[s:s + chunk])
     model.train(was_training)
     return torch.cat(out), entropy_sum / float(mask.sum().clamp(min=1))
+
+
+@torch.no_grad()
+def entropy_total(logp_all: torch.Tensor, mask: torch.Tensor) -> float:
+    """The sum over masked positions of each position's entropy, from log-softmaxed logits (N, T, V)."""
+    return float(((-(logp_all.exp() * logp_all).sum(-1)) * mask).sum())
+
+
+def on_policy(cfg: GRPOConfig, n_sequences: int) -> bool:
+    """One pass in one minibatch: the policy that sampled is the one updated, so old log-probs are the
+    current ones (detached) and need no forward of their own."""
+    return cfg.epochs == 1 and cfg.minibatch_size >= n_sequences
 
 
 def train_grpo(model: Transformer, tokenizer: Tokenizer, pool: list[dict], cfg: GRPOConfig, stage_dir: Path,
@@ -172,8 +184,11 @@ def _optimise(model, reference, optimizer, batch: Rollout, cfg: GRPOConfig, loss
     inputs, targets, mask = (t.to(device) for t in pack([s.prompt_ids for s in batch.samples],
                                                          [s.token_ids for s in batch.samples], pad_id))
     advantages = group_advantages(batch.rewards, cfg.group_size, scale).to(device)
+    single = on_policy(cfg, len(inputs))
+    old_logp = entropy = None
     with bf16_autocast(device, cfg.bf16_autocast):  # the ratio compares log-probs of one precision
-        old_logp, entropy = reference_logprobs(model, inputs, targets, mask, cfg.minibatch_size)
+        if not single:
+            old_logp, entropy = reference_logprobs(model, inputs, targets, mask, cfg.minibatch_size)
         ref_logp = reference_logprobs(reference, inputs, targets, mask, cfg.minibatch_size)[0] if cfg.beta > 0 else None
     set_lr(optimizer, lr)
     model.train()
@@ -185,8 +200,10 @@ def _optimise(model, reference, optimizer, batch: Rollout, cfg: GRPOConfig, loss
         for s in range(0, len(inputs), cfg.minibatch_size):
             idx = order[s:s + cfg.minibatch_size]
             with bf16_autocast(device, cfg.bf16_autocast):
-                logp, _ = token_logprobs(model, inputs[idx], targets[idx])
-            out = loss_fn(logp, old_logp[idx], advantages[idx], mask[idx],
+                logp, logp_all = token_logprobs(model, inputs[idx], targets[idx])
+            if single:  # the ratio is exp(logp - logp.detach()): 1, with the gradient of logp
+                entropy = entropy_total(logp_all, mask[idx]) / float(mask.sum().clamp(min=1))
+            out = loss_fn(logp, logp.detach() if single else old_logp[idx], advantages[idx], mask[idx],
                           ref_logp=None if ref_logp is None else ref_logp[idx], beta=cfg.beta,
                           eps_low=cfg.eps_low, eps_high=cfg.eps_high, max_tokens=cfg.max_new_tokens)
             optimizer.zero_grad(set_to_none=True)
@@ -200,7 +217,7 @@ def _optimise(model, reference, optimizer, batch: Rollout, cfg: GRPOConfig, loss
     result["entropy"] = entropy
     result["_tokens"] = float(inputs.numel() * cfg.epochs)
     fwd = train_flops_per_token(model.config, inputs.shape[1], with_mtp=False) / 3
-    passes = 3 * cfg.epochs + 1 + (1 if ref_logp is not None else 0)  # training passes, old log-probs, reference
+    passes = 3 * cfg.epochs + (0 if single else 1) + (1 if ref_logp is not None else 0)  # training, old, reference
     return result, fwd * passes * inputs.numel()
 
 
