@@ -235,6 +235,10 @@ class GRPOConfig:
     bf16_autocast: bool = True
     """bfloat16 autocast of the policy updates when the run's device is CUDA (false: float32 there
     too; rollouts decode in the model's own dtype); on a CPU training is float32 whatever this says."""
+    compile_rollouts: bool = False
+    """Rollouts on the CPU backend (`Engine(compile=True)`): steps compiled ahead of time, about a
+    minute per row class on first use, faster per token after; it reads the weights the optimizer
+    updates in place. A model the backend cannot run (a GPU, bf16, an HF policy) decodes eagerly."""
     eval_every: int = 0
     """Held-out greedy pass@1 and format rate on eval.problems problems of data.task's test split every
     this many steps, logged as heldout_* (0: none; the demo and `r1lab eval` evaluate after training)."""

@@ -70,10 +70,12 @@ def longest_prompt(tokenizer: Tokenizer, examples: Sequence[dict], template: str
     return max(len(render_prompt(tokenizer, question_text(ex, instruction), template)) for ex in examples)
 
 
-def sized_engine(model, tokenizer: Tokenizer, longest: int, max_new_tokens: int, max_batch_size: int) -> Engine:
-    """An engine for prompts of up to `longest` tokens and `max_new_tokens` each, within max_seq_len."""
+def sized_engine(model, tokenizer: Tokenizer, longest: int, max_new_tokens: int, max_batch_size: int,
+                 compile: bool = False) -> Engine:
+    """An engine for prompts of up to `longest` tokens and `max_new_tokens` each, within max_seq_len;
+    `compile`: on the CPU backend (`Engine(compile=True)`)."""
     return Engine(model, eos_id=tokenizer.eos_id, max_batch_size=max_batch_size,
-                  max_len=min(model.config.max_seq_len, longest + max_new_tokens))
+                  max_len=min(model.config.max_seq_len, longest + max_new_tokens), compile=compile)
 
 
 def sample(engine: Engine, tokenizer: Tokenizer, examples: Sequence[dict], params: SamplingParams, template: str,

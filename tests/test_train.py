@@ -159,6 +159,52 @@ def test_on_policy_step_needs_one_forward_and_matches_the_two_pass_step(tokenize
     assert real_on_policy(cfg, 8) and not real_on_policy(cfg, 9) and not real_on_policy(replace(cfg, epochs=2), 8)
 
 
+@pytest.mark.slow
+def test_compiled_rollouts_give_the_eager_tokens_and_losses(tokenizer, make_config, tmp_path, monkeypatch):
+    """Two GRPO steps with grpo.compile_rollouts on and off from the same weights: the same completions and
+    the same losses, the second step sampling from weights the first updated in place (a few compiles)."""
+    from dataclasses import replace
+
+    from r1lab.backends import cpu
+    from r1lab.recipe import CostConfig
+    from r1lab.train import rl as rl_mod
+
+    if cpu.unsupported(Transformer(make_config(n_mtp_modules=0))) is not None:
+        pytest.skip("the CPU backend's kernels need an AVX2 CPU and a C++ compiler")
+    recipe = load_recipe(None, SMALL + ["--grpo.prompts_per_step=3", "--grpo.group_size=4", "--grpo.epochs=1",
+                                        "--grpo.minibatch_size=12", "--grpo.max_new_tokens=10", "--grpo.steps=2",
+                                        "--grpo.optim.lr=3e-2", "--grpo.save_every=0", "--data.template=r1"])
+    pool = rl_pool(recipe, 50)
+    base = Transformer(make_config(vocab_size=400, max_seq_len=192, n_layers=1, n_dense_layers=0, n_mtp_modules=0,
+                                   init_std=0.1))
+    original = rl_mod.rollout
+    runs = {}
+    for compiled in (False, True):
+        model = Transformer(base.config)
+        model.load_state_dict(base.state_dict())
+        seen, engines = [], []
+        monkeypatch.setattr(rl_mod, "rollout", lambda engine, *a, **k: _record(original, seen, engines, engine, *a, **k))
+        cfg = replace(recipe.grpo, compile_rollouts=compiled)
+        torch.manual_seed(0)
+        result = rl_mod.train_grpo(model, tokenizer, pool, cfg, tmp_path / str(compiled), recipe.data.template,
+                                   CostConfig(), 100e9, quiet=True)
+        assert isinstance(engines[0].steps, cpu.CpuBackend) == compiled
+        runs[compiled] = (seen, rows(tmp_path / str(compiled) / "metrics.jsonl"), result.model)
+    (eager_seen, eager_rows, eager_model), (comp_seen, comp_rows, comp_model) = runs[False], runs[True]
+    assert eager_seen == comp_seen and eager_seen[0] != eager_seen[1]
+    for key in ("loss", "reward_mean", "grad_norm", "entropy"):
+        assert [r[key] for r in comp_rows] == pytest.approx([r[key] for r in eager_rows], rel=1e-4, abs=1e-6), key
+    for (name, a), b in zip(eager_model.named_parameters(), comp_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _record(original, seen, engines, engine, *args, **kwargs):
+    engines.append(engine)
+    batch = original(engine, *args, **kwargs)
+    seen.append([s.token_ids for s in batch.samples])
+    return batch
+
+
 class ScriptedEngine:
     """Answers prompt p of each call: even p -> G identical right answers (no signal), odd p -> mixed."""
 

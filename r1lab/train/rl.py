@@ -130,8 +130,11 @@ def train_grpo(model: Transformer, tokenizer: Tokenizer, pool: list[dict], cfg: 
     start, seconds, flops = resumed or (0, 0.0, 0.0)
     if cfg.beta > 0 and reference is None:
         raise ValueError("grpo.beta > 0 needs a reference model")
+    # The engine reads the model's own tensors (a compiled one takes them as inputs of each step), which the
+    # optimizer updates in place: each rollout samples from the current policy.
     engine = sized_engine(model, tokenizer, max_prompt_len or longest_prompt(tokenizer, pool, template),
-                          cfg.max_new_tokens, max_batch_size=cfg.prompts_per_step * cfg.group_size)
+                          cfg.max_new_tokens, max_batch_size=cfg.prompts_per_step * cfg.group_size,
+                          compile=cfg.compile_rollouts)
     log = MetricsLog(stage_dir / "metrics.jsonl", resume_step=start if resumed is not None else None)
     progress = Progress("grpo", cfg.steps, start, quiet)
     for step in range(start, cfg.steps):
