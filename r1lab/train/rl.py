@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 
 from r1lab.cost import train_flops_per_token
 from r1lab.device import bf16_autocast
@@ -56,8 +57,9 @@ def rollout(engine: Engine, tokenizer: Tokenizer, pool: list[dict], cfg: GRPOCon
         groups = sample(engine, tokenizer, examples, replace(params, seed=rng.randrange(2**62)), template)
         generated += groups
         for group in groups:
-            graded = grade(group.samples, cfg.reward_weights, think_opened=template == R1,
-                           max_new_tokens=cfg.max_new_tokens, overlong_buffer=cfg.overlong_buffer)
+            with record_function("grpo.reward"):
+                graded = grade(group.samples, cfg.reward_weights, think_opened=template == R1,
+                               max_new_tokens=cfg.max_new_tokens, overlong_buffer=cfg.overlong_buffer)
             informative = bool(keep_informative_groups(torch.tensor([s.reward for s in graded]), cfg.group_size)[0])
             all_equal += not informative
             if informative or not cfg.dynamic_sampling:
@@ -140,7 +142,8 @@ def train_grpo(model: Transformer, tokenizer: Tokenizer, pool: list[dict], cfg: 
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         model.eval()
-        batch = rollout(engine, tokenizer, pool, cfg, step, template)
+        with record_function("grpo.rollout"):
+            batch = rollout(engine, tokenizer, pool, cfg, step, template)
         t_rollout = time.perf_counter() - t0
         lengths = [len(s.token_ids) for s in batch.samples]
         metrics = {"reward_mean": float(batch.rewards.mean()) if len(batch.rewards) else 0.0,
@@ -202,7 +205,7 @@ def _optimise(model, reference, optimizer, batch: Rollout, cfg: GRPOConfig, loss
         order = torch.randperm(len(inputs), generator=order_rng).to(device)
         for s in range(0, len(inputs), cfg.minibatch_size):
             idx = order[s:s + cfg.minibatch_size]
-            with bf16_autocast(device, cfg.bf16_autocast):
+            with bf16_autocast(device, cfg.bf16_autocast), record_function("grpo.logprob_forward"):
                 logp, logp_all = token_logprobs(model, inputs[idx], targets[idx])
             if single:  # the ratio is exp(logp - logp.detach()): 1, with the gradient of logp
                 entropy = entropy_total(logp_all, mask[idx]) / float(mask.sum().clamp(min=1))
@@ -210,9 +213,11 @@ def _optimise(model, reference, optimizer, batch: Rollout, cfg: GRPOConfig, loss
                           ref_logp=None if ref_logp is None else ref_logp[idx], beta=cfg.beta,
                           eps_low=cfg.eps_low, eps_high=cfg.eps_high, max_tokens=cfg.max_new_tokens)
             optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
-            optimizer.step()
+            with record_function("grpo.backward"):
+                out.loss.backward()
+            with record_function("grpo.optimizer"):
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
+                optimizer.step()
             for key, value in (("loss", out.loss), ("kl", out.kl), ("clip_fraction", out.clip_fraction), ("grad_norm", grad_norm)):
                 stats[key] += float(value.detach() if torch.is_tensor(value) else value)
             n_updates += 1

@@ -1,0 +1,44 @@
+"""benchmarks/bench_grpo.py's own pieces: both sides see the same prompt ids, and the summary is the
+median over the steps after the first with the ratio taken against TRL."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("bench_grpo", REPO / "benchmarks" / "bench_grpo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_trl_tokenizer_gives_r1lab_prompt_ids(bench, tmp_path, tf):
+    from r1lab.tokenizer import R1, Tokenizer, render_prompt
+
+    directory = bench.make_tokenizer(tmp_path / "tok")
+    ours, theirs = Tokenizer.load(directory), tf.AutoTokenizer.from_pretrained(directory)
+    assert ours.vocab_size <= bench.DENSE.vocab_size
+    for ex in bench.pool()[:32]:
+        ids = render_prompt(ours, ex["prompt"], R1)
+        assert theirs(ours.decode(ids), add_special_tokens=False)["input_ids"] == ids
+
+
+def test_summary_is_the_median_after_the_first_step(bench):
+    def run(seconds, longest=64):
+        return dict(steps=[dict(seconds=s, rollout=s / 4, tokens=64 * 60, longest=longest) for s in seconds],
+                    prompt_len=15, flops_per_token=1e6)
+
+    ours = bench.summarise("r1lab eager", "dense", 64, [run([9.0, 1.0, 3.0]), run([9.0, 2.0, 2.5])], peak=100.0)
+    assert ours["seconds"] == 2.25 and ours["first"] == 9.0 and ours["spread"] == "1.00-3.00"
+    work = 1e6 * 64 * (15 + 64) * 4 / 1e9  # GFLOP a step: 4 passes over 64 rows of prompt + longest completion
+    assert ours["gflops"] == pytest.approx((work / 2 + work / 2.5) / 2)  # the median of the steps' rates
+    assert ours["tps"] == pytest.approx((64 * 60 / 2 + 64 * 60 / 2.5) / 2)
+    row = bench.format_row(ours, trl_seconds=4.5)
+    assert "**2.00x**" in row and "| 2.25 |" in row
