@@ -126,7 +126,7 @@ def test_on_policy_step_needs_one_forward_and_matches_the_two_pass_step(tokenize
     from r1lab.train import rl as rl_mod
     from r1lab.train.grpo import LOSSES
 
-    real_on_policy = rl_mod.on_policy
+    real_on_policy, real_logprobs = rl_mod.on_policy, rl_mod.completion_logprobs
     base = Transformer(make_config(vocab_size=400, max_seq_len=128, n_mtp_modules=0))
     g = torch.Generator().manual_seed(1)
     prompts = [tokenizer.encode(f"What is {i} + 1?") for i in range(8)]
@@ -142,7 +142,8 @@ def test_on_policy_step_needs_one_forward_and_matches_the_two_pass_step(tokenize
             model = Transformer(base.config)
             model.load_state_dict(base.state_dict())
             forwards = []
-            model.register_forward_hook(lambda *_: forwards.append(1))
+            monkeypatch.setattr(rl_mod, "completion_logprobs",
+                                lambda *a, **k: forwards.append(1) or real_logprobs(*a, **k))
             monkeypatch.setattr(rl_mod, "on_policy", lambda *_, single=single: single)
             optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # keeps the weights: compare gradients
             stats, flops = _optimise(model, None, optimizer, batch, cfg, *LOSSES[loss], 0.0, tokenizer.pad_id, step=0)
@@ -157,6 +158,43 @@ def test_on_policy_step_needs_one_forward_and_matches_the_two_pass_step(tokenize
             torch.testing.assert_close(grad, two_grad[name], rtol=1e-4, atol=1e-7, msg=f"{loss}: {name}")
     from dataclasses import replace
     assert real_on_policy(cfg, 8) and not real_on_policy(cfg, 9) and not real_on_policy(replace(cfg, epochs=2), 8)
+
+
+def test_a_group_shares_its_prompt_pass_and_gets_the_plain_forward_log_probs(make_config):
+    """Ragged prompts, each shared by a group of ragged completions (and one prompt alone): the log-probs and
+    gradients of the prompt-once forward equal those of one padded forward over every prompt + completion."""
+    from r1lab.train.rl import padded_logits, completion_logprobs, fed_tokens
+
+    torch.manual_seed(0)
+    model = Transformer(make_config(n_mtp_modules=0, init_std=0.1))
+    g = torch.Generator().manual_seed(3)
+    groups = [[5, 6, 7, 8, 9], [11, 12], [20, 21, 22, 23, 24, 25, 26], [30, 31, 32]]
+    prompts = [p for p, n in zip(groups, (3, 3, 1, 4)) for _ in range(n)]
+    completions = [torch.randint(1, 97, (int(torch.randint(1, 9, (), generator=g)),), generator=g).tolist()
+                   for _ in prompts]
+    width = max(map(len, completions))
+    mask = torch.zeros(len(prompts), width)
+    for i, c in enumerate(completions):
+        mask[i, :len(c)] = 1.0
+    weights = torch.randn(len(prompts), width, generator=g)
+
+    def grads(logp):
+        model.zero_grad()
+        (logp * mask * weights).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    shared, _ = completion_logprobs(model, prompts, completions, 0, width, torch.device("cpu"))
+    shared_grads = grads(shared)
+    comp = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, c in enumerate(completions):
+        comp[i, :len(c)] = torch.tensor(c)
+    plain = padded_logits(model, prompts, comp, 0).float().log_softmax(-1).gather(-1, comp[..., None])[..., 0]
+    plain_grads = grads(plain)
+    torch.testing.assert_close(shared * mask, plain * mask, rtol=1e-5, atol=1e-5)
+    assert shared_grads.keys() == plain_grads.keys() and len(shared_grads) > 10
+    for name, grad in shared_grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-4, atol=1e-5 * float(grad.abs().max()), msg=name)
+    assert fed_tokens(prompts, width) == 4 * 7 + len(prompts) * (width - 1)  # each prompt once, not per row
 
 
 @pytest.mark.slow

@@ -69,36 +69,94 @@ def rollout(engine: Engine, tokenizer: Tokenizer, pool: list[dict], cfg: GRPOCon
     return Rollout([s for group in kept[:cfg.prompts_per_step] for s in group], generated, all_equal)
 
 
-def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(inputs (N, L-1), targets (N, L-1), completion mask (N, L-1)) for prompt + completion rows."""
-    L = max(len(p) + len(c) for p, c in zip(prompts, completions))
-    seqs = torch.full((len(prompts), L), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(prompts), L - 1)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        seqs[i, :len(p) + len(c)] = torch.tensor(p + c)
-        mask[i, len(p) - 1:len(p) - 1 + len(c)] = 1.0  # the positions whose next token is a completion token
-    return seqs[:, :-1], seqs[:, 1:], mask
+def completion_mask(completions: list[list[int]], width: int) -> torch.Tensor:
+    """(N, width) 1.0 on each row's completion tokens: the positions log-probs are taken at."""
+    mask = torch.zeros(len(completions), width)
+    for i, c in enumerate(completions):
+        mask[i, :len(c)] = 1.0
+    return mask
 
 
-def token_logprobs(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p(target) (N, T), the logits' log-softmax (N, T, V)) under `model`."""
-    logp_all = model(inputs).float().log_softmax(dim=-1)
-    return logp_all.gather(-1, targets[..., None])[..., 0], logp_all
+def completion_logprobs(model, prompts: list[list[int]], completions: list[list[int]], pad_id: int, width: int,
+                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(completion token) (N, width), the log-softmax there (N, width, V)) under `model`.
+
+    Rows that share a prompt (a group's samples, consecutive) share its forward: r1lab's Transformer runs
+    each distinct prompt once into a KV cache, repeats the cache rows for its samples, and runs the
+    completions over it, so a group's prompt is computed (and back-propagated) once instead of G times.
+    Other decoders run every row's prompt + completion in one padded forward."""
+    starts = [0] + [i for i in range(1, len(prompts)) if prompts[i] != prompts[i - 1]]
+    counts = torch.tensor([b - a for a, b in zip(starts, starts[1:] + [len(prompts)])], device=device)
+    comp = torch.full((len(completions), width), pad_id, dtype=torch.long)
+    for i, c in enumerate(completions):
+        comp[i, :len(c)] = torch.tensor(c)
+    comp = comp.to(device)
+    if isinstance(model, Transformer):
+        logits = shared_prompt_logits(model, [prompts[a] for a in starts], counts, comp, pad_id)
+    else:
+        logits = padded_logits(model, prompts, comp, pad_id)
+    logp_all = logits.float().log_softmax(dim=-1)
+    return logp_all.gather(-1, comp[..., None])[..., 0], logp_all
+
+
+def shared_prompt_logits(model: Transformer, prompts: list[list[int]], counts: torch.Tensor, comp: torch.Tensor,
+                          pad_id: int) -> torch.Tensor:
+    """Logits (N, W, V) predicting each completion token: the distinct prompts (P, Tp) prefilled into a cache
+    whose rows are then repeated `counts` (P,) times, the completions' first W-1 tokens run over it."""
+    device, (N, W) = comp.device, comp.shape
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    Tp = int(lengths.max())
+    tokens = torch.full((len(prompts), Tp), pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = torch.tensor(p)
+    cache = model.new_cache(len(prompts), Tp + W)
+    hidden, _ = model.trunk(tokens.to(device), positions=torch.arange(Tp, device=device).expand(len(prompts), Tp),
+                            cache=cache, n_slots=Tp)  # (P, Tp, D)
+    first = model.logits(hidden[torch.arange(len(prompts), device=device), lengths - 1])  # (P, V): completion token 0
+    first = first.repeat_interleave(counts, dim=0)[:, None]  # (N, 1, V)
+    if W == 1:
+        return first
+    # A new tensor per layer: the prompt pass's saved activations are not overwritten by the writes below.
+    cache.select(torch.arange(len(prompts), device=device).repeat_interleave(counts))
+    positions = lengths.repeat_interleave(counts)[:, None] + torch.arange(W - 1, device=device)  # (N, W-1)
+    hidden, _ = model.trunk(comp[:, :-1], positions=positions, cache=cache)  # (N, W-1, D)
+    return torch.cat([first, model.logits(hidden)], dim=1)  # (N, W, V)
+
+
+def padded_logits(model, prompts: list[list[int]], comp: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Logits (N, W, V) predicting each completion token, from one forward over prompt + completion rows."""
+    N, W = comp.shape
+    lengths = torch.tensor([len(p) for p in prompts], device=comp.device)
+    L = int(lengths.max()) + W
+    seqs = torch.full((N, L), pad_id, dtype=torch.long, device=comp.device)
+    for i, p in enumerate(prompts):
+        seqs[i, :len(p)] = torch.tensor(p)
+        seqs[i, len(p):len(p) + W] = comp[i]
+    logits = model(seqs[:, :-1])  # (N, L-1, V)
+    at = (lengths - 1)[:, None] + torch.arange(W, device=comp.device)  # the positions predicting completion tokens
+    return logits.gather(1, at[..., None].expand(N, W, logits.shape[-1]))
 
 
 @torch.no_grad()
-def reference_logprobs(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-                       chunk: int) -> tuple[torch.Tensor, float]:
-    """Log-probs of the sampled tokens and the mean token entropy, in eval mode, chunked."""
+def reference_logprobs(model, prompts: list[list[int]], completions: list[list[int]], mask: torch.Tensor,
+                       chunk: int, pad_id: int) -> tuple[torch.Tensor, float]:
+    """Log-probs of the sampled tokens (N, W) and the mean token entropy, in eval mode, in chunks of rows."""
     was_training = model.training
     model.eval()
     out, entropy_sum = [], 0.0
-    for s in range(0, len(inputs), chunk):
-        lp, lp_all = token_logprobs(model, inputs[s:s + chunk], targets[s:s + chunk])
+    for s in range(0, len(prompts), chunk):
+        lp, lp_all = completion_logprobs(model, prompts[s:s + chunk], completions[s:s + chunk], pad_id,
+                                         mask.shape[1], mask.device)
         out.append(lp)
         entropy_sum += entropy_total(lp_all, mask[s:s + chunk])
     model.train(was_training)
     return torch.cat(out), entropy_sum / float(mask.sum().clamp(min=1))
+
+
+def fed_tokens(prompts: list[list[int]], width: int) -> int:
+    """Tokens a `completion_logprobs` call runs: each distinct prompt (padded) once, then width - 1 per row."""
+    distinct = 1 + sum(prompts[i] != prompts[i - 1] for i in range(1, len(prompts)))
+    return distinct * max(len(p) for p in prompts) + len(prompts) * (width - 1)
 
 
 @torch.no_grad()
@@ -187,26 +245,32 @@ def _optimise(model, reference, optimizer, batch: Rollout, cfg: GRPOConfig, loss
               pad_id: int, step: int) -> tuple[dict, float]:
     """epochs x minibatches of clipped-objective steps on one rollout batch."""
     device = next(model.parameters()).device
-    inputs, targets, mask = (t.to(device) for t in pack([s.prompt_ids for s in batch.samples],
-                                                         [s.token_ids for s in batch.samples], pad_id))
+    prompts, completions = [s.prompt_ids for s in batch.samples], [s.token_ids for s in batch.samples]
+    width = max(len(c) for c in completions)
+    mask = completion_mask(completions, width).to(device)
     advantages = group_advantages(batch.rewards, cfg.group_size, scale).to(device)
-    single = on_policy(cfg, len(inputs))
+    single = on_policy(cfg, len(completions))
     old_logp = entropy = None
     with bf16_autocast(device, cfg.bf16_autocast):  # the ratio compares log-probs of one precision
         if not single:
-            old_logp, entropy = reference_logprobs(model, inputs, targets, mask, cfg.minibatch_size)
-        ref_logp = reference_logprobs(reference, inputs, targets, mask, cfg.minibatch_size)[0] if cfg.beta > 0 else None
+            old_logp, entropy = reference_logprobs(model, prompts, completions, mask, cfg.minibatch_size, pad_id)
+        ref_logp = (reference_logprobs(reference, prompts, completions, mask, cfg.minibatch_size, pad_id)[0]
+                    if cfg.beta > 0 else None)
     set_lr(optimizer, lr)
     model.train()
     stats = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0}
-    n_updates = 0
+    n_updates, tokens = 0, 0
     order_rng = torch.Generator().manual_seed(cfg.seed * 7919 + step)
     for _ in range(cfg.epochs):
-        order = torch.randperm(len(inputs), generator=order_rng).to(device)
-        for s in range(0, len(inputs), cfg.minibatch_size):
-            idx = order[s:s + cfg.minibatch_size]
+        order = torch.randperm(len(completions), generator=order_rng)
+        for s in range(0, len(completions), cfg.minibatch_size):
+            rows = sorted(order[s:s + cfg.minibatch_size].tolist())  # (a group's rows stay together: one prompt pass)
+            idx = torch.tensor(rows, device=device)
+            mb_prompts = [prompts[i] for i in rows]
             with bf16_autocast(device, cfg.bf16_autocast), record_function("grpo.logprob_forward"):
-                logp, logp_all = token_logprobs(model, inputs[idx], targets[idx])
+                logp, logp_all = completion_logprobs(model, mb_prompts, [completions[i] for i in rows], pad_id,
+                                                     width, device)
+            tokens += fed_tokens(mb_prompts, width)
             if single:  # the ratio is exp(logp - logp.detach()): 1, with the gradient of logp
                 entropy = entropy_total(logp_all, mask[idx]) / float(mask.sum().clamp(min=1))
             out = loss_fn(logp, logp.detach() if single else old_logp[idx], advantages[idx], mask[idx],
@@ -223,10 +287,10 @@ def _optimise(model, reference, optimizer, batch: Rollout, cfg: GRPOConfig, loss
             n_updates += 1
     result = {k: v / max(1, n_updates) for k, v in stats.items()}
     result["entropy"] = entropy
-    result["_tokens"] = float(inputs.numel() * cfg.epochs)
-    fwd = train_flops_per_token(model.config, inputs.shape[1], with_mtp=False) / 3
-    passes = 3 * cfg.epochs + (0 if single else 1) + (1 if ref_logp is not None else 0)  # training, old, reference
-    return result, fwd * passes * inputs.numel()
+    result["_tokens"] = float(tokens)
+    fwd = train_flops_per_token(model.config, max(len(p) for p in prompts) + width, with_mtp=False) / 3
+    forwards = (0 if single else 1) + (1 if ref_logp is not None else 0)  # old log-probs, reference
+    return result, fwd * (3 * tokens + forwards * fed_tokens(prompts, width))
 
 
 def _mean(values: list[float]) -> float:
