@@ -212,7 +212,42 @@ def profile(pair: str, length: int, tok: Path, work: Path, top: int = 15) -> str
     lines += ["", "| operator | self s | calls |", "|---|---|---|"]
     ops = sorted((e for e in events if not e.key.startswith("grpo.")), key=lambda e: -e.self_cpu_time_total)
     lines += [f"| {e.key} | {e.self_cpu_time_total / 1e6:.3f} | {e.count} |" for e in ops[:top]]
+    padded, shared = prompt_pass_timings(model, tokenizer, examples, length)
+    lines += ["", f"Policy forward + backward on one rollout-sized batch, in this process, alternated (median of "
+                  f"5): every row's prompt in one padded forward {padded:.3f} s, each group's prompt once "
+                  f"{shared:.3f} s: {padded / shared:.2f}x."]
     return "\n".join(lines)
+
+
+def prompt_pass_timings(model, tokenizer: Tokenizer, examples: list[dict], length: int) -> tuple[float, float]:
+    """Seconds of forward + backward over 8 prompts x 8 completions of up to `length` tokens: (every row's
+    prompt + completion in one padded forward, each distinct prompt once then the completions over its cache)."""
+    from r1lab.train.rl import completion_logprobs, padded_logits
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [render_prompt(tokenizer, ex["prompt"], R1) for ex in examples[:PROMPTS] for _ in range(GROUP)]
+    completions = [torch.randint(10, tokenizer.vocab_size, (length - int(torch.randint(0, 8, (), generator=g)),),
+                                 generator=g).tolist() for _ in prompts]
+    width = max(map(len, completions))
+    comp = torch.full((len(prompts), width), tokenizer.pad_id)
+    for i, c in enumerate(completions):
+        comp[i, :len(c)] = torch.tensor(c)
+    model.train()
+
+    def padded():
+        padded_logits(model, prompts, comp, tokenizer.pad_id).float().log_softmax(-1).gather(-1, comp[..., None]).sum().backward()
+
+    def shared():
+        completion_logprobs(model, prompts, completions, tokenizer.pad_id, width, torch.device("cpu"))[0].sum().backward()
+
+    times: dict = {padded: [], shared: []}
+    for _ in range(6):
+        for fn in times:
+            start = time.perf_counter()
+            fn()
+            times[fn].append(time.perf_counter() - start)
+    model.zero_grad(set_to_none=True)
+    return statistics.median(times[padded][1:]), statistics.median(times[shared][1:])
 
 
 # -- the parent: alternate the sides, summarise, append ----------------------------------------------------------
@@ -295,6 +330,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"fp32 matmul peak, {args.threads} thread(s): {peak:.1f} GFLOP/s", flush=True)
         rows = compare(args, tok, Path(tmp), peak)
         peak_after = measure_matmul_peak()
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        profiled = subprocess.run([sys.executable, __file__, "--profile", "--pair", "dense", "--length", "64"], env=env,
+                                  capture_output=True, text=True, check=True).stdout.strip()
+        print(profiled, flush=True)
     print(f"fp32 matmul peak again after the runs: {peak_after:.1f} GFLOP/s")
     body = (f"OMP_NUM_THREADS={args.threads} for both sides. fp32 matmul peak measured in this run: {peak:.1f} GFLOP/s "
             f"before, {peak_after:.1f} after (\"of peak\" uses the first). {PROMPTS} prompts x {GROUP} samples, "
@@ -302,7 +341,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{args.reps} process(es) per side; median over the steps after the first. Rollout s: r1lab's rollout "
             f"(generation and rewards) within the step. First step s: set-up and, compiled, compiling (the inductor "
             f"cache is shared within the run). Speed-up: TRL's median s/step over the side's.\n\n"
-            + "\n".join(HEADER + rows))
+            + "\n".join(HEADER + rows)
+            + "\n\nOne r1lab step under torch.profiler (eager rollouts; `--profile`):\n\n" + profiled)
     print("\n" + body)
     if not args.no_append:
         append_results("grpo: r1lab train_grpo vs TRL GRPOTrainer", body, ("torch", "transformers", "trl"))
