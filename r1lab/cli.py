@@ -154,6 +154,21 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace, overrides: list[str]) -> int:
+    """A teacher's verified samples, then SFT of the student recipe's model on them, into <run>/sft."""
+    from r1lab.train.distill import run_distill
+    from r1lab.train.generate import summary_line
+
+    _check_flags(args, k=">= 1")
+    recipe = load_recipe(args.student_recipe, overrides + (["--generate.k=%d" % args.k] if args.k else [])
+                         + _device_override(args))
+    result = run_distill(recipe, args.run, args.teacher, args.prompts, quiet=args.quiet)
+    print(f"r1lab distill: {'generated' if result.generated else 'reused'}: {summary_line(result.stats)}",
+          file=sys.stderr)
+    print(f"distilled into {result.sft.steps} SFT steps in {result.sft.seconds:.0f} s: {args.run / 'sft' / 'checkpoint'}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
     """OpenAI-compatible API (reasoning_content) and web chat for a model directory."""
     from r1lab.serve import ServeSettings, create_app, load_served_model
@@ -399,6 +414,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--per-prompt", type=int, default=0, help="most samples kept per prompt (default 0: no cap)")
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps for --model (default cpu)")
     gen.set_defaults(func=cmd_generate)
+
+    dis = sub.add_parser("distill", help="a teacher's verified samples, then SFT of a student on them",
+                         description="Generate k samples per prompt from --teacher, keep the verified ones "
+                                     "(RUN/generate/distill.jsonl) and fine-tune the student recipe's sft.init_from "
+                                     "on them into RUN/sft. A finished generate step is not redone. "
+                                     "Overrides: --SECTION.FIELD=VALUE (e.g. --generate.per_prompt=2).")
+    dis.add_argument("--teacher", type=Path, required=True, help="an r1lab checkpoint or a local Hugging Face model")
+    dis.add_argument("--student-recipe", type=Path, required=True,
+                     help="TOML recipe whose [sft] section (sft.init_from: the student) and [generate] section apply")
+    dis.add_argument("--prompts", help="a task family or a JSONL file of prompts with answers (default: the "
+                                       "recipe's data.rl_files, else generate.prompts problems of data.task)")
+    dis.add_argument("--k", type=int, help="samples per prompt (default: generate.k)")
+    dis.add_argument("--run", type=Path, default=Path("runs/distill"), help="run directory (default runs/distill)")
+    dis.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the recipe's device, else cpu)")
+    dis.add_argument("--quiet", action="store_true", help="no progress lines")
+    dis.set_defaults(func=cmd_distill)
 
     srv = sub.add_parser("serve", help="OpenAI-compatible API with reasoning_content, and a web chat",
                          description="Serve a checkpoint: /v1/chat/completions, /v1/completions, /v1/models, "

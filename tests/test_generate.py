@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import torch
 import uvicorn
 from fastapi import FastAPI
 
@@ -175,3 +176,92 @@ def test_generate_from_an_openai_compatible_endpoint(tmp_path, capsys):
         a, b = _operands(row["messages"][0]["content"])
         reasoning = f"{a} plus {b}" if i % 2 == 0 else f"add {b} to {a}"
         assert row["messages"][1]["content"] == f"<think>\n{reasoning}\n</think>\n\n<answer>{a + b}</answer>"
+
+
+# ------------------------------------------------------------------------------------- r1lab distill
+def _student_recipe(tmp_path, teacher) -> "Path":
+    from r1lab.checkpoint import load_tokenizer, save_checkpoint
+    from r1lab.config import ModelConfig
+    from r1lab.model import Transformer
+
+    shape = ModelConfig(vocab_size=512, dim=32, inter_dim=64, moe_inter_dim=16, n_layers=2, n_dense_layers=1,
+                        n_heads=2, n_routed_experts=4, n_activated_experts=2, kv_lora_rank=16, qk_nope_head_dim=8,
+                        qk_rope_head_dim=8, v_head_dim=8, max_seq_len=128, original_seq_len=128)
+    student = save_checkpoint(tmp_path / "student", Transformer(shape), load_tokenizer(teacher))
+    recipe = tmp_path / "student.toml"
+    recipe.write_text(f"""
+[data]
+task = "arithmetic"
+difficulty = 2
+task_options = {{ops = ["+"]}}
+template = "r1"
+seq_len = 64
+
+[sft]
+init_from = "{student}"
+steps = 2
+batch_size = 4
+eval_batches = 1
+log_every = 1
+
+[sft.optim]
+warmup_steps = 0
+
+[generate]
+k = 8
+prompts = 24
+max_new_tokens = 24
+
+[cost]
+peak_gflops = 100.0
+""")
+    return recipe
+
+
+def test_distill_generates_filters_and_fine_tunes_the_student_and_resumes(teacher, tmp_path, capsys):
+    from r1lab.checkpoint import load_checkpoint
+    from r1lab.train.distill import DISTILL_FILE
+
+    recipe, run = _student_recipe(tmp_path, teacher), tmp_path / "run"
+    started = time.perf_counter()
+    code = main(["distill", "--teacher", str(teacher), "--student-recipe", str(recipe), "--run", str(run), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert time.perf_counter() - started < 30
+    data = run / DISTILL_FILE
+    stats = json.loads(stats_path(data).read_text())
+    assert stats["samples"] == 24 * 8 and 0 < stats["kept"] == len(_lines(data))
+    assert "r1lab distill: generated: kept" in err
+    assert read_trainer_summary(run / "sft" / "checkpoint")["step"] == 2
+    before = load_checkpoint(tmp_path / "student")[0].state_dict()
+    after = load_checkpoint(run / "sft" / "checkpoint")[0].state_dict()
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+    assert load_recipe(run / "recipe.toml").data.sft_files == [str(data)]
+
+    # A second invocation does not generate again; other [generate] settings are refused.
+    mtime = data.stat().st_mtime_ns
+    code = main(["distill", "--teacher", str(teacher), "--student-recipe", str(recipe), "--run", str(run), "--quiet"])
+    assert code == 0 and "r1lab distill: reused: kept" in capsys.readouterr().err
+    assert data.stat().st_mtime_ns == mtime
+    code = main(["distill", "--teacher", str(teacher), "--student-recipe", str(recipe), "--run", str(run), "--k", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "other [generate] settings" in err and len(err.strip().splitlines()) == 1
+
+
+def test_distill_without_a_student_is_one_line(teacher, tmp_path, capsys):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[data]\ntemplate = \"r1\"\n")
+    code = main(["distill", "--teacher", str(teacher), "--student-recipe", str(recipe), "--run", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "sft.init_from" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_packaged_distill_recipe_reads_the_demo_runs_student(tmp_path, capsys):
+    from importlib.resources import files
+
+    path = str(files("r1lab").joinpath("recipes/distill-tiny.toml"))
+    recipe = load_recipe(path)
+    assert recipe.sft.init_from == "runs/demo/base/checkpoint" and recipe.generate.per_prompt == 2
+    code = main(["distill", "--teacher", str(tmp_path / "nope"), "--student-recipe", path, "--run", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "no such model directory" in err and not (tmp_path / "r").exists()
