@@ -169,6 +169,23 @@ def cmd_distill(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_pipeline(args: argparse.Namespace, overrides: list[str]) -> int:
+    """R1's four stages (cold start, reasoning RL, rejection sampling + SFT, final RL), resumable."""
+    from r1lab.pipeline import LABELS, run_pipeline
+
+    if args.run.exists() and not args.run.is_dir():
+        raise ConfigError(f"--run {args.run} is a file, not a run directory")
+    recipe = load_recipe(args.recipe, overrides + _device_override(args))
+    summary = run_pipeline(recipe, args.run, quiet=args.quiet)
+    t = summary["eval"]["temperature"]
+    for name, s in summary["stages"].items():
+        print(f"  {LABELS[name]:<40} greedy pass@1 {100 * s['greedy_pass@1']:5.1f}%, T={t} "
+              f"{100 * s['sampled_pass@1']:5.1f}%, format {100 * s['format_rate']:5.1f}%, "
+              f"{s['mean_tokens']:.0f} tokens, ${s['cost_dollars']:.4f}")
+    print(f"r1lab pipeline finished: ${summary['cost']['dollars']:.4f} in total; report: {args.run / 'report.md'}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
     """OpenAI-compatible API (reasoning_content) and web chat for a model directory."""
     from r1lab.serve import ServeSettings, create_app, load_served_model
@@ -430,6 +447,17 @@ def build_parser() -> argparse.ArgumentParser:
     dis.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the recipe's device, else cpu)")
     dis.add_argument("--quiet", action="store_true", help="no progress lines")
     dis.set_defaults(func=cmd_distill)
+
+    pipe = sub.add_parser("pipeline", help="R1's four stages: cold start, reasoning RL, rejection sampling, final RL",
+                          description="Pretrain (or take pipeline.init_from), cold-start SFT, GRPO, rejection "
+                                      "sampling + SFT of the base, a final GRPO; each stage evaluated and costed; "
+                                      "RUN/report.md puts them side by side. A second call resumes at the first "
+                                      "unfinished stage. Overrides: --SECTION.FIELD=VALUE.")
+    pipe.add_argument("--recipe", type=Path, required=True, help="TOML recipe, e.g. r1lab/recipes/r1-tiny.toml")
+    pipe.add_argument("--run", type=Path, default=Path("runs/pipeline"), help="run directory (default runs/pipeline)")
+    pipe.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the recipe's device, else cpu)")
+    pipe.add_argument("--quiet", action="store_true", help="no progress lines")
+    pipe.set_defaults(func=cmd_pipeline)
 
     srv = sub.add_parser("serve", help="OpenAI-compatible API with reasoning_content, and a web chat",
                          description="Serve a checkpoint: /v1/chat/completions, /v1/completions, /v1/models, "

@@ -8,6 +8,7 @@
     [grpo]     the RL stage (GRPOConfig)
     [eval]     held-out evaluation (EvalConfig)
     [generate] k samples per prompt, graded and filtered into SFT data (GenerateConfig)
+    [pipeline] which of R1's four stages start from what (PipelineConfig)
     [cost]     prices and the peak used for MFU
 
 Every key is typed by its dataclass; `--section.field=value` on the command line overrides it.
@@ -332,6 +333,30 @@ class GenerateConfig:
 
 
 @dataclass
+class PipelineConfig:
+    """`r1lab pipeline`: cold-start SFT, reasoning RL, rejection sampling + SFT, a final RL stage."""
+
+    pretrain_base: bool = True
+    """Pretrain the base first ([pretrain], data.task's corpus); false: start from `init_from`."""
+    init_from: str = ""
+    """The base checkpoint when `pretrain_base` is false."""
+    cold_start_examples: int = 256
+    """Cold-start conversations of stage 1's SFT (data.sft_task_examples of that stage)."""
+    rejection_cold_start: bool = True
+    """Stage 3 fine-tunes the base on the kept samples plus the cold-start conversations (false: kept only)."""
+    rejection_sft_steps: int = 0
+    """SFT steps of stage 3 (0: sft.steps)."""
+    final_grpo_steps: int = 0
+    """GRPO steps of stage 4 (0: grpo.steps)."""
+
+    def validate(self) -> None:
+        _at_least(self, 1, "cold_start_examples")
+        _at_least(self, 0, "rejection_sft_steps", "final_grpo_steps")
+        if not self.pretrain_base and not self.init_from:
+            raise ConfigError("init_from must name the base checkpoint when pretrain_base = false")
+
+
+@dataclass
 class CostConfig:
     """Prices for the cost ledger (defaults: the V3 report's $2 per H800-hour, a cloud vCPU-hour)."""
 
@@ -361,6 +386,7 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     """Rejection sampling / distillation data (`r1lab distill`, `r1lab pipeline`)."""
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     cost: CostConfig = field(default_factory=CostConfig)
 
     def validate(self) -> None:
@@ -465,4 +491,4 @@ def _to_toml(data: dict, prefix: str = "") -> str:
 
 
 # Dataclass-valued fields are written as TOML tables; plain dicts (task_options, ...) inline.
-_TABLES = {"model", "data", "pretrain", "sft", "control", "grpo", "eval", "generate", "cost", "optim"}
+_TABLES = {"model", "data", "pretrain", "sft", "control", "grpo", "eval", "generate", "pipeline", "cost", "optim"}
