@@ -41,7 +41,7 @@ from r1lab.hf import load_causal_lm
 from r1lab.recipe import Recipe, save_recipe
 from r1lab.rewards import language_consistency_reward
 from r1lab.sampling import longest_prompt, sized_engine
-from r1lab.train.common import CHECKPOINT
+from r1lab.train.common import CHECKPOINT, stage_cost
 from r1lab.train.generate import generate_step
 from r1lab.train.stages import heldout_examples, rl_pool, run_grpo, run_pretrain, run_sft
 
@@ -94,8 +94,8 @@ def _train(recipe: Recipe, run_dir: Path, stage: str, peak: float, quiet: bool) 
                        sft_task_examples=p.cold_start_examples if p.rejection_cold_start else 0)
         r = replace(recipe, data=data, sft=replace(recipe.sft, init_from=base,
                                                    steps=p.rejection_sft_steps or recipe.sft.steps))
-        sampling = StageCost("rejection sampling", stats["flops"] or 0.0, stats["seconds"], torch.get_num_threads(),
-                             "cpu-core", peak, recipe.cost.cpu_core_hour_usd)
+        sampling = stage_cost("rejection sampling", stats["flops"] or 0.0, stats["seconds"], recipe.cost, peak,
+                              resolve_device(recipe.device))
         return [sampling, run_sft(r, run_dir / stage, peak, quiet).cost]
     r = replace(recipe, grpo=replace(recipe.grpo, init_from=str(checkpoint_of(run_dir, "rejection_sft")),
                                      steps=p.final_grpo_steps or recipe.grpo.steps))
@@ -151,8 +151,7 @@ def run_pipeline(recipe: Recipe, run_dir: Path, quiet: bool = False) -> dict:
         costs = [replace(c, stage=c.stage if c.stage == "rejection sampling" else stage)
                  for c in _train(recipe, run_dir, stage, peak, quiet)]
         row = eval_row(evaluate_stage(recipe, checkpoint, run_dir / stage / "eval", examples, peak, device))
-        costs.append(StageCost(f"eval {stage}", row["eval_flops"], row["eval_seconds"], torch.get_num_threads(),
-                               "cpu-core", peak, recipe.cost.cpu_core_hour_usd))
+        costs.append(stage_cost(f"eval {stage}", row["eval_flops"], row["eval_seconds"], recipe.cost, peak, device))
         state["stages"][stage] = {"checkpoint": str(checkpoint), "eval": row, "cost": [c.as_dict() for c in costs],
                                   "wall_seconds": time.perf_counter() - started,
                                   "finished_at": datetime.now(timezone.utc).isoformat()}
