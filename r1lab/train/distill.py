@@ -22,9 +22,9 @@ from r1lab.config import ConfigError
 from r1lab.device import resolve_device
 from r1lab.recipe import Recipe, save_recipe
 from r1lab.train.common import StageResult
+from r1lab.train.data import rl_examples
 from r1lab.train.generate import generate_step, load_prompts, stats_path
 from r1lab.train.policy import policy_dir
-from r1lab.train.data import rl_examples
 from r1lab.train.stages import run_sft
 
 DISTILL_FILE = "generate/distill.jsonl"

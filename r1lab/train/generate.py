@@ -154,6 +154,7 @@ def write_generated(graded: Graded, cfg: GenerateConfig, out: str | Path, source
     """Filter `graded`, write the kept samples to `out` (SFT JSONL) and the stats to FILE.stats.json; return the stats."""
     kept, seen = filter_graded(graded, limits_of(cfg))
     out = Path(out)
+    stats_path(out).unlink(missing_ok=True)  # an old sidecar must not vouch for the file being rewritten
     write_sft_jsonl(kept.kept, out, graded.think_opened)
     n = max(1, len(seen))
     stats = {
