@@ -72,7 +72,8 @@ def _train(recipe: Recipe, run_dir: Path, stage: str, peak: float, quiet: bool) 
     """Run one stage's training (and, for stage 3, its sampling); return its cost lines."""
     p, d = recipe.pipeline, recipe.data
     base = str(checkpoint_of(run_dir, "base")) if p.pretrain_base else p.init_from
-    cold = replace(d, sft_files=[], sft_task_examples=p.cold_start_examples)
+    sft_data = replace(d, seq_len=p.sft_seq_len or d.seq_len)
+    cold = replace(sft_data, sft_files=[], sft_task_examples=p.cold_start_examples)
     if stage == "base":
         return [run_pretrain(recipe, run_dir, peak, quiet).cost] if p.pretrain_base else []
     if stage == "cold_start":
@@ -90,7 +91,7 @@ def _train(recipe: Recipe, run_dir: Path, stage: str, peak: float, quiet: bool) 
             raise ConfigError(f"stage 3 kept none of the {stats['samples']} samples of {teacher} (dropped "
                               f"{stats['dropped']}) and pipeline.rejection_cold_start is false: nothing to "
                               f"fine-tune on; see {kept}.stats.json")
-        data = replace(d, sft_files=[str(kept)] if stats["kept"] else [],
+        data = replace(sft_data, sft_files=[str(kept)] if stats["kept"] else [],
                        sft_task_examples=p.cold_start_examples if p.rejection_cold_start else 0)
         r = replace(recipe, data=data, sft=replace(recipe.sft, init_from=base,
                                                    steps=p.rejection_sft_steps or recipe.sft.steps))

@@ -342,6 +342,9 @@ class PipelineConfig:
     """The base checkpoint when `pretrain_base` is false."""
     cold_start_examples: int = 256
     """Cold-start conversations of stage 1's SFT (data.sft_task_examples of that stage)."""
+    sft_seq_len: int = 0
+    """Tokens per SFT sequence of stages 1 and 3 (0: data.seq_len): readable reasoning is longer than
+    the pretraining corpus's documents, and a conversation longer than this is skipped."""
     rejection_cold_start: bool = True
     """Stage 3 fine-tunes the base on the kept samples plus the cold-start conversations (false: kept only)."""
     rejection_sft_steps: int = 0
@@ -351,7 +354,7 @@ class PipelineConfig:
 
     def validate(self) -> None:
         _at_least(self, 1, "cold_start_examples")
-        _at_least(self, 0, "rejection_sft_steps", "final_grpo_steps")
+        _at_least(self, 0, "rejection_sft_steps", "final_grpo_steps", "sft_seq_len")
         if not self.pretrain_base and not self.init_from:
             raise ConfigError("init_from must name the base checkpoint when pretrain_base = false")
 

@@ -15,7 +15,7 @@ QUICK = ["--model.dim=64", "--model.n_layers=2", "--model.n_dense_layers=1", "--
          "--model.qk_rope_head_dim=8", "--model.v_head_dim=16", "--model.n_routed_experts=4",
          "--model.n_activated_experts=2", "--model.max_seq_len=256", "--model.original_seq_len=256",
          "--model.vocab_size=512", "--data.vocab_size=512", "--data.n_problems=300", "--data.difficulty=2",
-         "--data.seq_len=192", "--data.template=r1", "--data.task_options={ops = [\"+\"]}",
+         "--data.seq_len=160", "--data.template=r1", "--data.task_options={ops = [\"+\"]}",
          "--pretrain.steps=6", "--pretrain.batch_size=4", "--pretrain.eval_every=0", "--pretrain.eval_batches=1",
          "--sft.steps=3", "--sft.batch_size=4", "--sft.eval_batches=1", "--sft.eval_every=0",
          "--sft.optim.warmup_steps=0", "--grpo.steps=2", "--grpo.prompts_per_step=2", "--grpo.group_size=2",
@@ -23,6 +23,7 @@ QUICK = ["--model.dim=64", "--model.n_layers=2", "--model.n_dense_layers=1", "--
          "--grpo.reward_weights={accuracy = 1.0, format = 0.5, language = 0.1}", "--generate.k=2",
          "--generate.prompts=4", "--generate.max_new_tokens=16", "--eval.problems=4", "--eval.k=2",
          "--eval.max_new_tokens=16", "--pipeline.cold_start_examples=16", "--pipeline.final_grpo_steps=1",
+         "--pipeline.sft_seq_len=192",
          "--cost.peak_gflops=100"]
 
 
@@ -44,7 +45,7 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, capsys, monkeypatch
 
         def spy(recipe, stage_dir, *args, _real=real, _section=section, **kwargs):
             starts[stage_dir.name] = (getattr(recipe, _section).init_from, getattr(recipe, _section).steps,
-                                      recipe.data.sft_task_examples)
+                                      recipe.data.sft_task_examples, recipe.data.seq_len)
             return _real(recipe, stage_dir, *args, **kwargs)
 
         monkeypatch.setattr(pipeline_mod, name, spy)
@@ -59,8 +60,9 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, capsys, monkeypatch
         assert (run / stage / "eval" / "results.json").is_file() or stage == "base"
     # Each stage starts from the one before it, except stage 3, which fine-tunes the base (not stage 2).
     base, cold, rej = (str(checkpoint_of(run, s)) for s in ("base", "cold_start", "rejection_sft"))
-    assert starts == {"cold_start": (base, 3, 16), "reasoning_rl": (cold, 2, 0), "rejection_sft": (base, 3, 16),
-                      "final_rl": (rej, 1, 0)}
+    # The SFT stages read pipeline.sft_seq_len, pretraining and RL data.seq_len.
+    assert starts == {"cold_start": (base, 3, 16, 192), "reasoning_rl": (cold, 2, 0, 160),
+                      "rejection_sft": (base, 3, 16, 192), "final_rl": (rej, 1, 0, 160)}
     stats = json.loads((run / "rejection_sft" / "generate" / "kept.jsonl.stats.json").read_text())
     assert stats["samples"] == 4 * 2 and stats["source"]["model"] == str(checkpoint_of(run, "reasoning_rl").resolve())
     summary = json.loads((run / "summary.json").read_text())
