@@ -120,6 +120,72 @@ def _check_flags(args: argparse.Namespace, **limits: str) -> None:
             raise ConfigError(f"{args.command} --{dest.replace('_', '-')} must be {want}, got {value}")
 
 
+def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
+    """k samples per prompt from a model or an endpoint, graded, filtered, written as SFT JSONL."""
+    from r1lab.checkpoint import model_metadata
+    from r1lab.config import from_dict
+    from r1lab.recipe import GenerateConfig
+    from r1lab.train.generate import load_prompts, sample_endpoint, sample_model, summary_line, write_generated
+
+    if overrides:
+        raise ConfigError(f"generate takes no dotted overrides, got {' '.join(overrides)}")
+    if bool(args.model) == bool(args.api_base) or bool(args.api_base) != bool(args.api_model):
+        raise ConfigError("generate needs either --model DIR or --api-base URL --api-model NAME")
+    _check_flags(args, limit=">= 1", difficulty=">= 1", concurrency=">= 1")
+    cfg = from_dict(GenerateConfig, {"k": args.k, "temperature": args.temperature, "top_p": args.top_p,
+                                     "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+                                     "max_tokens": args.max_tokens, "min_language": args.min_language,
+                                     "per_prompt": args.per_prompt}, prefix="generate")
+    meta = model_metadata(args.model) if args.model and args.model.is_dir() else {}
+    own = meta.get("task") == args.prompts  # the model's own task: its difficulty and options
+    difficulty = args.difficulty or (int(meta.get("difficulty", 1)) if own else 1)
+    examples = load_prompts(args.prompts, limit=args.limit, seed=args.seed, difficulty=difficulty,
+                            task_options=meta.get("task_options") if own else None)
+    if args.model:
+        graded = sample_model(args.model, examples, cfg, template=args.template, instruction=args.instruction,
+                              device=_device(args))
+        source = {"model": str(args.model)}
+    else:
+        graded = sample_endpoint(args.api_base, args.api_model, examples, cfg, instruction=args.instruction,
+                                 api_key=args.api_key, concurrency=args.concurrency)
+        source = {"api_base": args.api_base, "api_model": args.api_model}
+    stats = write_generated(graded, cfg, args.out, {**source, "prompts": args.prompts})
+    print(f"r1lab generate: {summary_line(stats)}", file=sys.stderr)
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace, overrides: list[str]) -> int:
+    """A teacher's verified samples, then SFT of the student recipe's model on them, into <run>/sft."""
+    from r1lab.train.distill import run_distill
+    from r1lab.train.generate import summary_line
+
+    _check_flags(args, k=">= 1")
+    recipe = load_recipe(args.student_recipe, overrides + (["--generate.k=%d" % args.k] if args.k else [])
+                         + _device_override(args))
+    result = run_distill(recipe, args.run, args.teacher, args.prompts, quiet=args.quiet)
+    print(f"r1lab distill: {'generated' if result.generated else 'reused'}: {summary_line(result.stats)}",
+          file=sys.stderr)
+    print(f"distilled into {result.sft.steps} SFT steps in {result.sft.seconds:.0f} s: {args.run / 'sft' / 'checkpoint'}")
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace, overrides: list[str]) -> int:
+    """R1's four stages (cold start, reasoning RL, rejection sampling + SFT, final RL), resumable."""
+    from r1lab.pipeline import LABELS, run_pipeline
+
+    if args.run.exists() and not args.run.is_dir():
+        raise ConfigError(f"--run {args.run} is a file, not a run directory")
+    recipe = load_recipe(args.recipe, overrides + _device_override(args))
+    summary = run_pipeline(recipe, args.run, quiet=args.quiet)
+    t = summary["eval"]["temperature"]
+    for name, s in summary["stages"].items():
+        print(f"  {LABELS[name]:<40} greedy pass@1 {100 * s['greedy_pass@1']:5.1f}%, T={t} "
+              f"{100 * s['sampled_pass@1']:5.1f}%, format {100 * s['format_rate']:5.1f}%, "
+              f"{s['mean_tokens']:.0f} tokens, ${s['cost_dollars']:.4f}")
+    print(f"r1lab pipeline finished: ${summary['cost']['dollars']:.4f} in total; report: {args.run / 'report.md'}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
     """OpenAI-compatible API (reasoning_content) and web chat for a model directory."""
     from r1lab.serve import ServeSettings, create_app, load_served_model
@@ -333,6 +399,65 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--concurrency", type=int, default=8, help="parallel requests to the endpoint (default 8)")
     ev.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two result dirs or results.json files")
     ev.set_defaults(func=cmd_eval)
+
+    gen = sub.add_parser("generate", help="k samples per prompt, graded and filtered into SFT JSONL",
+                         description="Sample k completions per prompt from a model directory (--model) or an "
+                                     "OpenAI-compatible endpoint (--api-base, --api-model), grade them (accuracy, "
+                                     "format, language), keep the correct, well-formed, non-duplicate ones and write "
+                                     "them as JSONL conversations `r1lab sft` reads (data.sft_files), with "
+                                     "OUT.stats.json beside it.")
+    gen.add_argument("--model", type=Path, help="an r1lab checkpoint or a local Hugging Face model directory")
+    gen.add_argument("--api-base", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    gen.add_argument("--api-model", help="model name at the endpoint")
+    gen.add_argument("--api-key", help="API key (default: $OPENAI_API_KEY)")
+    gen.add_argument("--concurrency", type=int, default=8, help="parallel requests to the endpoint (default 8)")
+    gen.add_argument("--prompts", required=True,
+                     help="a task family (arithmetic, ...: its train split) or a JSONL file of prompts with answers "
+                          "(the forms data.rl_files reads)")
+    gen.add_argument("--out", type=Path, required=True, help="the SFT JSONL file to write")
+    gen.add_argument("--k", type=int, default=4, help="samples per prompt (default 4)")
+    gen.add_argument("--limit", type=int, help="prompts used (task families: default 256; files: all)")
+    gen.add_argument("--difficulty", type=int, help="task-family difficulty (default: the model's own task's, else 1)")
+    gen.add_argument("--template", choices=["r1-zero", "r1"], help="default: the checkpoint metadata's, else r1")
+    gen.add_argument("--instruction", help="text appended to each question (default: the model's own, else R1's "
+                                           "\\boxed{} instruction, none under r1-zero); '' for none")
+    gen.add_argument("--temperature", type=float, default=0.6, help="default 0.6 (R1)")
+    gen.add_argument("--top-p", type=float, default=0.95, help="default 0.95 (R1)")
+    gen.add_argument("--max-new-tokens", type=int, default=160, help="default 160")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (and task-family problem seed), default 0")
+    gen.add_argument("--max-tokens", type=int, default=0, help="longest completion kept (default: --max-new-tokens)")
+    gen.add_argument("--min-language", type=float, default=0.0,
+                     help="least language consistency kept, in [0, 1] (default 0: not checked)")
+    gen.add_argument("--per-prompt", type=int, default=0, help="most samples kept per prompt (default 0: no cap)")
+    gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps for --model (default cpu)")
+    gen.set_defaults(func=cmd_generate)
+
+    dis = sub.add_parser("distill", help="a teacher's verified samples, then SFT of a student on them",
+                         description="Generate k samples per prompt from --teacher, keep the verified ones "
+                                     "(RUN/generate/distill.jsonl) and fine-tune the student recipe's sft.init_from "
+                                     "on them into RUN/sft. A finished generate step is not redone. "
+                                     "Overrides: --SECTION.FIELD=VALUE (e.g. --generate.per_prompt=2).")
+    dis.add_argument("--teacher", type=Path, required=True, help="an r1lab checkpoint or a local Hugging Face model")
+    dis.add_argument("--student-recipe", type=Path, required=True,
+                     help="TOML recipe whose [sft] section (sft.init_from: the student) and [generate] section apply")
+    dis.add_argument("--prompts", help="a task family or a JSONL file of prompts with answers (default: the "
+                                       "recipe's data.rl_files, else generate.prompts problems of data.task)")
+    dis.add_argument("--k", type=int, help="samples per prompt (default: generate.k)")
+    dis.add_argument("--run", type=Path, default=Path("runs/distill"), help="run directory (default runs/distill)")
+    dis.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the recipe's device, else cpu)")
+    dis.add_argument("--quiet", action="store_true", help="no progress lines")
+    dis.set_defaults(func=cmd_distill)
+
+    pipe = sub.add_parser("pipeline", help="R1's four stages: cold start, reasoning RL, rejection sampling, final RL",
+                          description="Pretrain (or take pipeline.init_from), cold-start SFT, GRPO, rejection "
+                                      "sampling + SFT of the base, a final GRPO; each stage evaluated and costed; "
+                                      "RUN/report.md puts them side by side. A second call resumes at the first "
+                                      "unfinished stage. Overrides: --SECTION.FIELD=VALUE.")
+    pipe.add_argument("--recipe", type=Path, required=True, help="TOML recipe, e.g. r1lab/recipes/r1-tiny.toml")
+    pipe.add_argument("--run", type=Path, default=Path("runs/pipeline"), help="run directory (default runs/pipeline)")
+    pipe.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the recipe's device, else cpu)")
+    pipe.add_argument("--quiet", action="store_true", help="no progress lines")
+    pipe.set_defaults(func=cmd_pipeline)
 
     srv = sub.add_parser("serve", help="OpenAI-compatible API with reasoning_content, and a web chat",
                          description="Serve a checkpoint: /v1/chat/completions, /v1/completions, /v1/models, "

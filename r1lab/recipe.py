@@ -7,6 +7,8 @@
     [pretrain] [sft] [control] supervised stages (TrainConfig)
     [grpo]     the RL stage (GRPOConfig)
     [eval]     held-out evaluation (EvalConfig)
+    [generate] k samples per prompt, graded and filtered into SFT data (GenerateConfig)
+    [pipeline] which of R1's four stages start from what (PipelineConfig)
     [cost]     prices and the peak used for MFU
 
 Every key is typed by its dataclass; `--section.field=value` on the command line overrides it.
@@ -301,6 +303,67 @@ class EvalConfig:
 
 
 @dataclass
+class GenerateConfig:
+    """Rejection sampling and distillation data: k samples per prompt, graded, the good ones kept."""
+
+    k: int = 4
+    """Samples per prompt."""
+    prompts: int = 256
+    """Prompts drawn from data.task's train split when no prompt file is given."""
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 160
+    """Longest completion generated (a truncated one is never kept: its format reward is 0)."""
+    seed: int = 0
+    """Seed of the sampling (and of the task prompts drawn)."""
+    max_tokens: int = 0
+    """Longest completion kept, in tokens (0: max_new_tokens)."""
+    min_language: float = 0.0
+    """Least language consistency kept (0: not checked)."""
+    per_prompt: int = 0
+    """Most samples kept per prompt (0: no cap)."""
+    batch_size: int = 256
+    """Samples decoded together by the engine."""
+
+    def validate(self) -> None:
+        _at_least(self, 1, "k", "prompts", "max_new_tokens", "batch_size")
+        _at_least(self, 0, "max_tokens", "per_prompt")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_language <= 1:
+            raise ConfigError(f"min_language must be in [0, 1], got {self.min_language}")
+
+
+@dataclass
+class PipelineConfig:
+    """`r1lab pipeline`: cold-start SFT, reasoning RL, rejection sampling + SFT, a final RL stage."""
+
+    pretrain_base: bool = True
+    """Pretrain the base first ([pretrain], data.task's corpus); false: start from `init_from`."""
+    init_from: str = ""
+    """The base checkpoint when `pretrain_base` is false."""
+    cold_start_examples: int = 256
+    """Cold-start conversations of stage 1's SFT (data.sft_task_examples of that stage)."""
+    sft_seq_len: int = 0
+    """Tokens per SFT sequence of stages 1 and 3 (0: data.seq_len): readable reasoning is longer than
+    the pretraining corpus's documents, and a conversation longer than this is skipped."""
+    rejection_cold_start: bool = True
+    """Stage 3 fine-tunes the base on the kept samples plus the cold-start conversations (false: kept only)."""
+    rejection_sft_steps: int = 0
+    """SFT steps of stage 3 (0: sft.steps)."""
+    final_grpo_steps: int = 0
+    """GRPO steps of stage 4 (0: grpo.steps)."""
+
+    def validate(self) -> None:
+        _at_least(self, 1, "cold_start_examples")
+        _at_least(self, 0, "rejection_sft_steps", "final_grpo_steps", "sft_seq_len")
+        if not self.pretrain_base and not self.init_from:
+            raise ConfigError("init_from must name the base checkpoint when pretrain_base = false")
+
+
+@dataclass
 class CostConfig:
     """Prices for the cost ledger (defaults: the V3 report's $2 per H800-hour, a cloud vCPU-hour)."""
 
@@ -328,6 +391,9 @@ class Recipe:
     """The control: continued pretraining of the base, by default for the RL stage's FLOPs."""
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    """Rejection sampling / distillation data (`r1lab distill`, `r1lab pipeline`)."""
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     cost: CostConfig = field(default_factory=CostConfig)
 
     def validate(self) -> None:
@@ -432,4 +498,4 @@ def _to_toml(data: dict, prefix: str = "") -> str:
 
 
 # Dataclass-valued fields are written as TOML tables; plain dicts (task_options, ...) inline.
-_TABLES = {"model", "data", "pretrain", "sft", "control", "grpo", "eval", "cost", "optim"}
+_TABLES = {"model", "data", "pretrain", "sft", "control", "grpo", "eval", "generate", "pipeline", "cost", "optim"}

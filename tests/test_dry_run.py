@@ -13,7 +13,9 @@ from r1lab.cli import main
 RECIPES = Path(r1lab.__file__).parent / "recipes"
 # the commands each packaged recipe is written for; a new recipe must be added here
 STAGES = {"r1-zero-tiny": ["pretrain", "grpo"], "code-tiny": ["pretrain", "grpo"],
-          "r1-zero-qwen2.5-0.5b": ["grpo"], "distill-qwen2.5-1.5b": ["sft"]}
+          "r1-zero-qwen2.5-0.5b": ["grpo"], "distill-qwen2.5-1.5b": ["sft"],
+          "distill-tiny": [],  # r1lab distill writes its own sft_files: no train command runs it alone
+          "r1-tiny": ["pretrain"]}  # r1lab pipeline; its first stage is `r1lab pretrain`
 GPU_RECIPES = {"r1-zero-qwen2.5-0.5b": "grpo.init_from: models/Qwen2.5-0.5B: no such model directory",
                "distill-qwen2.5-1.5b": "sft.init_from: models/Qwen2.5-1.5B: no such model directory"}
 

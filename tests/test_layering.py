@@ -38,6 +38,12 @@ FORBIDDEN = {
     "r1lab.train.policy": {"r1lab.engine", "r1lab.rewards", "r1lab.eval", "r1lab.serve", "r1lab.tasks",
                            "r1lab.train.rl", "r1lab.train.grpo", "r1lab.train.pretrain", "r1lab.train.stages",
                            "r1lab.train.common", "r1lab.train.data"},
+    # generate-grade-filter-write knows models, endpoints and rewards, no training step
+    "r1lab.train.generate": {"r1lab.serve", "r1lab.train.rl", "r1lab.train.grpo", "r1lab.train.pretrain",
+                             "r1lab.train.stages", "r1lab.train.distill", "r1lab.pipeline", "r1lab.demo"},
+    # the stages the pipeline orders know nothing of it (nor of the demo)
+    "r1lab.train": {"r1lab.pipeline", "r1lab.demo"},
+    "r1lab.pipeline": {"r1lab.demo", "r1lab.serve"},
     "r1lab.": {"r1lab.cli"},  # nothing imports the command line
 }
 TORCH_FREE = {"r1lab.config", "r1lab.rewards", "r1lab.mathcheck", "r1lab.sandbox", "r1lab.tasks", "r1lab.cost",

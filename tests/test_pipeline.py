@@ -1,0 +1,117 @@
+"""`r1lab pipeline`: R1's four stages end to end on a tiny model, each evaluated and costed, and a second
+invocation that skips the finished stages and resumes an interrupted one."""
+
+import json
+
+import pytest
+
+from r1lab import pipeline as pipeline_mod
+from r1lab.checkpoint import read_trainer_summary
+from r1lab.cli import main
+from r1lab.pipeline import STAGES, STATE_FILE, checkpoint_of
+
+QUICK = ["--model.dim=64", "--model.n_layers=2", "--model.n_dense_layers=1", "--model.n_heads=2",
+         "--model.inter_dim=128", "--model.moe_inter_dim=32", "--model.kv_lora_rank=32", "--model.qk_nope_head_dim=16",
+         "--model.qk_rope_head_dim=8", "--model.v_head_dim=16", "--model.n_routed_experts=4",
+         "--model.n_activated_experts=2", "--model.max_seq_len=256", "--model.original_seq_len=256",
+         "--model.vocab_size=512", "--data.vocab_size=512", "--data.n_problems=300", "--data.difficulty=2",
+         "--data.seq_len=160", "--data.template=r1", "--data.task_options={ops = [\"+\"]}",
+         "--pretrain.steps=6", "--pretrain.batch_size=4", "--pretrain.eval_every=0", "--pretrain.eval_batches=1",
+         "--sft.steps=3", "--sft.batch_size=4", "--sft.eval_batches=1", "--sft.eval_every=0",
+         "--sft.optim.warmup_steps=0", "--grpo.steps=2", "--grpo.prompts_per_step=2", "--grpo.group_size=2",
+         "--grpo.max_new_tokens=16", "--grpo.minibatch_size=4", "--grpo.epochs=1",
+         "--grpo.reward_weights={accuracy = 1.0, format = 0.5, language = 0.1}", "--generate.k=2",
+         "--generate.prompts=4", "--generate.max_new_tokens=16", "--eval.problems=4", "--eval.k=2",
+         "--eval.max_new_tokens=16", "--pipeline.cold_start_examples=16", "--pipeline.final_grpo_steps=1",
+         "--pipeline.sft_seq_len=192",
+         "--cost.peak_gflops=100"]
+
+
+def _recipe(tmp_path):
+    path = tmp_path / "quick.toml"
+    path.write_text("preset = \"tiny\"\n")
+    return path
+
+
+def _state(run):
+    return json.loads((run / STATE_FILE).read_text())
+
+
+def test_pipeline_runs_every_stage_then_skips_them(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    starts = {}
+    for name, section in (("run_sft", "sft"), ("run_grpo", "grpo")):
+        real = getattr(pipeline_mod, name)
+
+        def spy(recipe, stage_dir, *args, _real=real, _section=section, **kwargs):
+            starts[stage_dir.name] = (getattr(recipe, _section).init_from, getattr(recipe, _section).steps,
+                                      recipe.data.sft_task_examples, recipe.data.seq_len)
+            return _real(recipe, stage_dir, *args, **kwargs)
+
+        monkeypatch.setattr(pipeline_mod, name, spy)
+    code = main(["pipeline", "--recipe", str(_recipe(tmp_path)), "--run", str(run), "--quiet", *QUICK])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    state = _state(run)
+    assert list(state["stages"]) == list(STAGES)
+    steps = {"base": 6, "cold_start": 3, "reasoning_rl": 2, "rejection_sft": 3, "final_rl": 1}
+    for stage, n in steps.items():
+        assert read_trainer_summary(checkpoint_of(run, stage))["step"] == n
+        assert (run / stage / "eval" / "results.json").is_file() or stage == "base"
+    # Each stage starts from the one before it, except stage 3, which fine-tunes the base (not stage 2).
+    base, cold, rej = (str(checkpoint_of(run, s)) for s in ("base", "cold_start", "rejection_sft"))
+    # The SFT stages read pipeline.sft_seq_len, pretraining and RL data.seq_len.
+    assert starts == {"cold_start": (base, 3, 16, 192), "reasoning_rl": (cold, 2, 0, 160),
+                      "rejection_sft": (base, 3, 16, 192), "final_rl": (rej, 1, 0, 160)}
+    stats = json.loads((run / "rejection_sft" / "generate" / "kept.jsonl.stats.json").read_text())
+    assert stats["samples"] == 4 * 2 and stats["source"]["model"] == str(checkpoint_of(run, "reasoning_rl").resolve())
+    summary = json.loads((run / "summary.json").read_text())
+    for stage in STAGES:
+        row = summary["stages"][stage]
+        assert 0 <= row["greedy_pass@1"] <= 1 and 0 <= row["sampled_pass@1"] <= 1 and row["mean_tokens"] > 0
+        assert row["cost_dollars"] > 0
+    assert summary["cost"]["dollars"] == pytest.approx(sum(s["cost_dollars"] for s in summary["stages"].values()))
+    report = (run / "report.md").read_text()
+    assert all(label in report for label in pipeline_mod.LABELS.values()) and "| **total** |" in report
+
+    # A second invocation trains, samples and evaluates nothing.
+    monkeypatch.undo()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished stage ran again")
+
+    for name in ("run_pretrain", "run_sft", "run_grpo", "generate_step", "evaluate_stage"):
+        monkeypatch.setattr(pipeline_mod, name, refuse)
+    code = main(["pipeline", "--recipe", str(_recipe(tmp_path)), "--run", str(run), "--quiet", *QUICK])
+    assert code == 0, capsys.readouterr().err
+    assert _state(run)["stages"] == state["stages"]
+
+
+def test_an_interrupted_stage_resumes_and_finished_ones_are_skipped(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    original = pipeline_mod.evaluate_stage
+
+    def interrupted(recipe, checkpoint, out_dir, *args):
+        if out_dir.parent.name == "rejection_sft":
+            raise KeyboardInterrupt
+        return original(recipe, checkpoint, out_dir, *args)
+
+    monkeypatch.setattr(pipeline_mod, "evaluate_stage", interrupted)
+    code = main(["pipeline", "--recipe", str(_recipe(tmp_path)), "--run", str(run), "--quiet", *QUICK])
+    assert code == 130
+    first = _state(run)["stages"]
+    assert list(first) == ["base", "cold_start", "reasoning_rl"]
+    assert read_trainer_summary(checkpoint_of(run, "rejection_sft"))["step"] == 3  # trained, not evaluated
+    monkeypatch.setattr(pipeline_mod, "evaluate_stage", original)
+    trained = []
+    for name in ("run_pretrain", "run_sft", "run_grpo"):
+        real = getattr(pipeline_mod, name)
+        monkeypatch.setattr(pipeline_mod, name, lambda r, d, *a, _real=real, _n=name, **k:
+                            trained.append((_n, d.name)) or _real(r, d, *a, **k))
+    code = main(["pipeline", "--recipe", str(_recipe(tmp_path)), "--run", str(run), "--quiet", *QUICK])
+    assert code == 0, capsys.readouterr().err
+    second = _state(run)["stages"]
+    assert all(second[s]["finished_at"] == first[s]["finished_at"] for s in first)  # not redone
+    assert trained == [("run_sft", "rejection_sft"), ("run_grpo", "final_rl")]
+    metrics = (run / "rejection_sft" / "sft" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in metrics] == [3]  # logged once: the resumed stage trained no step again
