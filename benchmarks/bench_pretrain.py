@@ -1,0 +1,96 @@
+"""Pretraining throughput: training tokens/s and MFU of r1lab's presets, against the peak of the same run.
+
+One optimizer step is what `r1lab pretrain` runs per step (`train/pretrain.py`): the loss (next token
++ MTP + balance), backward, gradient clipping, AdamW, the aux-loss-free bias update. The batch is
+a fixed random token batch whose targets are the inputs shifted by one, so the loss falls and the
+router's loads move as in training. FLOPs per step come from `cost.train_flops_per_token` (matmuls,
+3x forward, causal attention over the mean key count), the figure every r1lab run reports as MFU;
+the fp32 matmul peak (`hardware.measure_matmul_peak`) is measured before and after the timed steps
+and the larger reading is the bar. Median step time of `--steps` timed steps after `--warmup`.
+
+    python benchmarks/bench_pretrain.py [--presets tiny small] [--steps 20] [--warmup 5] [--no-append]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import append_results  # noqa: E402
+
+from r1lab.config import model_preset  # noqa: E402
+from r1lab.cost import count_parameters, train_flops_per_token  # noqa: E402
+from r1lab.hardware import measure_matmul_peak  # noqa: E402
+from r1lab.model import Transformer  # noqa: E402
+from r1lab.recipe import OptimConfig  # noqa: E402
+from r1lab.train.common import make_optimizer  # noqa: E402
+
+# (batch size, sequence length) per preset: the demo's pretraining shape for tiny, a CPU-sized one for small.
+SHAPES = {"tiny": (16, 128), "small": (4, 256)}
+
+
+def time_steps(preset: str, steps: int, warmup: int) -> dict:
+    batch, seq_len = SHAPES[preset]
+    cfg = replace(model_preset(preset), max_seq_len=max(seq_len, 128), original_seq_len=max(seq_len, 128))
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    model.train()
+    optimizer = make_optimizer(model, OptimConfig(lr=1e-3))
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=generator)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    times, losses = [], []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        out = model.loss(inputs, targets)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.update_expert_bias()
+        losses.append(out.loss.item())
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    step = statistics.median(times)
+    flops = train_flops_per_token(cfg, seq_len) * batch * seq_len
+    return {"preset": preset, "batch": batch, "seq_len": seq_len, "params": count_parameters(cfg).total,
+            "step_ms": 1000 * step, "tokens_per_s": batch * seq_len / step, "gflops": flops / step / 1e9,
+            "loss_first": losses[0], "loss_last": losses[-1]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
+    args = parser.parse_args(argv)
+    peak = measure_matmul_peak()
+    print(f"fp32 matmul peak before the runs: {peak:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
+    records = [time_steps(p, args.steps, args.warmup) for p in args.presets]
+    peak_after = measure_matmul_peak()
+    print(f"fp32 matmul peak after the runs: {peak_after:.1f} GFLOP/s")
+    bar = max(peak, peak_after)
+    header = ("| preset | params | batch x seq | step (median) | train tokens/s | GFLOP/s | MFU | loss first -> last |\n"
+              "|---|---|---|---|---|---|---|---|")
+    rows = [f"| {r['preset']} | {r['params'] / 1e6:.1f}M | {r['batch']} x {r['seq_len']} | {r['step_ms']:.0f} ms | "
+            f"{r['tokens_per_s']:,.0f} | {r['gflops']:.1f} | {100 * r['gflops'] / bar:.0f}% | "
+            f"{r['loss_first']:.2f} -> {r['loss_last']:.2f} |" for r in records]
+    table = "\n".join([header, *rows])
+    print(table)
+    if not args.no_append:
+        body = (f"bench_pretrain.py --steps {args.steps} --warmup {args.warmup}, {torch.get_num_threads()} torch "
+                f"threads. fp32 matmul peak measured in this run: {peak:.1f} GFLOP/s before, {peak_after:.1f} after "
+                f"(MFU uses the larger). FLOPs: `cost.train_flops_per_token` (matmuls only).\n\n{table}")
+        append_results("pretrain: training tokens/s and MFU", body, ("torch",))
+
+
+if __name__ == "__main__":
+    main()
