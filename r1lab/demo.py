@@ -53,6 +53,11 @@ QUICK = ["--data.n_problems=600", "--pretrain.steps=12", "--pretrain.log_every=4
          "--eval.max_new_tokens=48", "--eval.samples_shown=2"]
 
 
+EVAL_ROWS = 1024
+"""Rows the evaluation engine decodes at once (32 prompts x k = 32 samples): the tiny model's decode step
+is overhead-bound, so wider steps are cheaper per token; the engine's tokens do not depend on it."""
+
+
 def demo_recipe(path: str | Path | None, overrides: list[str], quick: bool) -> Recipe:
     default = files("r1lab").joinpath("recipes/r1-zero-tiny.toml")
     return load_recipe(path or str(default), (QUICK if quick else []) + overrides)
@@ -87,7 +92,8 @@ def evaluate_stage(recipe: Recipe, run_dir: Path, stage: str, examples: list[dic
     model, tokenizer, _ = load_checkpoint(run_dir / stage / CHECKPOINT, device)
     model.eval()
     e, template = recipe.eval, recipe.data.template
-    engine = sized_engine(model, tokenizer, longest_prompt(tokenizer, examples, template), e.max_new_tokens, 256)
+    engine = sized_engine(model, tokenizer, longest_prompt(tokenizer, examples, template), e.max_new_tokens,
+                          EVAL_ROWS)
     params = SamplingParams(max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p, seed=e.seed)
     return evaluate(engine, tokenizer, examples, k=e.k, params=params, template=template, instruction="",
                     out_dir=run_dir / "eval" / stage, peak_gflops=peak_gflops, greedy=True,
