@@ -222,7 +222,7 @@ def profile(pair: str, length: int, tok: Path, work: Path, top: int = 15) -> str
 def prompt_pass_timings(model, tokenizer: Tokenizer, examples: list[dict], length: int) -> tuple[float, float]:
     """Seconds of forward + backward over 8 prompts x 8 completions of up to `length` tokens: (every row's
     prompt + completion in one padded forward, each distinct prompt once then the completions over its cache)."""
-    from r1lab.train.rl import completion_logprobs, padded_logits
+    from r1lab.train.rl import completion_logprobs, completion_mask, padded_logits
 
     g = torch.Generator().manual_seed(0)
     prompts = [render_prompt(tokenizer, ex["prompt"], R1) for ex in examples[:PROMPTS] for _ in range(GROUP)]
@@ -232,10 +232,11 @@ def prompt_pass_timings(model, tokenizer: Tokenizer, examples: list[dict], lengt
     comp = torch.full((len(prompts), width), tokenizer.pad_id)
     for i, c in enumerate(completions):
         comp[i, :len(c)] = torch.tensor(c)
+    real = completion_mask(completions, width).bool()
     model.train()
 
     def padded():
-        padded_logits(model, prompts, comp, tokenizer.pad_id).float().log_softmax(-1).gather(-1, comp[..., None]).sum().backward()
+        padded_logits(model, prompts, comp, tokenizer.pad_id, real).float().log_softmax(-1).gather(-1, comp[..., None]).sum().backward()
 
     def shared():
         completion_logprobs(model, prompts, completions, tokenizer.pad_id, width, torch.device("cpu"))[0].sum().backward()

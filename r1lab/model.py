@@ -247,7 +247,8 @@ class Gate(nn.Module):
     """Router: affinity scores, bias-adjusted (and optionally group-limited) top-k selection.
 
     `expert_bias` is a buffer used for selection only (aux-loss-free balancing); `expert_load`
-    counts the tokens each expert received while training since the last bias update.
+    counts the tokens each expert received while training since the last bias update (only the
+    tokens `count` (N,) marks, when given: padding routes but does not count).
     """
 
     def __init__(self, config: ModelConfig):
@@ -258,10 +259,10 @@ class Gate(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(config.n_routed_experts))
         self.register_buffer("expert_load", torch.zeros(config.n_routed_experts), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> Routing:
-        return self.route(F.linear(x, self.weight))
+    def forward(self, x: torch.Tensor, count: torch.Tensor | None = None) -> Routing:
+        return self.route(F.linear(x, self.weight), count)
 
-    def route(self, logits: torch.Tensor) -> Routing:
+    def route(self, logits: torch.Tensor, count: torch.Tensor | None = None) -> Routing:
         """The routing from the router's logits (N, E) (in the tokens' dtype): `forward` after the product."""
         cfg = self.config
         scores = logits.float().softmax(dim=-1) if cfg.score_func == "softmax" else logits.float().sigmoid()
@@ -282,7 +283,8 @@ class Gate(nn.Module):
         weights = weights * cfg.route_scale
         if self.training:
             with torch.no_grad():
-                self.expert_load += torch.bincount(indices.flatten(), minlength=cfg.n_routed_experts).to(self.expert_load)
+                counted = indices if count is None else indices[count]
+                self.expert_load += torch.bincount(counted.flatten(), minlength=cfg.n_routed_experts).to(self.expert_load)
         return Routing(weights.type_as(logits), indices, scores)
 
     @torch.no_grad()
@@ -394,11 +396,11 @@ class MoE(nn.Module):
         self.shared_experts = (MLP(config.dim, config.n_shared_experts * config.moe_inter_dim)
                                if config.n_shared_experts > 0 else None)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, D) -> (out (B, T, D), sequence-wise balance loss (scalar))."""
+    def forward(self, x: torch.Tensor, count: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, D) -> (out (B, T, D), sequence-wise balance loss (scalar)); `count` (B, T) as in `Gate`."""
         B, T, D = x.shape
         flat = x.reshape(B * T, D)  # (N, D)
-        routing = self.gate(flat)
+        routing = self.gate(flat, None if count is None else count.flatten())
         out = self.experts(flat, routing)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
@@ -427,11 +429,11 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn = MoE(config) if moe else MLP(config.dim, config.inter_dim)
 
-    def forward(self, x, rotation, mask, write_at=None, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x, rotation, mask, write_at=None, cache=None, count=None) -> tuple[torch.Tensor, torch.Tensor]:
         x = x + self.attn(self.attn_norm(x), rotation, mask, write_at, cache)
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoE):
-            y, aux = self.ffn(h)
+            y, aux = self.ffn(h, count)
         else:
             y, aux = self.ffn(h), x.new_zeros(())
         return x + y, aux
@@ -526,15 +528,16 @@ class Transformer(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------
     def trunk(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-              cache: KVCache | None = None, valid: torch.Tensor | None = None, n_slots: int | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              cache: KVCache | None = None, valid: torch.Tensor | None = None, n_slots: int | None = None,
+              count: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens (B, T) -> (hidden before the final norm (B, T, D), summed balance loss).
 
         `valid` (B, T) bool marks real tokens when a batch is padded (left or right); positions
         default to the count of real tokens before each one. With a `cache`, each token's keys are
         stored at slot `positions[b, t]` and it attends to slots 0..positions[b, t]; attention reads
         slots [0, n_slots), n_slots defaulting to the largest position + 1 (a caller that knows it
-        passes it and saves reading the positions back).
+        passes it and saves reading the positions back). `count` (B, T) bool marks the tokens a
+        training forward adds to the experts' loads (default: all); it changes no output.
         """
         if positions is None:
             positions = self.default_positions(tokens, valid)
@@ -542,7 +545,7 @@ class Transformer(nn.Module):
         h = self.embed(tokens)
         aux = h.new_zeros(())
         for i, layer in enumerate(self.layers):
-            h, layer_aux = layer(h, rotation, mask, write_at, None if cache is None else cache.layers[i])
+            h, layer_aux = layer(h, rotation, mask, write_at, None if cache is None else cache.layers[i], count)
             aux = aux + layer_aux
         return h, aux
 
@@ -551,9 +554,9 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, valid: torch.Tensor | None = None,
-                n_slots: int | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab) for every position."""
-        return self.logits(self.trunk(tokens, positions, cache, valid, n_slots)[0])
+                n_slots: int | None = None, count: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) for every position (`count` as in `trunk`)."""
+        return self.logits(self.trunk(tokens, positions, cache, valid, n_slots, count)[0])
 
     def new_cache(self, batch_size: int, max_len: int | None = None, with_mtp: bool = False) -> KVCache:
         """A zeroed cache on this model's device and dtype (main layers, then MTP blocks if asked)."""

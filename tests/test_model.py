@@ -191,6 +191,31 @@ def test_bias_updates_balance_a_skewed_batch(make_config):
     assert end < 0.6 * start  # e.g. 4.0 (two experts take everything) -> 1.6 to 2.3 across seeds
 
 
+def test_uncounted_padding_adds_no_expert_load_and_changes_no_output(make_config):
+    model = Transformer(make_config(init_std=0.2, n_mtp_modules=0)).train()
+    rows = [torch.randint(1, 97, (n,)) for n in (9, 4, 6)]
+    batch, count = torch.zeros(3, 9, dtype=torch.long), torch.zeros(3, 9, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        batch[i, :len(row)], count[i, :len(row)] = row, True
+
+    def run(*args, **kwargs):
+        for gate in model.moe_gates():
+            gate.expert_load.zero_()
+        model.zero_grad()
+        logits = model(*args, **kwargs)
+        logits.sum().backward()
+        return logits, [g.expert_load.clone() for g in model.moe_gates()], [p.grad.clone() for p in model.parameters()]
+
+    alone = [run(row[None])[1] for row in rows]
+    unpadded = [sum(loads) for loads in zip(*alone)]
+    plain, plain_loads, plain_grads = run(batch)
+    counted, counted_loads, counted_grads = run(batch, count=count)
+    assert all(torch.equal(a, b) for a, b in zip(counted_loads, unpadded))
+    assert all(float(load.sum()) == 19 * model.config.n_activated_experts for load in counted_loads)
+    assert all(float(load.sum()) == 27 * model.config.n_activated_experts for load in plain_loads)
+    assert torch.equal(counted, plain) and all(torch.equal(a, b) for a, b in zip(counted_grads, plain_grads))
+
+
 def test_mtp_loss_is_finite_and_reaches_the_trunk(config):
     model = Transformer(config).train()
     tokens = torch.randint(0, 97, (2, 16))

@@ -188,13 +188,42 @@ def test_a_group_shares_its_prompt_pass_and_gets_the_plain_forward_log_probs(mak
     comp = torch.zeros(len(prompts), width, dtype=torch.long)
     for i, c in enumerate(completions):
         comp[i, :len(c)] = torch.tensor(c)
-    plain = padded_logits(model, prompts, comp, 0).float().log_softmax(-1).gather(-1, comp[..., None])[..., 0]
+    plain = padded_logits(model, prompts, comp, 0, mask.bool()).float().log_softmax(-1).gather(-1, comp[..., None])[..., 0]
     plain_grads = grads(plain)
     torch.testing.assert_close(shared * mask, plain * mask, rtol=1e-5, atol=1e-5)
     assert shared_grads.keys() == plain_grads.keys() and len(shared_grads) > 10
     for name, grad in shared_grads.items():
         torch.testing.assert_close(grad, plain_grads[name], rtol=1e-4, atol=1e-5 * float(grad.abs().max()), msg=name)
     assert fed_tokens(prompts, width) == 4 * 7 + len(prompts) * (width - 1)  # each prompt once, not per row
+
+
+def test_grpo_log_probs_count_the_expert_loads_of_the_unpadded_rows(make_config):
+    """Ragged prompts and completions, padded into one update batch: the experts' loads are those of each
+    row's own unpadded forward (prompt + completion less its last token), on both log-prob paths."""
+    from r1lab.train.rl import completion_logprobs, completion_mask, padded_logits
+
+    model = Transformer(make_config(n_mtp_modules=0, init_std=0.2)).train()
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (5, 2, 7, 3)]
+    completions = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (6, 1, 3, 8)]
+    width = max(map(len, completions))
+
+    def loads(run) -> list[torch.Tensor]:
+        for gate in model.moe_gates():
+            gate.expert_load.zero_()
+        run()
+        return [gate.expert_load.clone() for gate in model.moe_gates()]
+
+    alone = [loads(lambda: model(torch.tensor([p + c[:-1]]))) for p, c in zip(prompts, completions)]
+    unpadded = [sum(per_row) for per_row in zip(*alone)]
+    shared = loads(lambda: completion_logprobs(model, prompts, completions, 0, width, torch.device("cpu")))
+    comp = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, c in enumerate(completions):
+        comp[i, :len(c)] = torch.tensor(c)
+    padded = loads(lambda: padded_logits(model, prompts, comp, 0, completion_mask(completions, width).bool()))
+    assert float(unpadded[0].sum()) == (17 + 18 - 4) * model.config.n_activated_experts
+    for a, b, c in zip(unpadded, shared, padded):
+        assert torch.equal(a, b) and torch.equal(a, c)
 
 
 @pytest.mark.slow

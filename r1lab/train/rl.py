@@ -84,25 +84,28 @@ def completion_logprobs(model, prompts: list[list[int]], completions: list[list[
     Rows that share a prompt (a group's samples, consecutive) share its forward: r1lab's Transformer runs
     each distinct prompt once into a KV cache, repeats the cache rows for its samples, and runs the
     completions over it, so a group's prompt is computed (and back-propagated) once instead of G times.
-    Other decoders run every row's prompt + completion in one padded forward."""
+    Other decoders run every row's prompt + completion in one padded forward. Padding adds nothing to
+    the experts' loads (`Transformer.trunk`'s `count`)."""
     starts = [0] + [i for i in range(1, len(prompts)) if prompts[i] != prompts[i - 1]]
     counts = torch.tensor([b - a for a, b in zip(starts, starts[1:] + [len(prompts)])], device=device)
     comp = torch.full((len(completions), width), pad_id, dtype=torch.long)
     for i, c in enumerate(completions):
         comp[i, :len(c)] = torch.tensor(c)
-    comp = comp.to(device)
+    comp, real = comp.to(device), completion_mask(completions, width).bool().to(device)
     if isinstance(model, Transformer):
-        logits = shared_prompt_logits(model, [prompts[a] for a in starts], counts, comp, pad_id)
+        logits = shared_prompt_logits(model, [prompts[a] for a in starts], counts, comp, pad_id, real)
     else:
-        logits = padded_logits(model, prompts, comp, pad_id)
+        logits = padded_logits(model, prompts, comp, pad_id, real)
     logp_all = logits.float().log_softmax(dim=-1)
     return logp_all.gather(-1, comp[..., None])[..., 0], logp_all
 
 
 def shared_prompt_logits(model: Transformer, prompts: list[list[int]], counts: torch.Tensor, comp: torch.Tensor,
-                          pad_id: int) -> torch.Tensor:
+                         pad_id: int, real: torch.Tensor) -> torch.Tensor:
     """Logits (N, W, V) predicting each completion token: the distinct prompts (P, Tp) prefilled into a cache
-    whose rows are then repeated `counts` (P,) times, the completions' first W-1 tokens run over it."""
+    whose rows are then repeated `counts` (P,) times, the completions' first W-1 tokens run over it.
+    `real` (N, W) marks the completion tokens; only the tokens a row's own unpadded forward would run
+    (its prompt, its completion less the last token) count towards the experts' loads."""
     device, (N, W) = comp.device, comp.shape
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     Tp = int(lengths.max())
@@ -110,8 +113,9 @@ def shared_prompt_logits(model: Transformer, prompts: list[list[int]], counts: t
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = torch.tensor(p)
     cache = model.new_cache(len(prompts), Tp + W)
-    hidden, _ = model.trunk(tokens.to(device), positions=torch.arange(Tp, device=device).expand(len(prompts), Tp),
-                            cache=cache, n_slots=Tp)  # (P, Tp, D)
+    positions = torch.arange(Tp, device=device).expand(len(prompts), Tp)
+    hidden, _ = model.trunk(tokens.to(device), positions=positions, cache=cache, n_slots=Tp,
+                            count=positions < lengths[:, None])  # (P, Tp, D)
     first = model.logits(hidden[torch.arange(len(prompts), device=device), lengths - 1])  # (P, V): completion token 0
     first = first.repeat_interleave(counts, dim=0)[:, None]  # (N, 1, V)
     if W == 1:
@@ -119,20 +123,25 @@ def shared_prompt_logits(model: Transformer, prompts: list[list[int]], counts: t
     # A new tensor per layer: the prompt pass's saved activations are not overwritten by the writes below.
     cache.select(torch.arange(len(prompts), device=device).repeat_interleave(counts))
     positions = lengths.repeat_interleave(counts)[:, None] + torch.arange(W - 1, device=device)  # (N, W-1)
-    hidden, _ = model.trunk(comp[:, :-1], positions=positions, cache=cache)  # (N, W-1, D)
+    # Input token t counts when the token it predicts, t + 1, is a completion token.
+    hidden, _ = model.trunk(comp[:, :-1], positions=positions, cache=cache, count=real[:, 1:])  # (N, W-1, D)
     return torch.cat([first, model.logits(hidden)], dim=1)  # (N, W, V)
 
 
-def padded_logits(model, prompts: list[list[int]], comp: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """Logits (N, W, V) predicting each completion token, from one forward over prompt + completion rows."""
+def padded_logits(model, prompts: list[list[int]], comp: torch.Tensor, pad_id: int, real: torch.Tensor) -> torch.Tensor:
+    """Logits (N, W, V) predicting each completion token, from one forward over prompt + completion rows;
+    `real` (N, W) and the experts' loads of r1lab's Transformer as in `shared_prompt_logits`."""
     N, W = comp.shape
     lengths = torch.tensor([len(p) for p in prompts], device=comp.device)
     L = int(lengths.max()) + W
     seqs = torch.full((N, L), pad_id, dtype=torch.long, device=comp.device)
+    fed = torch.zeros((N, L), dtype=torch.bool, device=comp.device)  # prompt and completion tokens
     for i, p in enumerate(prompts):
         seqs[i, :len(p)] = torch.tensor(p)
         seqs[i, len(p):len(p) + W] = comp[i]
-    logits = model(seqs[:, :-1])  # (N, L-1, V)
+        fed[i, :len(p)], fed[i, len(p):len(p) + W] = True, real[i]
+    # Input token t counts when the token it predicts, t + 1, is a prompt or completion token.
+    logits = model(seqs[:, :-1], count=fed[:, 1:]) if isinstance(model, Transformer) else model(seqs[:, :-1])
     at = (lengths - 1)[:, None] + torch.arange(W, device=comp.device)  # the positions predicting completion tokens
     return logits.gather(1, at[..., None].expand(N, W, logits.shape[-1]))
 
