@@ -64,8 +64,7 @@ def test_each_row_class_runs_the_ops_of_the_table(make_config, rows):
         graph = make_fx(step)(torch.randint(0, 97, (rows, 1)), torch.full((rows, 1), 8))
     called = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
     assert {"r1lab.latent_attention.default", "r1lab.grouped_experts.default"} <= called
-    kernels = {"r1lab.linear.default", "r1lab.linear_pair.default", "r1lab.mlp.default", "r1lab.head_matmul.default",
-               "r1lab.head_linear.default"}
+    kernels = {"r1lab.linear.default", "r1lab.mlp.default", "r1lab.head_matmul.default", "r1lab.head_linear.default"}
     assert (kernels <= called) == isinstance(forms, steps.Kernels)
     assert not (kernels & called) or isinstance(forms, steps.Kernels)
     assert ("aten.mm.default" in called) == (type(forms) is steps.Blas)

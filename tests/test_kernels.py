@@ -68,7 +68,7 @@ def test_an_unwritable_cache_warns_and_leaves_decoding_eager(tmp_path, monkeypat
 
 
 @needs_kernels
-@pytest.mark.parametrize("op", ["linear", "linear_pair", "mlp", "head_linear", "head_matmul", "grouped_experts",
+@pytest.mark.parametrize("op", ["linear", "mlp", "head_linear", "head_matmul", "grouped_experts",
                                 "latent_attention", "sample"])
 def test_each_op_has_its_cpu_kernel_in_cpp(op):
     # Registered from C++ (csrc/op.h), a compiled graph calls the op without entering Python.
@@ -133,16 +133,6 @@ def test_linear_kernel_equals_the_blas(rows, k, n):
     x, weight = torch.randn(rows, k), torch.randn(n, k)
     torch.testing.assert_close(ops.linear(x, weight), torch.nn.functional.linear(x, weight),
                                atol=1e-4, rtol=1e-5)
-
-
-@needs_kernels
-@pytest.mark.parametrize("rows, k, n_a, n_b", [(2, 8, 5, 3), (9, 8, 5, 3), (64, 256, 256, 112), (12, 16, 4, 1)])
-def test_linear_pair_kernel_equals_two_products(rows, k, n_a, n_b):
-    # 5 + 3 rows: a task of fewer than 4 rows at the end of each product, the prefetch crossing between them.
-    x, weight_a, weight_b = torch.randn(rows, k), torch.randn(n_a, k), torch.randn(n_b, k)
-    a, b = ops.linear_pair(x, weight_a, weight_b)
-    torch.testing.assert_close(a, x @ weight_a.T, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(b, x @ weight_b.T, atol=1e-4, rtol=1e-5)
 
 
 @needs_kernels

@@ -29,10 +29,6 @@ def _define(schema: str, fake: Callable):
 linear = _define("linear(Tensor x, Tensor weight) -> Tensor",
                  lambda x, weight: x.new_empty(x.shape[0], weight.shape[0]))
 
-# Two products of one x in one call, as `linear`: weights (A, K) and (B, K).
-linear_pair = _define("linear_pair(Tensor x, Tensor weight_a, Tensor weight_b) -> (Tensor, Tensor)",
-                      lambda x, a, b: (x.new_empty(x.shape[0], a.shape[0]), x.new_empty(x.shape[0], b.shape[0])))
-
 # A dense SwiGLU block w2(silu(w1 x) * w3 x): x (M, D), w1 and w3 (I, D), w2 (D, I); contiguous; D, I % 8 == 0.
 mlp = _define("mlp(Tensor x, Tensor w1, Tensor w2, Tensor w3) -> Tensor", lambda x, w1, w2, w3: torch.empty_like(x))
 

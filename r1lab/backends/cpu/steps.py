@@ -26,9 +26,6 @@ class Blas:
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight)
 
-    def linear_pair(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.linear(x, a), self.linear(x, b)
-
     def mlp(self, x: torch.Tensor, mlp: MLP) -> torch.Tensor:
         return self.linear(F.silu(self.linear(x, mlp.w1.weight)) * self.linear(x, mlp.w3.weight), mlp.w2.weight)
 
@@ -57,11 +54,6 @@ class Kernels(Blas):
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         return ops.linear(x.reshape(rows, x.shape[-1]).contiguous(), weight).view(*x.shape[:-1], weight.shape[0])
-
-    def linear_pair(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = x.numel() // x.shape[-1]
-        out_a, out_b = ops.linear_pair(x.reshape(rows, x.shape[-1]).contiguous(), a, b)
-        return out_a.view(*x.shape[:-1], a.shape[0]), out_b.view(*x.shape[:-1], b.shape[0])
 
     def mlp(self, x: torch.Tensor, mlp: MLP) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).contiguous()
@@ -141,13 +133,13 @@ def _attention(attn: MLA, forms: Forms, x: torch.Tensor, rotation: torch.Tensor,
     cfg = attn.config
     B, T, _ = x.shape
     H, C, P, V, R = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-    # The query's first projection and the latent's share their input: one call where the forms pair them.
-    q, kv = forms.linear_pair(x, (attn.wq if cfg.q_lora_rank == 0 else attn.wq_a).weight, attn.wkv_a.weight)
-    if cfg.q_lora_rank:
-        q = forms.linear(attn.q_norm(q), attn.wq_b.weight)
+    if cfg.q_lora_rank == 0:
+        q = forms.linear(x, attn.wq.weight)
+    else:
+        q = forms.linear(attn.q_norm(forms.linear(x, attn.wq_a.weight)), attn.wq_b.weight)
     q_nope, q_pe = q.view(B, T, H, C + P).split([C, P], dim=-1)  # (B, T, H, C), (B, T, H, P)
     q_pe = apply_rope(q_pe, rotation[:, :, None])
-    c_kv, k_pe = kv.split([R, P], dim=-1)  # (B, T, R), (B, T, P)
+    c_kv, k_pe = forms.linear(x, attn.wkv_a.weight).split([R, P], dim=-1)  # (B, T, R), (B, T, P)
     keys = torch.cat([attn.kv_norm(c_kv), apply_rope(k_pe, rotation)], dim=-1)  # (B, T, R+P)
     cache.view(-1, R + P).index_copy_(0, write_at, keys.flatten(0, 1))
     wkv_b = attn.wkv_b.weight.view(H, C + V, R)

@@ -18,8 +18,6 @@
 //
 // The ops (float32, CPU):
 //   r1lab::linear(x (M, K), weight (N, K)) -> (M, N); x and weight contiguous; K % 8 == 0.
-//   r1lab::linear_pair(x (M, K), weight_a (A, K), weight_b (B, K)) -> ((M, A), (M, B)): two products of one x
-//     in one parallel loop (one call, one parallel region); as linear.
 //   r1lab::mlp(x (M, D), w1 (I, D), w2 (D, I), w3 (I, D)) -> (M, D); all contiguous; D % 8 == 0, I % 8 == 0.
 //   r1lab::head_linear(x (M, H, K), weight (H, N, K)) -> (M, H, N): out[m, h] = weight[h] @ x[m, h];
 //     x contiguous, weight rows contiguous (any head stride); K % 8 == 0, N % 4 == 0.
@@ -38,34 +36,14 @@
 
 namespace {
 
-// One or more products of the same x (MLA's query and latent projections share their input): out_s = x @ w_s^T.
-struct Product {
-  const float* w;  // (n, k)
-  int64_t n;
-  float* out;      // (m, n)
-};
-
-// Tasks of 4 weight rows of one product (a product's last may have fewer), all products' tasks in one
-// parallel loop; each task prefetches the next task's rows while it runs.
-void linear(const float* x, int64_t m, int64_t k, const Product* products, int count) {
-  int64_t first[4], total = 0;  // first task of each product
-  for (int p = 0; p < count; ++p) first[p] = total, total += (products[p].n + 3) / 4;
-  const auto rows_of = [&](int64_t task, const Product** product, int64_t* j) {
-    int p = 0;
-    while (p + 1 < count && task >= first[p + 1]) ++p;
-    *product = products + p;
-    *j = (task - first[p]) * 4;
-    return std::min<int64_t>(4, products[p].n - *j);
-  };
+// out (m, n) = x (m, k) @ w (n, k)^T in tasks of 4 weight rows (the last may have fewer); each task prefetches
+// the next task's rows while it runs.
+void linear(const float* x, int64_t m, int64_t k, const float* w, int64_t n, float* out) {
 #pragma omp parallel for schedule(static)
-  for (int64_t task = 0; task < total; ++task) {
-    const Product* product;
-    const Product* next_product = nullptr;
-    int64_t j, next_j = 0, next_rows = 0;
-    const int64_t rows = rows_of(task, &product, &j);
-    if (task + 1 < total) next_rows = rows_of(task + 1, &next_product, &next_j);
-    r1lab::dot_rows(x, k, m, product->w + j * k, k, rows, k, product->out + j, product->n,
-                    next_rows ? reinterpret_cast<const char*>(next_product->w + next_j * k) : nullptr, next_rows * k * 4);
+  for (int64_t j = 0; j < n; j += 4) {
+    const int64_t next = std::max<int64_t>(0, std::min<int64_t>(4, n - j - 4));
+    r1lab::dot_rows(x, k, m, w + j * k, k, std::min<int64_t>(4, n - j), k, out + j, n,
+                    next ? reinterpret_cast<const char*>(w + (j + 4) * k) : nullptr, next * k * 4);
   }
 }
 
@@ -135,7 +113,7 @@ void head_matmul(const float* x, int64_t x_row, int64_t x_head, const float* w, 
   }
 }
 
-const char* const LINEAR = "the linear kernels take contiguous float32 CPU x (M, K) and weights (N, K) with K % 8 == 0";
+const char* const LINEAR = "the linear kernel takes contiguous float32 CPU x (M, K) and weights (N, K) with K % 8 == 0";
 const char* const MLP = "the mlp kernel takes contiguous float32 CPU x (M, D), w1 and w3 (I, D), w2 (D, I) with D % 8 == 0, "
                         "I % 8 == 0";
 const char* const HEADS_MATMUL = "head_matmul takes float32 CPU x (M, H, K) with unit-stride rows (any row and head "
@@ -152,26 +130,8 @@ void boxed_linear(StableIValue* stack, uint64_t, uint64_t) {
                LINEAR);
   const int64_t m = x.size(0), n = weight.size(0), k = x.size(1);
   r1lab::Tensor out(r1lab::empty({m, n}, f32));
-  const Product product{weight.data<float>(), n, out.data<float>()};
-  linear(x.data<float>(), m, k, &product, 1);
+  linear(x.data<float>(), m, k, weight.data<float>(), n, out.data<float>());
   stack[0] = out.release();
-}
-
-// linear_pair(Tensor x, Tensor weight_a, Tensor weight_b) -> (Tensor, Tensor)
-void boxed_linear_pair(StableIValue* stack, uint64_t, uint64_t) {
-  r1lab::Tensor x(stack[0]), a(stack[1]), b(stack[2]);
-  const int32_t f32 = aoti_torch_dtype_float32();
-  r1lab::check(x.is(f32) && a.is(f32) && b.is(f32) && x.dim() == 2 && a.dim() == 2 && b.dim() == 2 && x.contiguous() &&
-                   a.contiguous() && b.contiguous() && a.size(1) == x.size(1) && b.size(1) == x.size(1) &&
-                   x.size(1) % 8 == 0,
-               LINEAR);
-  const int64_t m = x.size(0), k = x.size(1);
-  r1lab::Tensor out_a(r1lab::empty({m, a.size(0)}, f32)), out_b(r1lab::empty({m, b.size(0)}, f32));
-  const Product products[2] = {{a.data<float>(), a.size(0), out_a.data<float>()},
-                               {b.data<float>(), b.size(0), out_b.data<float>()}};
-  linear(x.data<float>(), m, k, products, 2);
-  stack[0] = out_a.release();
-  stack[1] = out_b.release();
 }
 
 // mlp(Tensor x, Tensor w1, Tensor w2, Tensor w3) -> Tensor
@@ -225,7 +185,6 @@ void boxed_head_matmul(StableIValue* stack, uint64_t, uint64_t) {
 
 extern "C" int r1lab_register_linear() {
   static const int status = r1lab::register_cpu_kernel("linear", boxed_linear) |
-                            r1lab::register_cpu_kernel("linear_pair", boxed_linear_pair) |
                             r1lab::register_cpu_kernel("mlp", boxed_mlp) |
                             r1lab::register_cpu_kernel("head_linear", boxed_head_linear) |
                             r1lab::register_cpu_kernel("head_matmul", boxed_head_matmul);
