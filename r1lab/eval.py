@@ -57,7 +57,7 @@ from r1lab.mathcheck import extract_answer, normalize, quick_equal
 from r1lab.rewards import accuracy_reward, format_reward, score_batch
 from r1lab.tasks import FAMILIES, get_family
 from r1lab.tasks.benchmarks import BENCHMARKS, BenchmarkNotFoundError, load_benchmark
-from r1lab.sampling import longest_prompt, sample, sized_engine, with_stop_rule
+from r1lab.sampling import Group, Sampled, longest_prompt, sample, sized_engine, with_stop_rule
 from r1lab.tokenizer import R1, R1_ZERO, TEMPLATES, Tokenizer, split_reasoning
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -154,26 +154,8 @@ def default_instruction(template: str) -> str:
 
 
 # ------------------------------------------------------------------------------------- generation
-@dataclass
-class Sample:
-    """One completion: the whole text (tags kept) and the response after the reasoning."""
-    text: str
-    answer_text: str
-    n_tokens: int
-    finish_reason: str
-
-
-@dataclass
-class Generated:
-    """The k samples of one item, with what they cost."""
-    samples: list[Sample]
-    prompt_tokens: int
-    flops: float | None = None
-    skipped: str | None = None   # why the item could not be generated (it then scores 0)
-
-
-SampleChunk = Callable[[list[dict], int], list[Generated]]
-"""(examples of one chunk, index of its first item) -> one Generated per example."""
+SampleChunk = Callable[[list[dict], int], list[Group]]
+"""(examples of one chunk, index of its first item) -> one `sampling.Group` of k samples per example."""
 
 
 def chunk_seed(seed: int, start: int) -> int:
@@ -185,25 +167,24 @@ def engine_sampler(engine: Engine, tokenizer: Tokenizer, params: SamplingParams,
                    instruction: str, think_opened: bool) -> SampleChunk:
     """Generate a chunk with one `sampling.sample` call (n = k per prompt); a prompt that does not fit
     the engine's context gives k empty samples that end for "length"."""
-    cfg = getattr(engine.model, "config", None)
-    cfg = cfg if isinstance(cfg, ModelConfig) else None  # FLOPs are known for r1lab models only
 
-    def sample_chunk(examples: list[dict], start: int) -> list[Generated]:
+    def sample_chunk(examples: list[dict], start: int) -> list[Group]:
         groups = sample(engine, tokenizer, examples, replace(params, seed=chunk_seed(params.seed, start)), template,
                         instruction)
-        return [Generated([Sample(s.text, split_reasoning(s.text, think_opened=think_opened)[1], len(s.token_ids),
-                                  s.finish_reason) for s in g.samples] or [Sample("", "", 0, "length")] * params.n,
-                          len(g.prompt_ids), g.flops(cfg) if cfg else None, g.skipped) for g in groups]
+        return [replace(g, samples=[Sampled(g.example, g.prompt_ids, [], "", "length")] * params.n) if g.skipped
+                else g for g in groups]
 
     return sample_chunk
 
 
 # ------------------------------------------------------------------------------------- grading
-def grade_items(examples: list[dict], generated: list[Generated], grade: str, think_opened: bool) -> list[dict]:
-    """One samples.jsonl record per item: every completion graded, plus the majority vote."""
+def grade_items(examples: list[dict], generated: list[Group], grade: str, think_opened: bool,
+                config: ModelConfig | None) -> list[dict]:
+    """One samples.jsonl record per item: every completion graded, plus the majority vote; FLOPs from
+    `config` (known for r1lab models only)."""
     flat_examples = [{**ex, "think_opened": think_opened} for ex, g in zip(examples, generated) for _ in g.samples]
     samples = [s for g in generated for s in g.samples]
-    graded = [s.answer_text if grade == "answer" else s.text for s in samples]
+    graded = [split_reasoning(s.text, think_opened=think_opened)[1] if grade == "answer" else s.text for s in samples]
     correct = score_batch([(accuracy_reward, 1.0)], graded, flat_examples).totals
     # The format is judged on the whole completion, tags and all, whatever part is graded.
     formats = score_batch([(format_reward, 1.0)], [s.text for s in samples], flat_examples).totals
@@ -222,7 +203,7 @@ def grade_items(examples: list[dict], generated: list[Generated], grade: str, th
                   "n_correct": sum(c["correct"] >= 1.0 for c in completions),
                   "cons": {"answer": vote.answer, "votes": vote.votes, "tied": vote.tied,
                            "correct": completions[vote.index]["correct"] if vote.index is not None else 0.0},
-                  "flops": gen.flops}
+                  "flops": gen.flops(config) if config else None}
         if gen.skipped:
             record["skipped"] = gen.skipped
         records.append(record)
@@ -276,7 +257,7 @@ def with_greedy(sampled: EvalResult, greedy: EvalResult, out_dir: str | os.PathL
 def run_evaluation(sample_chunk: SampleChunk, examples: list[dict], *, k: int, settings: dict[str, Any],
                    ks: Sequence[int] | None = None, out_dir: str | os.PathLike | None = None,
                    resume: bool = True, chunk_size: int = 8, grade: str = "answer", think_opened: bool = False,
-                   cores: int | None = None, peak_gflops: float | None = None,
+                   cores: int | None = None, peak_gflops: float | None = None, config: ModelConfig | None = None,
                    progress: Callable[[int, int], None] | None = None) -> EvalResult:
     """Sample, grade and summarise `examples` chunk by chunk; the engine-free core of every evaluation."""
     if grade not in GRADES:
@@ -300,7 +281,7 @@ def run_evaluation(sample_chunk: SampleChunk, examples: list[dict], *, k: int, s
         if not todo:
             continue
         t0 = time.perf_counter()
-        records = grade_items(todo, sample_chunk(todo, start), grade, think_opened)
+        records = grade_items(todo, sample_chunk(todo, start), grade, think_opened, config)
         share = (time.perf_counter() - t0) / len(records)
         for record in records:
             record["seconds"] = share
@@ -409,8 +390,9 @@ def evaluate(engine: Engine, tokenizer: Tokenizer, examples: list[dict], *, k: i
     params.validate()
     think_opened = template == R1 if think_opened is None else think_opened
     instruction = default_instruction(template) if instruction is None else instruction
-    has_flops = isinstance(getattr(engine.model, "config", None), ModelConfig)
-    if not peak_gflops and has_flops:
+    config = getattr(engine.model, "config", None)
+    config = config if isinstance(config, ModelConfig) else None  # FLOPs are known for r1lab models only
+    if not peak_gflops and config:
         peak_gflops = measure_matmul_peak()
     sampling = {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k, "seed": params.seed,
                 "max_new_tokens": params.max_new_tokens, "stop_token_ids": list(params.stop_token_ids)}
@@ -421,7 +403,7 @@ def evaluate(engine: Engine, tokenizer: Tokenizer, examples: list[dict], *, k: i
     result = run_evaluation(sample_chunk, examples, k=k, settings=settings, ks=ks, out_dir=out_dir, resume=resume,
                             chunk_size=chunk_size or max(1, engine.max_batch_size // k), grade=grade,
                             think_opened=think_opened, cores=torch.get_num_threads(), peak_gflops=peak_gflops,
-                            progress=progress)
+                            config=config, progress=progress)
     if not greedy:
         return result
     greedy_run = result if params.temperature == 0 else evaluate(  # a greedy run is its own greedy twin

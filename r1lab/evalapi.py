@@ -6,9 +6,9 @@ from the run seed and the item id. Requests run in a bounded thread pool; 429, 5
 refused connections are retried with exponential backoff (honouring Retry-After); 401, 403 and 404
 stop the run with a message saying what to check.
 
-A reply's `reasoning_content` (or vLLM's `reasoning`), when present, is the chain of thought:
-the graded answer is then `content`, and the whole text is rebuilt as
-`<think>\\n{reasoning}\\n</think>\\n\\n{content}` for the format check. Token counts come from
+A reply's `reasoning_content` (or vLLM's `reasoning`), when present, is the chain of thought: the
+whole text is rebuilt as `<think>\\n{reasoning}\\n</think>\\n\\n{content}`, so the graded answer
+(what follows `</think>`) is `content`. Token counts come from
 `usage.completion_tokens` (reasoning included): a choice cut for "length" used max_tokens, the
 rest are shared among the other choices by characters (exact for n=1, apportioned for n > 1).
 This module knows HTTP and the OpenAI schema; grading and files are `r1lab.eval`'s.
@@ -37,16 +37,13 @@ from r1lab.eval import (
     R1_TOP_P,
     EvalError,
     EvalResult,
-    Generated,
-    Sample,
     bench_label,
     load_examples,
     run_evaluation,
     with_greedy,
 )
-from r1lab.sampling import question_text
+from r1lab.sampling import Group, Sampled, question_text
 from r1lab.tasks import FAMILIES
-from r1lab.tokenizer import split_reasoning
 
 
 class EndpointError(EvalError):
@@ -75,14 +72,15 @@ class ChatSampler:
         self.n_supported: bool | None = None if k > 1 else True  # learnt from the first reply
         self._lock = threading.Lock()
 
-    def __call__(self, examples: list[dict], start: int) -> list[Generated]:
+    def __call__(self, examples: list[dict], start: int) -> list[Group]:
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(examples))) as pool:
             return list(pool.map(self.sample_item, examples))
 
-    def sample_item(self, example: dict) -> Generated:
+    def sample_item(self, example: dict) -> Group:
+        """The k samples of one example; no ids, the endpoint's token counts (`usage_tokens`)."""
         messages = [{"role": "user", "content": question_text(example, self.instruction)}]
         item_id = str(example["id"])
-        samples: list[Sample] = []
+        samples: list[Sampled] = []
         prompt_tokens = 0
         if self.k > 1 and self.n_supported is not False:
             try:
@@ -92,15 +90,15 @@ class ChatSampler:
             with self._lock:
                 self.n_supported = reply is not None and len(reply.choices) >= self.k
             if reply is not None:
-                samples, prompt_tokens = _samples(reply, self.request["max_tokens"])[:self.k], _prompt_tokens(reply)
+                samples, prompt_tokens = _samples(reply, self.request["max_tokens"], example)[:self.k], _prompt_tokens(reply)
         while len(samples) < self.k:
             j = len(samples)
             reply = self._create(messages, n=1, seed=item_seed(self.seed, item_id, j))
             if not reply.choices:
                 raise EndpointError(f"{self.api_base}: a reply with no choices for model {self.api_model!r}")
-            samples.append(_samples(reply, self.request["max_tokens"])[0])
+            samples.append(_samples(reply, self.request["max_tokens"], example)[0])
             prompt_tokens = prompt_tokens or _prompt_tokens(reply)
-        return Generated(samples, prompt_tokens)
+        return Group(example, [], samples, usage_prompt_tokens=prompt_tokens)
 
     def _create(self, messages: list[dict], n: int, seed: int):
         for attempt in range(self.max_retries + 1):
@@ -152,8 +150,8 @@ def _field(message: Any, name: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _samples(reply: Any, max_tokens: int) -> list[Sample]:
-    """One Sample per choice. A choice cut for "length" used exactly max_tokens; the rest of
+def _samples(reply: Any, max_tokens: int, example: dict) -> list[Sampled]:
+    """One Sampled per choice. A choice cut for "length" used exactly max_tokens; the rest of
     `usage.completion_tokens` is shared among the other choices in proportion to their characters."""
     choices = sorted(reply.choices, key=lambda c: c.index)
     parts = []
@@ -161,24 +159,23 @@ def _samples(reply: Any, max_tokens: int) -> list[Sample]:
         content = choice.message.content or ""
         reasoning = _field(choice.message, "reasoning_content") or _field(choice.message, "reasoning")
         if reasoning is None:
-            parts.append((content, split_reasoning(content)[1], len(content)))
+            parts.append((content, len(content)))
         elif not content and choice.finish_reason == "length":  # cut off inside the reasoning
-            parts.append((f"<think>\n{reasoning}", "", len(reasoning)))
+            parts.append((f"<think>\n{reasoning}", len(reasoning)))
         else:
-            text = f"<think>\n{reasoning}\n</think>\n\n{content}"
-            parts.append((text, content.strip(), len(reasoning) + len(content)))
+            parts.append((f"<think>\n{reasoning}\n</think>\n\n{content}", len(reasoning) + len(content)))
     cut = [choice.finish_reason == "length" for choice in choices]
     total = getattr(getattr(reply, "usage", None), "completion_tokens", None)
     rest = None if total is None else max(total - max_tokens * sum(cut), 0)
-    chars = sum(p[2] for p, was_cut in zip(parts, cut) if not was_cut) or 1
+    chars = sum(p[1] for p, was_cut in zip(parts, cut) if not was_cut) or 1
     out = []
-    for choice, (text, answer, n_chars), was_cut in zip(choices, parts, cut):
+    for choice, (text, n_chars), was_cut in zip(choices, parts, cut):
         if was_cut:
             tokens = max_tokens
         else:
             tokens = round(rest * n_chars / chars) if rest is not None else len(text) // 4
         reason = choice.finish_reason if choice.finish_reason in ("stop", "length") else str(choice.finish_reason)
-        out.append(Sample(text, answer, int(tokens), reason))
+        out.append(Sampled(example, [], [], text, reason, usage_tokens=int(tokens)))
     return out
 
 

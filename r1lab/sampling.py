@@ -25,7 +25,9 @@ from r1lab.tokenizer import Tokenizer, render_prompt, template_stop_ids
 
 @dataclass
 class Sampled:
-    """One completion of one example, and (once graded) what the reward functions gave it."""
+    """One completion of one example, and (once graded) what the reward functions gave it. An
+    OpenAI-compatible endpoint returns text and token counts, no ids: its ids are empty and
+    `usage_tokens` holds its count."""
     example: dict
     prompt_ids: list[int]
     token_ids: list[int]          # generated ids, the stop id included
@@ -33,11 +35,16 @@ class Sampled:
     finish_reason: str            # "stop", "length" or "abort"
     reward: float = 0.0           # weighted total, set by `grade`
     rewards: dict[str, float] = field(default_factory=dict)  # reward name -> unweighted value, set by `grade`
+    usage_tokens: int | None = None  # generated tokens an endpoint reported
 
     @property
     def truncated(self) -> bool:
         """Cut off by the token limit: it never reached a stop."""
         return self.finish_reason == "length"
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.token_ids) if self.usage_tokens is None else self.usage_tokens
 
 
 @dataclass
@@ -47,6 +54,11 @@ class Group:
     prompt_ids: list[int]
     samples: list[Sampled]
     skipped: str | None = None    # why nothing was generated (the prompt does not fit the context)
+    usage_prompt_tokens: int | None = None  # prompt tokens an endpoint reported (it renders the prompt)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids) if self.usage_prompt_tokens is None else self.usage_prompt_tokens
 
     def flops(self, config: ModelConfig | DenseShape) -> float:
         """Model FLOPs of generating this group: one prefill, then each sample's decode steps."""

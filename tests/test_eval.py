@@ -31,7 +31,7 @@ from r1lab.evalreport import GREEDY, SAMPLED, BestDecoding, best_decoding, compa
 from r1lab.model import Transformer
 from r1lab.sampling import question_text
 from r1lab.tasks.benchmarks import BenchmarkNotFoundError, candidate_dirs
-from r1lab.tokenizer import R1, R1_ZERO, R1_ZERO_PROMPT, Tokenizer, render_prompt
+from r1lab.tokenizer import R1, R1_ZERO, R1_ZERO_PROMPT, Tokenizer, render_prompt, split_reasoning
 
 
 # ------------------------------------------------------------------------------------- metrics
@@ -450,10 +450,11 @@ def test_endpoint_lengths_charge_cut_choices_max_tokens_and_share_the_rest():
                                message=SimpleNamespace(content=content, reasoning_content=reasoning, model_extra={}))
     reply = SimpleNamespace(usage=SimpleNamespace(completion_tokens=64 + 40), choices=[
         choice(0, "", "x" * 300, "length"), choice(1, "ab", "cd", "stop"), choice(2, "abcdef", "ghijkl", "stop")])
-    cut, short, long = _samples(reply, max_tokens=64)
+    cut, short, long = _samples(reply, max_tokens=64, example={"id": "q"})
     assert (cut.n_tokens, short.n_tokens, long.n_tokens) == (64, 10, 30)
-    assert cut.text == "<think>\n" + "x" * 300 and cut.answer_text == ""  # the reasoning never closed
-    assert short.text == "<think>\ncd\n</think>\n\nab" and short.answer_text == "ab"
+    assert cut.text == "<think>\n" + "x" * 300 and split_reasoning(cut.text)[1] == ""  # the reasoning never closed
+    assert short.text == "<think>\ncd\n</think>\n\nab" and split_reasoning(short.text)[1] == "ab"
+    assert cut.example == {"id": "q"} and cut.token_ids == cut.prompt_ids == []
 
 
 # ------------------------------------------------------------------------------------- the command

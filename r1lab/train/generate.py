@@ -71,9 +71,8 @@ def load_prompts(source: str, *, limit: int | None = None, seed: int = 0, diffic
 
 @dataclass
 class Graded:
-    """Graded samples of every prompt, with their token counts and what generating them cost."""
+    """Graded samples of every prompt and what generating them cost."""
     samples: list[Sampled]
-    n_tokens: list[int]
     instruction: str
     think_opened: bool
     flops: float | None = None
@@ -109,7 +108,7 @@ def sample_model(model_dir: str | Path, examples: list[dict], cfg: GenerateConfi
     think_opened = template == R1
     samples = [s for g in groups for s in g.samples]
     graded = grade(samples, WEIGHTS, think_opened=think_opened)
-    return Graded(graded, [len(s.token_ids) for s in samples], instruction, think_opened,
+    return Graded(graded, instruction, think_opened,
                   flops=sum(g.flops(shape) for g in groups) if shape is not None else None,
                   seconds=time.perf_counter() - started,
                   skipped=[str(g.example["id"]) for g in groups if g.skipped])
@@ -126,22 +125,17 @@ def sample_endpoint(api_base: str, api_model: str, examples: list[dict], cfg: Ge
     sampler = ChatSampler(api_base, api_model, k=cfg.k, max_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                           top_p=cfg.top_p, seed=cfg.seed, instruction=instruction, api_key=api_key,
                           concurrency=concurrency)
-    generated = sampler(examples, 0)
-    samples, n_tokens = [], []
-    for example, gen in zip(examples, generated):
-        for s in gen.samples:
-            samples.append(Sampled(example, [], [], s.text, s.finish_reason))
-            n_tokens.append(s.n_tokens)
+    samples = [s for group in sampler(examples, 0) for s in group.samples]
     graded = grade(samples, WEIGHTS, think_opened=False)  # the text carries its own <think>
-    return Graded(graded, n_tokens, instruction, False, seconds=time.perf_counter() - started)
+    return Graded(graded, instruction, False, seconds=time.perf_counter() - started)
 
 
 def filter_graded(graded: Graded, limits: Limits) -> tuple[Filtered, list[Sample]]:
     """(the filter's result, every sample as the filter saw it), in generation order."""
     candidates = [Sample(prompt_id=str(s.example["id"]), prompt=question_text(s.example, graded.instruction),
-                         completion=s.text, n_tokens=n, accuracy=s.rewards["accuracy"], format=s.rewards["format"],
-                         language=s.rewards["language"])
-                  for s, n in zip(graded.samples, graded.n_tokens)]
+                         completion=s.text, n_tokens=s.n_tokens, accuracy=s.rewards["accuracy"],
+                         format=s.rewards["format"], language=s.rewards["language"])
+                  for s in graded.samples]
     return filter_samples(candidates, limits), candidates
 
 
