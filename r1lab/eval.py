@@ -43,14 +43,8 @@ from r1lab import __version__
 from r1lab.checkpoint import model_metadata, model_template, write_text_atomic
 from r1lab.config import ConfigError, ModelConfig
 from r1lab.engine import Engine, SamplingParams
-from r1lab.evalreport import (  # noqa: F401 (pass_at_k is re-exported)
-    best_decoding,
-    default_ks,
-    item_scores,
-    pass_at_k,
-    results_markdown,
-    summarize,
-)
+from r1lab.evalreport import (best_decoding, default_ks, item_scores, pass_at_k,  # noqa: F401 (re-exported)
+                              results_markdown, summarize)
 from r1lab.hardware import describe_machine, measure_matmul_peak
 from r1lab.hf import load_causal_lm
 from r1lab.mathcheck import extract_answer, normalize, quick_equal
@@ -164,7 +158,7 @@ def chunk_seed(seed: int, start: int) -> int:
 
 
 def engine_sampler(engine: Engine, tokenizer: Tokenizer, params: SamplingParams, template: str,
-                   instruction: str, think_opened: bool) -> SampleChunk:
+                   instruction: str) -> SampleChunk:
     """Generate a chunk with one `sampling.sample` call (n = k per prompt); a prompt that does not fit
     the engine's context gives k empty samples that end for "length"."""
 
@@ -399,7 +393,7 @@ def evaluate(engine: Engine, tokenizer: Tokenizer, examples: list[dict], *, k: i
     settings = {"model": None, "bench": None, "difficulty": None, **(settings or {}), "template": template,
                 "instruction": instruction, "think_opened": think_opened, "sampling": sampling,
                 "max_len": engine.max_len}
-    sample_chunk = engine_sampler(engine, tokenizer, params, template, instruction, think_opened)
+    sample_chunk = engine_sampler(engine, tokenizer, params, template, instruction)
     result = run_evaluation(sample_chunk, examples, k=k, settings=settings, ks=ks, out_dir=out_dir, resume=resume,
                             chunk_size=chunk_size or max(1, engine.max_batch_size // k), grade=grade,
                             think_opened=think_opened, cores=torch.get_num_threads(), peak_gflops=peak_gflops,

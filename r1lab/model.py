@@ -483,9 +483,7 @@ class Transformer(nn.Module):
 
     def reset_parameters(self) -> None:
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=self.config.init_std)
-            elif isinstance(module, Gate):
+            if isinstance(module, (nn.Linear, nn.Embedding, Gate)):
                 nn.init.normal_(module.weight, std=self.config.init_std)
             elif isinstance(module, Experts):
                 for weight in (module.w1, module.w2, module.w3):

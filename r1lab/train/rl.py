@@ -106,7 +106,7 @@ def shared_prompt_logits(model: Transformer, prompts: list[list[int]], counts: t
     whose rows are then repeated `counts` (P,) times, the completions' first W-1 tokens run over it.
     `real` (N, W) marks the completion tokens; only the tokens a row's own unpadded forward would run
     (its prompt, its completion less the last token) count towards the experts' loads."""
-    device, (N, W) = comp.device, comp.shape
+    device, W = comp.device, comp.shape[1]
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     Tp = int(lengths.max())
     tokens = torch.full((len(prompts), Tp), pad_id, dtype=torch.long)
