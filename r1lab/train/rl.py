@@ -341,8 +341,8 @@ def _optimise(model, reference, optimizer, batch: Rollout, cfg: GRPOConfig, loss
                               eps_low=cfg.eps_low, eps_high=cfg.eps_high, max_tokens=cfg.max_new_tokens)
                 with record_function("grpo.backward"):
                     (out.loss * share).backward()
-                parts = [float(out.loss.detach()) * share, float(out.kl) * token_share,
-                         float(out.clip_fraction) * token_share]
+                parts = [float(out.loss.detach()) * share, float(out.kl.detach()) * token_share,
+                         float(out.clip_fraction.detach()) * token_share]
             with record_function("grpo.optimizer"):
                 sync_gradients(model, world)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
