@@ -250,6 +250,16 @@ def _dry_run(args: argparse.Namespace, recipe: Recipe) -> int:
     return 0
 
 
+def _in_process_group(run_stage, recipe: Recipe, run_dir: Path):
+    """A training stage, leaving torchrun's process group (if the stage joined one) however it ends."""
+    from r1lab.train.distributed import leave
+
+    try:
+        return run_stage(recipe, run_dir)
+    finally:
+        leave()
+
+
 def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
     """Next-token pretraining into <run>/base (resumes if interrupted)."""
     from r1lab.train.stages import run_pretrain
@@ -257,8 +267,9 @@ def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
     recipe = _training_recipe(args, overrides)
     if args.dry_run:
         return _dry_run(args, recipe)
-    result = run_pretrain(recipe, args.run)
-    print(f"pretrained {result.steps} steps in {result.seconds:.0f} s: {args.run / 'base' / 'checkpoint'}")
+    result = _in_process_group(run_pretrain, recipe, args.run)
+    if result.is_main:
+        print(f"pretrained {result.steps} steps in {result.seconds:.0f} s: {args.run / 'base' / 'checkpoint'}")
     return 0
 
 
@@ -269,8 +280,9 @@ def cmd_sft(args: argparse.Namespace, overrides: list[str]) -> int:
     recipe = _training_recipe(args, overrides)
     if args.dry_run:
         return _dry_run(args, recipe)
-    result = run_sft(recipe, args.run)
-    print(f"fine-tuned {result.steps} steps in {result.seconds:.0f} s: {args.run / 'sft' / 'checkpoint'}")
+    result = _in_process_group(run_sft, recipe, args.run)
+    if result.is_main:
+        print(f"fine-tuned {result.steps} steps in {result.seconds:.0f} s: {args.run / 'sft' / 'checkpoint'}")
     return 0
 
 
@@ -281,8 +293,9 @@ def cmd_grpo(args: argparse.Namespace, overrides: list[str]) -> int:
     recipe = _training_recipe(args, overrides)
     if args.dry_run:
         return _dry_run(args, recipe)
-    result = run_grpo(recipe, args.run)
-    print(f"GRPO {recipe.grpo.steps} steps in {result.seconds:.0f} s: {args.run / 'rl' / 'checkpoint'}")
+    result = _in_process_group(run_grpo, recipe, args.run)
+    if result.is_main:
+        print(f"GRPO {recipe.grpo.steps} steps in {result.seconds:.0f} s: {args.run / 'rl' / 'checkpoint'}")
     return 0
 
 

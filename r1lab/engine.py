@@ -480,12 +480,13 @@ class Engine:
         return tokens, logp
 
     # -- whole calls -----------------------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams, first_index: int = 0) -> list[Completion]:
         """All samples of all prompts: prompt i's sample j is at index i * n + j (prompt i's seed is mixed
-        from params.seed and i). Steps it shares with requests added by `add_request` drop their events."""
+        from params.seed and first_index + i: a call split into parts samples what the whole call would).
+        Steps it shares with requests added by `add_request` drop their events."""
         ids = {}  # request id -> prompt index
         for index, prompt in enumerate(prompts):
-            seed = None if params.seed is None else _mix_seed(params.seed, index)
+            seed = None if params.seed is None else _mix_seed(params.seed, first_index + index)
             ids[self.add_request(prompt, replace(params, seed=seed))] = index
         samples = {request_id: [Completion(index, j, [], "", []) for j in range(params.n)]
                    for request_id, index in ids.items()}

@@ -91,12 +91,14 @@ def sized_engine(model, tokenizer: Tokenizer, longest: int, max_new_tokens: int,
 
 
 def sample(engine: Engine, tokenizer: Tokenizer, examples: Sequence[dict], params: SamplingParams, template: str,
-           instruction: str = "") -> list[Group]:
-    """`params.n` completions of every example in one `engine.generate` call, under the template's stop rule."""
+           instruction: str = "", first_index: int = 0) -> list[Group]:
+    """`params.n` completions of every example in one `engine.generate` call, under the template's stop rule;
+    `first_index`: where `examples` start in a larger list split over processes (`Engine.generate`)."""
     params = with_stop_rule(params, tokenizer, template)
     prompts = [render_prompt(tokenizer, question_text(ex, instruction), template) for ex in examples]
     fits = [i for i, p in enumerate(prompts) if len(p) < engine.max_len]
-    outs = engine.generate([prompts[i] for i in fits], params) if fits else []
+    shifted = {"first_index": first_index} if first_index else {}  # (engines that never split need not take it)
+    outs = engine.generate([prompts[i] for i in fits], params, **shifted) if fits else []
     groups = [Group(ex, p, [], f"prompt of {len(p)} tokens does not fit max_len {engine.max_len}")
               for ex, p in zip(examples, prompts)]
     for slot, i in enumerate(fits):

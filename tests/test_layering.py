@@ -101,6 +101,12 @@ def test_only_the_engine_imports_the_backend():
     assert importers == {"r1lab.engine"}, importers
 
 
+def test_only_the_distributed_module_knows_torch_distributed():
+    knowers = {module_name(p) for p in PACKAGE.rglob("*.py")
+               if any(matches(name, "torch.distributed") for name in imports_of(p))}
+    assert knowers == {"r1lab.train.distributed"}, knowers
+
+
 def test_no_device_strings_in_library_code():
     device_use = re.compile(r"""(device\s*=\s*|torch\.device\(\s*|\.to\(\s*)["'](cuda|cpu|mps)|\.cuda\(\)""")
     offenders = [str(p) for p in PACKAGE.rglob("*.py") if device_use.search(p.read_text())]

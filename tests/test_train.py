@@ -391,8 +391,8 @@ def test_grpo_command_trains_on_prompts_from_a_user_jsonl(tmp_path, grpo_base, m
     seen = []
     original = rl_mod.rollout
 
-    def spy(engine, tokenizer, pool, cfg, step, template):
-        batch = original(engine, tokenizer, pool, cfg, step, template)
+    def spy(engine, tokenizer, pool, cfg, step, template, **kwargs):
+        batch = original(engine, tokenizer, pool, cfg, step, template, **kwargs)
         seen.extend(s.example for s in batch.samples)
         return batch
 

@@ -37,6 +37,7 @@ class StageResult:
     seconds: float               # wall time of this process's part of the stage (resumed runs: the sum)
     flops: float
     cost: StageCost
+    is_main: bool = True         # the process that wrote the checkpoint (rank 0 of a multi-process run)
 
 
 def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
@@ -64,8 +65,11 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 class MetricsLog:
     """metrics.jsonl (one JSON object per logged step) plus TensorBoard events when installed."""
 
-    def __init__(self, path: Path, resume_step: int | None = None):
-        self.path = path
+    def __init__(self, path: Path, resume_step: int | None = None, write: bool = True):
+        """`write` False (every process of a run but the first): touch no file, log nothing."""
+        self.path, self.write, self.writer = path, write, None
+        if not write:
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         for stale in path.parent.glob(f".{path.name}.tmp-*"):  # a cut killed before its rename
             stale.unlink()
@@ -75,7 +79,6 @@ class MetricsLog:
             write_text_atomic(path, "".join(r + "\n" for r in rows))
         elif path.exists():
             path.unlink()
-        self.writer = None
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -84,6 +87,8 @@ class MetricsLog:
             pass
 
     def log(self, step: int, values: dict) -> None:
+        if not self.write:
+            return
         row = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in values.items()}}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
@@ -185,8 +190,11 @@ def resume_into(stage_dir: Path, model, optimizer) -> tuple[int, float, float] |
 
 
 def stage_cost(stage: str, flops: float, seconds: float, cost: CostConfig, peak_flops: float,
-               device: torch.device | None = None) -> StageCost:
-    """The ledger line of a stage run on `device` (CPU: priced per core-hour of torch's threads)."""
+               device: torch.device | None = None, processes: int = 1) -> StageCost:
+    """The ledger line of a stage run on `device` (CPU: priced per core-hour of torch's threads) by
+    `processes` processes alike (`flops`: all of theirs; `peak_flops`: one device's)."""
     if device is not None and device.type == "cuda":
-        return StageCost(stage, flops, seconds, 1, torch.cuda.get_device_name(device), peak_flops, cost.gpu_hour_usd)
-    return StageCost(stage, flops, seconds, torch.get_num_threads(), "cpu-core", peak_flops, cost.cpu_core_hour_usd)
+        return StageCost(stage, flops, seconds, processes, torch.cuda.get_device_name(device), peak_flops * processes,
+                         cost.gpu_hour_usd)
+    return StageCost(stage, flops, seconds, processes * torch.get_num_threads(), "cpu-core", peak_flops * processes,
+                     cost.cpu_core_hour_usd)

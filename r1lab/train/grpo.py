@@ -91,3 +91,7 @@ def keep_informative_groups(rewards: torch.Tensor, group_size: int) -> torch.Ten
     """(P,) bool: groups whose rewards are not all equal (they carry a learning signal)."""
     grouped = rewards.view(-1, group_size)
     return (grouped.max(dim=1).values - grouped.min(dim=1).values) > 1e-6
+
+
+# name -> what the loss averages over: a minibatch split over processes weighs each part by its share of it
+AVERAGED_OVER = {"grpo": "sequences", "dr_grpo": "sequences", "dapo": "tokens"}

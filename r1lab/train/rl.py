@@ -10,6 +10,13 @@ minibatch takes them from its own forward, detached) -> `epochs` passes of minib
 the chosen loss (`train/grpo.py`) -> aux-loss-free bias update -> metrics, periodic held-out
 evaluation and checkpoints. Killed and resumed, it continues with the numbers an
 uninterrupted run would have had.
+
+With more than one process (`train/distributed.py`), every rank draws the step's P prompts and
+samples its contiguous share of them, whole groups, with the seeds one process would have used for
+them; advantages stay group-local. Each sample keeps its position in the step's global batch, so
+the minibatches are the single-process ones; a rank scales its loss by its share of the
+minibatch's denominator (sequences, or tokens for DAPO) and gradients are summed. Metrics are
+computed over every rank's samples; only rank 0 logs, evaluates and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -31,31 +38,47 @@ from r1lab.sampling import Group, Sampled, grade, longest_prompt, sample, sized_
 from r1lab.tokenizer import R1, Tokenizer
 from r1lab.train.common import (MetricsLog, Progress, StageResult, lr_at, make_optimizer, resume_into, save_stage,
                                 set_lr, stage_cost)
-from r1lab.train.grpo import LOSSES, group_advantages, keep_informative_groups
+from r1lab.train.distributed import (World, barrier, broadcast_model, gather, shard, sum_floats, sync_expert_load,
+                                     sync_gradients)
+from r1lab.train.grpo import AVERAGED_OVER, LOSSES, group_advantages, keep_informative_groups
 
 @dataclass
 class Rollout:
     samples: list[Sampled]        # the kept groups' graded samples, G consecutive ones per prompt
     generated: list[Group]        # every group sampled (more than P under dynamic sampling)
     n_all_equal: int              # of those, groups whose rewards were all equal
+    positions: list[int] | None = None  # each sample's row in the step's batch over all processes (None: 0..)
+    total: int | None = None      # rows in that batch (None: len(samples))
+
+    def __post_init__(self):
+        if self.positions is None:
+            self.positions = list(range(len(self.samples)))
+        if self.total is None:
+            self.total = len(self.samples)
 
     @property
     def rewards(self) -> torch.Tensor:
         return torch.tensor([s.reward for s in self.samples])  # (N,) weighted totals
 
 
-def rollout(engine: Engine, tokenizer: Tokenizer, pool: list[dict], cfg: GRPOConfig, step: int, template: str) -> Rollout:
-    """P groups of G samples; with dynamic sampling, informative groups only (refilled)."""
+def rollout(engine: Engine, tokenizer: Tokenizer, pool: list[dict], cfg: GRPOConfig, step: int, template: str,
+            world: World = World()) -> Rollout:
+    """P groups of G samples; with dynamic sampling, informative groups only (refilled). With more
+    than one process, this rank's share of them, placed where one process would have had them."""
     rng = random.Random(cfg.seed * 1_000_003 + step)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             n=cfg.group_size)
-    kept: list[list[Sampled]] = []
+    mine = shard(cfg.prompts_per_step, world)
+    kept: list[tuple[int, list[Sampled]]] = []  # (the group's place among all ranks' kept groups, its samples)
+    n_kept = 0  # kept groups over all ranks, in earlier rounds
     generated: list[Group] = []
     all_equal = 0
     for round_ in range(1 + (cfg.max_refill_rounds if cfg.dynamic_sampling else 0)):
         examples = [pool[rng.randrange(len(pool))] for _ in range(cfg.prompts_per_step)]
-        groups = sample(engine, tokenizer, examples, replace(params, seed=rng.randrange(2**62)), template)
+        groups = sample(engine, tokenizer, examples[mine.start:mine.stop], replace(params, seed=rng.randrange(2**62)),
+                        template, first_index=mine.start)
         generated += groups
+        round_kept = []
         for group in groups:
             with record_function("grpo.reward"):
                 graded = grade(group.samples, cfg.reward_weights, think_opened=template == R1,
@@ -63,10 +86,17 @@ def rollout(engine: Engine, tokenizer: Tokenizer, pool: list[dict], cfg: GRPOCon
             informative = bool(keep_informative_groups(torch.tensor([s.reward for s in graded]), cfg.group_size)[0])
             all_equal += not informative
             if informative or not cfg.dynamic_sampling:
-                kept.append(graded)
-        if len(kept) >= cfg.prompts_per_step:
+                round_kept.append(graded)
+        counts = gather(len(round_kept), world)  # ranks hold consecutive prompts: rank order is prompt order
+        first = n_kept + sum(counts[:world.rank])
+        kept += [(first + j, group) for j, group in enumerate(round_kept)]
+        n_kept += sum(counts)
+        if n_kept >= cfg.prompts_per_step:
             break
-    return Rollout([s for group in kept[:cfg.prompts_per_step] for s in group], generated, all_equal)
+    kept = [(place, group) for place, group in kept if place < cfg.prompts_per_step]
+    return Rollout([s for _, group in kept for s in group], generated, all_equal,
+                   [place * cfg.group_size + j for place, group in kept for j in range(len(group))],
+                   min(n_kept, cfg.prompts_per_step) * cfg.group_size)
 
 
 def completion_mask(completions: list[list[int]], width: int) -> torch.Tensor:
@@ -183,12 +213,13 @@ def on_policy(cfg: GRPOConfig, n_sequences: int) -> bool:
 def train_grpo(model: Transformer, tokenizer: Tokenizer, pool: list[dict], cfg: GRPOConfig, stage_dir: Path,
                template: str, cost: CostConfig, peak_flops: float, reference: Transformer | None = None,
                evaluate=None, metadata: dict | None = None, quiet: bool = False,
-               max_prompt_len: int | None = None) -> StageResult:
+               max_prompt_len: int | None = None, world: World = World()) -> StageResult:
     """R1-Zero GRPO from `model` (the base) on prompts drawn from `pool`.
 
     `reference` is the frozen policy for the KL term (needed only when cfg.beta > 0). `evaluate`
     (model -> dict of held-out metrics) runs every cfg.eval_every steps. `max_prompt_len` is the
     pool's `longest_prompt` when the caller has it (rendering thousands of prompts takes a second).
+    `world`: this process's rank among the run's (cfg.prompts_per_step a multiple of their number).
     """
     loss_fn, scale = LOSSES[cfg.loss]
     device = next(model.parameters()).device
@@ -199,107 +230,146 @@ def train_grpo(model: Transformer, tokenizer: Tokenizer, pool: list[dict], cfg: 
     start, seconds, flops = resumed or (0, 0.0, 0.0)
     if cfg.beta > 0 and reference is None:
         raise ValueError("grpo.beta > 0 needs a reference model")
+    broadcast_model(model, world)
     # The engine reads the model's own tensors (a compiled one takes them as inputs of each step), which the
     # optimizer updates in place: each rollout samples from the current policy.
     engine = sized_engine(model, tokenizer, max_prompt_len or longest_prompt(tokenizer, pool, template),
                           cfg.max_new_tokens, max_batch_size=cfg.prompts_per_step * cfg.group_size,
                           compile=cfg.compile_rollouts)
-    log = MetricsLog(stage_dir / "metrics.jsonl", resume_step=start if resumed is not None else None)
-    progress = Progress("grpo", cfg.steps, start, quiet)
+    log = MetricsLog(stage_dir / "metrics.jsonl", resume_step=start if resumed is not None else None,
+                     write=world.is_main)
+    progress = Progress("grpo", cfg.steps, start, quiet or not world.is_main)
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         model.eval()
         with record_function("grpo.rollout"):
-            batch = rollout(engine, tokenizer, pool, cfg, step, template)
+            batch = rollout(engine, tokenizer, pool, cfg, step, template, world=world)
         t_rollout = time.perf_counter() - t0
-        lengths = [len(s.token_ids) for s in batch.samples]
-        metrics = {"reward_mean": float(batch.rewards.mean()) if len(batch.rewards) else 0.0,
-                   "reward_std": float(batch.rewards.std()) if len(batch.rewards) > 1 else 0.0,
-                   "accuracy": _mean([s.rewards.get("accuracy", 0.0) for s in batch.samples]),
-                   "format_rate": _mean([s.rewards.get("format", 0.0) for s in batch.samples]),
-                   "response_length_mean": sum(lengths) / max(1, len(lengths)),
-                   "response_length_max": max(lengths, default=0),
-                   "truncated_share": _mean([float(s.truncated) for s in batch.samples]),
-                   "all_equal_group_share": batch.n_all_equal / max(1, len(batch.generated)),
-                   "rollout_tokens_per_s": sum(lengths) / t_rollout}
-        flops += sum(group.flops(model.config) for group in batch.generated)
-        if batch.samples:
+        metrics, step_flops = _rollout_metrics(batch, model.config, t_rollout, world)
+        flops += step_flops
+        if batch.total:
             t1 = time.perf_counter()
             train_metrics, train_flops = _optimise(model, reference, optimizer, batch, cfg, loss_fn, scale,
-                                                   lr_at(step, cfg.steps, cfg.optim), tokenizer.pad_id, step)
+                                                   lr_at(step, cfg.steps, cfg.optim), tokenizer.pad_id, step,
+                                                   world=world)
             train_tokens = train_metrics.pop("_tokens")
             metrics.update(train_metrics)
             metrics["train_tokens_per_s"] = train_tokens / (time.perf_counter() - t1)
             flops += train_flops
+        sync_expert_load(model, world)
         metrics.update(model.update_expert_bias())
         step_seconds = time.perf_counter() - t0
         seconds += step_seconds
         metrics.update({"step_seconds": step_seconds, "seconds": seconds})
         done = step + 1
-        if evaluate is not None and cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
+        if world.is_main and evaluate is not None and cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
             metrics.update({f"heldout_{k}": v for k, v in evaluate(model).items()})
         if done % cfg.log_every == 0 or done == cfg.steps:
             log.log(done, metrics)
         progress.update(done, f"reward {metrics['reward_mean']:.2f} | acc {metrics['accuracy']:.2f} | "
                               f"len {metrics['response_length_mean']:.0f}", force=True)
-        if done == cfg.steps or (cfg.save_every and done % cfg.save_every == 0):
+        if world.is_main and (done == cfg.steps or (cfg.save_every and done % cfg.save_every == 0)):
             save_stage(stage_dir, model, tokenizer, optimizer, done, done == cfg.steps,
                        {"seconds": seconds, "flops": flops}, metadata)
     progress.close()
     log.close()
-    return StageResult(model, cfg.steps, seconds, flops, stage_cost("rl", flops, seconds, cost, peak_flops, device))
+    barrier(world)  # every rank returns once the final checkpoint is committed
+    return StageResult(model, cfg.steps, seconds, flops,
+                       stage_cost("rl", flops, seconds, cost, peak_flops, device, world.size), world.is_main)
+
+
+def _rollout_metrics(batch: Rollout, config, seconds: float, world: World) -> tuple[dict, float]:
+    """The step's rollout metrics over every rank's samples, and the FLOPs all ranks spent sampling."""
+    mine = ([(s.reward, s.rewards.get("accuracy", 0.0), s.rewards.get("format", 0.0), len(s.token_ids),
+              float(s.truncated)) for s in batch.samples],
+            batch.n_all_equal, len(batch.generated), sum(group.flops(config) for group in batch.generated))
+    ranks = gather(mine, world)
+    rows = [row for rank in ranks for row in rank[0]]
+    rewards = torch.tensor([r[0] for r in rows])
+    lengths = [r[3] for r in rows]
+    n_all_equal, n_generated, flops = (sum(rank[i] for rank in ranks) for i in (1, 2, 3))
+    return {"reward_mean": float(rewards.mean()) if len(rewards) else 0.0,
+            "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+            "accuracy": _mean([r[1] for r in rows]),
+            "format_rate": _mean([r[2] for r in rows]),
+            "response_length_mean": sum(lengths) / max(1, len(lengths)),
+            "response_length_max": max(lengths, default=0),
+            "truncated_share": _mean([r[4] for r in rows]),
+            "all_equal_group_share": n_all_equal / max(1, n_generated),
+            "rollout_tokens_per_s": sum(lengths) / seconds}, flops
 
 
 def _optimise(model, reference, optimizer, batch: Rollout, cfg: GRPOConfig, loss_fn, scale: bool, lr: float,
-              pad_id: int, step: int) -> tuple[dict, float]:
-    """epochs x minibatches of clipped-objective steps on one rollout batch."""
+              pad_id: int, step: int, world: World = World()) -> tuple[dict, float]:
+    """epochs x minibatches of clipped-objective steps on one rollout batch (this rank's rows of it)."""
     device = next(model.parameters()).device
     prompts, completions = [s.prompt_ids for s in batch.samples], [s.token_ids for s in batch.samples]
-    width = max(len(c) for c in completions)
+    width = max((len(c) for c in completions), default=1)
     mask = completion_mask(completions, width).to(device)
     advantages = group_advantages(batch.rewards, cfg.group_size, scale).to(device)
-    single = on_policy(cfg, len(completions))
-    old_logp = entropy = None
+    single = on_policy(cfg, batch.total)
+    old_logp = ref_logp = None
+    entropy_sum = 0.0  # over this rank's completion tokens
     with bf16_autocast(device, cfg.bf16_autocast):  # the ratio compares log-probs of one precision
-        if not single:
+        if not single and completions:
             old_logp, entropy = reference_logprobs(model, prompts, completions, mask, cfg.minibatch_size, pad_id)
-        ref_logp = (reference_logprobs(reference, prompts, completions, mask, cfg.minibatch_size, pad_id)[0]
-                    if cfg.beta > 0 else None)
+            entropy_sum = entropy * float(mask.sum().clamp(min=1)) if world.size > 1 else entropy
+        if cfg.beta > 0 and completions:
+            ref_logp = reference_logprobs(reference, prompts, completions, mask, cfg.minibatch_size, pad_id)[0]
     set_lr(optimizer, lr)
     model.train()
     stats = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0}
     n_updates, tokens = 0, 0
+    local_row = {place: i for i, place in enumerate(batch.positions)}  # global row -> this rank's row
+    over_tokens = AVERAGED_OVER[cfg.loss] == "tokens"
     order_rng = torch.Generator().manual_seed(cfg.seed * 7919 + step)
     for _ in range(cfg.epochs):
-        order = torch.randperm(len(completions), generator=order_rng)
-        for s in range(0, len(completions), cfg.minibatch_size):
-            rows = sorted(order[s:s + cfg.minibatch_size].tolist())  # (a group's rows stay together: one prompt pass)
-            idx = torch.tensor(rows, device=device)
-            mb_prompts = [prompts[i] for i in rows]
-            with bf16_autocast(device, cfg.bf16_autocast), record_function("grpo.logprob_forward"):
-                logp, logp_all = completion_logprobs(model, mb_prompts, [completions[i] for i in rows], pad_id,
-                                                     width, device)
-            tokens += fed_tokens(mb_prompts, width)
-            if single:  # the ratio is exp(logp - logp.detach()): 1, with the gradient of logp
-                entropy = entropy_total(logp_all, mask[idx]) / float(mask.sum().clamp(min=1))
-            out = loss_fn(logp, logp.detach() if single else old_logp[idx], advantages[idx], mask[idx],
-                          ref_logp=None if ref_logp is None else ref_logp[idx], beta=cfg.beta,
-                          eps_low=cfg.eps_low, eps_high=cfg.eps_high, max_tokens=cfg.max_new_tokens)
+        order = torch.randperm(batch.total, generator=order_rng)
+        for s in range(0, batch.total, cfg.minibatch_size):
+            members = order[s:s + cfg.minibatch_size].tolist()
+            # (a group's rows stay together: one prompt pass)
+            rows = sorted(local_row[m] for m in members if m in local_row)
+            idx = torch.tensor(rows, device=device, dtype=torch.long)
+            n_tokens = float(mask[idx].sum())
+            all_tokens = max(1.0, sum_floats([n_tokens], world)[0])
+            # This rank's part of the minibatch's denominator: exactly 1 in one process.
+            share = (n_tokens / all_tokens if over_tokens else len(rows) / len(members)) if world.size > 1 else 1.0
+            token_share = n_tokens / all_tokens if world.size > 1 else 1.0
             optimizer.zero_grad(set_to_none=True)
-            with record_function("grpo.backward"):
-                out.loss.backward()
+            parts = [0.0, 0.0, 0.0]
+            if rows:
+                mb_prompts = [prompts[i] for i in rows]
+                with bf16_autocast(device, cfg.bf16_autocast), record_function("grpo.logprob_forward"):
+                    logp, logp_all = completion_logprobs(model, mb_prompts, [completions[i] for i in rows], pad_id,
+                                                         width, device)
+                tokens += fed_tokens(mb_prompts, width)
+                if single:  # the ratio is exp(logp - logp.detach()): 1, with the gradient of logp
+                    entropy_sum = entropy_total(logp_all, mask[idx])
+                out = loss_fn(logp, logp.detach() if single else old_logp[idx], advantages[idx], mask[idx],
+                              ref_logp=None if ref_logp is None else ref_logp[idx], beta=cfg.beta,
+                              eps_low=cfg.eps_low, eps_high=cfg.eps_high, max_tokens=cfg.max_new_tokens)
+                with record_function("grpo.backward"):
+                    (out.loss * share).backward()
+                parts = [float(out.loss.detach()) * share, float(out.kl.detach()) * token_share,
+                         float(out.clip_fraction.detach()) * token_share]
             with record_function("grpo.optimizer"):
+                sync_gradients(model, world)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
                 optimizer.step()
-            for key, value in (("loss", out.loss), ("kl", out.kl), ("clip_fraction", out.clip_fraction), ("grad_norm", grad_norm)):
-                stats[key] += float(value.detach() if torch.is_tensor(value) else value)
+            for key, value in zip(("loss", "kl", "clip_fraction", "grad_norm"),
+                                  sum_floats(parts, world) + [float(grad_norm)]):
+                stats[key] += value
             n_updates += 1
     result = {k: v / max(1, n_updates) for k, v in stats.items()}
-    result["entropy"] = entropy
-    result["_tokens"] = float(tokens)
-    fwd = train_flops_per_token(model.config, max(len(p) for p in prompts) + width, with_mtp=False) / 3
-    forwards = (0 if single else 1) + (1 if ref_logp is not None else 0)  # old log-probs, reference
-    return result, fwd * (3 * tokens + forwards * fed_tokens(prompts, width))
+    flops = 0.0
+    if completions:
+        fwd = train_flops_per_token(model.config, max(len(p) for p in prompts) + width, with_mtp=False) / 3
+        forwards = (0 if single else 1) + (1 if ref_logp is not None else 0)  # old log-probs, reference
+        flops = fwd * (3 * tokens + forwards * fed_tokens(prompts, width))
+    all_entropy, all_tokens, all_fed, all_flops = sum_floats([entropy_sum, float(mask.sum()), tokens, flops], world)
+    result["entropy"] = all_entropy / max(1.0, all_tokens) if world.size > 1 or single else entropy_sum
+    result["_tokens"] = float(all_fed)
+    return result, all_flops
 
 
 def _mean(values: list[float]) -> float:

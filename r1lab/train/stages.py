@@ -8,6 +8,10 @@ fit the model, that a checkpoint it would resume was made by the same recipe) an
 value; only then does it measure the matmul peak (when the recipe gives none), train a tokenizer or
 build a model, on that device.
 
+Launched by torchrun (`train/distributed.py`), pretrain, SFT and GRPO join the process group
+first, run the same checks on every rank, and let rank 0 alone write the run directory (recipe,
+tokenizer, checkpoints, metrics); the other ranks wait for the tokenizer and read it.
+
 Run directory layout:
     recipe.toml       the resolved recipe
     tokenizer/        the BPE trained on the corpus
@@ -37,6 +41,7 @@ from r1lab.sampling import grade, longest_prompt, sample, sized_engine
 from r1lab.tasks import get_family
 from r1lab.tokenizer import R1, R1_ZERO, R1_ZERO_PROMPT, TOKENIZER_FILE, Tokenizer
 from r1lab.train.common import CHECKPOINT, check_resumable
+from r1lab.train.distributed import World, barrier, check_divisible, join, sum_floats
 from r1lab.train.data import (ConversationSet, PackedStream, encode_documents, encode_texts, file_documents,
                               rl_examples, task_documents, tokenizer_texts)
 from r1lab.train.policy import load_policy, model_max_len, model_shape, policy_dir
@@ -120,7 +125,8 @@ def pretraining_data(recipe: Recipe, tokenizer: Tokenizer, seed: int) -> tuple[P
 def run_pretrain(recipe: Recipe, run_dir: Path, peak_flops: float | None = None, quiet: bool = False) -> StageResult:
     """Pretraining into run_dir/base. `peak_flops` None: the recipe's, else measured after the checks."""
     cfg, d = recipe.pretrain, recipe.data
-    device = resolve_device(recipe.device)
+    world, device = join(resolve_device(recipe.device))
+    check_divisible(cfg.batch_size, world, "pretrain.batch_size")
     model_cfg = load_model_config(cfg.init_from) if cfg.init_from else recipe.model
     _check_seq_len(recipe, model_cfg.max_seq_len, f"pretrain.init_from ({cfg.init_from})" if cfg.init_from else "")
     check_resumable(run_dir / "base", "pretrain", model_cfg, cfg.steps, run_metadata(recipe))
@@ -133,12 +139,15 @@ def run_pretrain(recipe: Recipe, run_dir: Path, peak_flops: float | None = None,
     for name in d.files:
         if not Path(name).is_file():
             raise ConfigError(f"data.files: {name}: no such file")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_recipe(recipe, run_dir / "recipe.toml")
-    tokenizer = prepare_tokenizer(recipe, run_dir)
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, run_dir / "recipe.toml")
+        prepare_tokenizer(recipe, run_dir)
+    barrier(world)  # the other ranks read the tokenizer rank 0 trained
+    tokenizer = _run_tokenizer(run_dir / "tokenizer")
     _check_vocab(tokenizer, model_cfg, run_dir / "tokenizer")
     stream, heldout = pretraining_data(recipe, tokenizer, cfg.seed)
-    peak = _peak(recipe, peak_flops, device)
+    peak = _peak(recipe, peak_flops, device, world)
     torch.manual_seed(cfg.seed)
     if cfg.init_from:
         model = load_checkpoint(cfg.init_from, device)[0]
@@ -146,7 +155,7 @@ def run_pretrain(recipe: Recipe, run_dir: Path, peak_flops: float | None = None,
         with device:  # initialised in place: a large model never exists on the CPU first
             model = Transformer(model_cfg)
     return train_supervised(model, tokenizer, stream.batch, heldout, cfg, run_dir / "base", "pretrain", recipe.cost,
-                            peak, run_metadata(recipe), quiet)
+                            peak, run_metadata(recipe), quiet, world=world)
 
 
 def run_control(recipe: Recipe, run_dir: Path, peak_flops: float | None = None, quiet: bool = False,
@@ -182,7 +191,8 @@ def run_sft(recipe: Recipe, run_dir: Path, peak_flops: float | None = None, quie
     """Supervised fine-tuning of sft.init_from (an r1lab checkpoint or a Hugging Face model directory)
     on data.sft_files and data.sft_task_examples into run_dir/sft, saved in the format it came in."""
     cfg, d = recipe.sft, recipe.data
-    device = resolve_device(recipe.device)
+    world, device = join(resolve_device(recipe.device))
+    check_divisible(cfg.batch_size, world, "sft.batch_size")
     if not d.sft_files and not d.sft_task_examples:
         raise ConfigError("sft needs data.sft_files: JSONL files of {\"messages\": [...]} conversations "
                           "(or data.sft_task_examples: cold-start conversations from data.task)")
@@ -193,10 +203,10 @@ def run_sft(recipe: Recipe, run_dir: Path, peak_flops: float | None = None, quie
     tokenizer = _checkpoint_tokenizer(init, "sft.init_from")
     check_resumable(run_dir / "sft", "sft", model_shape(init), cfg.steps, run_metadata(recipe))
     data = ConversationSet.from_data(tokenizer, d, cfg.seed)
-    peak = _peak(recipe, peak_flops, device)
+    peak = _peak(recipe, peak_flops, device, world)
     model = load_policy(init, device, tokenizer)
     return train_supervised(model, tokenizer, data.batch, data.fixed_batches(cfg.eval_batches, cfg.batch_size), cfg,
-                            run_dir / "sft", "sft", recipe.cost, peak, run_metadata(recipe), quiet)
+                            run_dir / "sft", "sft", recipe.cost, peak, run_metadata(recipe), quiet, world=world)
 
 
 def rl_pool(recipe: Recipe, n: int = RL_POOL) -> list[dict]:
@@ -216,7 +226,8 @@ def run_grpo(recipe: Recipe, run_dir: Path, peak_flops: float | None = None, eva
     """R1-Zero GRPO from grpo.init_from (default run_dir/base; an r1lab checkpoint or a Hugging Face model
     directory) into run_dir/rl, saved in the format it came in."""
     cfg = recipe.grpo
-    device = resolve_device(recipe.device)
+    world, device = join(resolve_device(recipe.device))
+    check_divisible(cfg.prompts_per_step, world, "grpo.prompts_per_step")
     init = Path(cfg.init_from) if cfg.init_from else run_dir / "base" / CHECKPOINT
     if not cfg.init_from and committed_checkpoint(init) is None:
         raise ConfigError(f"grpo starts from {init}, which does not exist: run `r1lab pretrain --run {run_dir}` "
@@ -234,13 +245,13 @@ def run_grpo(recipe: Recipe, run_dir: Path, peak_flops: float | None = None, eva
     check_resumable(run_dir / "rl", "grpo", model_shape(init), cfg.steps, run_metadata(recipe))
     if evaluate is None and cfg.eval_every:
         evaluate = heldout_evaluator(recipe, tokenizer)
-    peak = _peak(recipe, peak_flops, device)
+    peak = _peak(recipe, peak_flops, device, world)
     model = load_policy(init, device, tokenizer)
     reference = load_policy(init, device, tokenizer).eval() if cfg.beta > 0 else None
     torch.manual_seed(cfg.seed)
     return train_grpo(model, tokenizer, pool, cfg, run_dir / "rl", recipe.data.template, recipe.cost,
                       peak, reference=reference, evaluate=evaluate, metadata=run_metadata(recipe), quiet=quiet,
-                      max_prompt_len=longest)
+                      max_prompt_len=longest, world=world)
 
 
 def heldout_examples(recipe: Recipe) -> list[dict]:
@@ -313,15 +324,16 @@ def dry_run(recipe: Recipe, stage: str, run_dir: Path) -> list[str]:
     return missing
 
 
-def _peak(recipe: Recipe, peak_flops: float | None, device: torch.device) -> float:
-    """FLOP/s for MFU: the caller's, the recipe's, or measured (a few seconds, so after every check)."""
+def _peak(recipe: Recipe, peak_flops: float | None, device: torch.device, world: World = World()) -> float:
+    """FLOP/s of one device for MFU: the caller's, the recipe's, or measured (a few seconds, so after every
+    check; by rank 0 alone, which tells the others)."""
     if peak_flops:
         return peak_flops
     if recipe.cost.peak_gflops:
         return recipe.cost.peak_gflops * 1e9
     from r1lab.hardware import measure_matmul_peak
 
-    return measure_matmul_peak(device=device) * 1e9
+    return sum_floats([measure_matmul_peak(device=device) * 1e9 if world.is_main else 0.0], world)[0]
 
 
 def _run_tokenizer(path: Path) -> Tokenizer:
