@@ -270,6 +270,18 @@ def test_vllm_without_the_package_or_a_gpu_is_one_line_and_exit_2(tok, hf_dir, t
     assert not (run / "rl").exists()
 
 
+def test_dry_run_lists_a_missing_vllm_and_refuses_a_cpu_device(tok, hf_dir, tmp_path, capsys):
+    recipe, run = write_recipe(tmp_path, hf_dir, "cuda"), str(tmp_path / "run")
+    assert main(["grpo", "--recipe", str(recipe), "--run", run, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        assert "missing: grpo.rollout_backend = \"vllm\" needs the vllm package" in out
+    assert main(["grpo", "--recipe", str(recipe), "--run", run, "--dry-run", "--device=cpu"]) == 2
+    assert "device is 'cpu'" in capsys.readouterr().err
+
+
 def test_an_unknown_rollout_backend_is_one_line_and_exit_2(tok, hf_dir, tmp_path, capsys):
     recipe = write_recipe(tmp_path, hf_dir, "cpu")
     assert main(["grpo", "--recipe", str(recipe), "--run", str(tmp_path / "run"), "--grpo.rollout_backend=sglang"]) == 2

@@ -42,6 +42,7 @@ import torch
 
 from r1lab.config import ConfigError
 from r1lab.engine import Completion, SamplingParams
+from r1lab.recipe import GRPOConfig
 from r1lab.tokenizer import Tokenizer
 from r1lab.train.policy import HFPolicy
 
@@ -91,7 +92,8 @@ class VLLMRollout:
         self.pushes = 0    # weight pushes so far
 
     @classmethod
-    def for_grpo(cls, policy, tokenizer: Tokenizer, cfg, longest_prompt: int, vllm: Any = None) -> VLLMRollout:
+    def for_grpo(cls, policy, tokenizer: Tokenizer, cfg: GRPOConfig, longest_prompt: int,
+                 vllm: Any = None) -> VLLMRollout:
         """The backend for a GRPO run: the recipe's precision (bfloat16 where the updates autocast to it)."""
         device = next(policy.parameters()).device
         dtype = "bfloat16" if cfg.bf16_autocast and device.type == "cuda" else "float32"
