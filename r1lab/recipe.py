@@ -241,6 +241,12 @@ class GRPOConfig:
     """Rollouts on the CPU backend (`Engine(compile=True)`): steps compiled ahead of time, about a
     minute per row class on first use, faster per token after; it reads the weights the optimizer
     updates in place. A model the backend cannot run (a GPU, bf16, an HF policy) decodes eagerly."""
+    rollout_backend: Literal["r1lab", "vllm"] = "r1lab"
+    """Who samples the rollouts: r1lab's engine, or an in-process vLLM engine sent the policy's weights
+    after each update (a Hugging Face policy on a CUDA GPU; `pip install 'r1lab[scale]'`)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """With rollout_backend = "vllm": the share of the GPU's memory vLLM takes for its weights and KV cache;
+    the policy, its gradients and the optimizer state live in the rest."""
     eval_every: int = 0
     """Held-out greedy pass@1 and format rate on eval.problems problems of data.task's test split every
     this many steps, logged as heldout_* (0: none; the demo and `r1lab eval` evaluate after training)."""
@@ -263,6 +269,10 @@ class GRPOConfig:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ConfigError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+        if self.rollout_backend == "vllm" and self.compile_rollouts:
+            raise ConfigError("compile_rollouts compiles r1lab's engine, which rollout_backend = \"vllm\" does not use")
         if self.overlong_buffer >= self.max_new_tokens:
             raise ConfigError(f"overlong_buffer ({self.overlong_buffer}) must be smaller than max_new_tokens "
                               f"({self.max_new_tokens})")

@@ -34,6 +34,10 @@ FORBIDDEN = {
     "r1lab.train.rejection": {"r1lab.model", "r1lab.engine", "r1lab.tokenizer", "r1lab.rewards", "r1lab.checkpoint",
                               "r1lab.eval", "r1lab.serve", "r1lab.backends", "r1lab.sampling"},
     "r1lab.convert": {"r1lab.train", "r1lab.eval", "r1lab.serve", "r1lab.engine"},  # file layouts only
+    # the vLLM rollout adapter: ids and weights in, engine records out; it grades and trains nothing
+    "r1lab.train.vllm_rollout": {"r1lab.rewards", "r1lab.sampling", "r1lab.eval", "r1lab.serve", "r1lab.tasks",
+                                 "r1lab.model", "r1lab.train.rl", "r1lab.train.grpo", "r1lab.train.stages",
+                                 "r1lab.train.common", "r1lab.train.data"},
     # the model a stage trains and its files: no sampling, rewards, optimiser or loop
     "r1lab.train.policy": {"r1lab.engine", "r1lab.rewards", "r1lab.eval", "r1lab.serve", "r1lab.tasks",
                            "r1lab.train.rl", "r1lab.train.grpo", "r1lab.train.pretrain", "r1lab.train.stages",
@@ -105,6 +109,15 @@ def test_only_the_distributed_module_knows_torch_distributed():
     knowers = {module_name(p) for p in PACKAGE.rglob("*.py")
                if any(matches(name, "torch.distributed") for name in imports_of(p))}
     assert knowers == {"r1lab.train.distributed"}, knowers
+
+
+def test_only_the_rollout_adapter_imports_vllm_and_only_when_used():
+    importers = {module_name(p) for p in PACKAGE.rglob("*.py") if any(matches(n, "vllm") for n in imports_of(p))}
+    assert importers == {"r1lab.train.vllm_rollout"}, importers
+    top_level = [node for node in ast.parse((PACKAGE / "train" / "vllm_rollout.py").read_text()).body
+                 if isinstance(node, (ast.Import, ast.ImportFrom))]
+    assert not any(matches(alias.name, "vllm") for node in top_level if isinstance(node, ast.Import)
+                   for alias in node.names)  # an optional extra: importing r1lab never needs it
 
 
 def test_no_device_strings_in_library_code():

@@ -1,9 +1,9 @@
-"""The R1-Zero loop: rollouts from the engine, rule-based rewards, group advantages, clipped updates.
+"""The R1-Zero loop: rollouts from the engine (or vLLM), rule-based rewards, group advantages, clipped updates.
 
-Per step: P train-split prompts (a function of seed and step) x G samples, sampled and graded by
-`r1lab.sampling` (one prefill per prompt, shared by its G samples; the template's stop rule;
-accuracy + format by default, weights from the recipe; a completion cut by the length limit has
-no valid format) ->
+Per step: P train-split prompts (a function of seed and step) x G samples, sampled (by r1lab's engine or,
+with `grpo.rollout_backend = "vllm"`, by `vllm_rollout.VLLMRollout`) and graded by `r1lab.sampling` (one
+prefill per prompt, shared by its G samples; the template's stop rule; accuracy + format by default,
+weights from the recipe; a completion cut by the length limit has no valid format) ->
 optional dynamic sampling (drop all-equal groups, refill) -> advantages within each group -> old
 log-probs recomputed by the current policy before the first pass (none on policy: one pass in one
 minibatch takes them from its own forward, detached) -> `epochs` passes of minibatch updates with
@@ -41,6 +41,7 @@ from r1lab.train.common import (MetricsLog, Progress, StageResult, lr_at, make_o
 from r1lab.train.distributed import (World, barrier, broadcast_model, gather, shard, sum_floats, sync_expert_load,
                                      sync_gradients)
 from r1lab.train.grpo import AVERAGED_OVER, LOSSES, group_advantages, keep_informative_groups
+from r1lab.train.vllm_rollout import VLLMRollout
 
 @dataclass
 class Rollout:
@@ -61,7 +62,7 @@ class Rollout:
         return torch.tensor([s.reward for s in self.samples])  # (N,) weighted totals
 
 
-def rollout(engine: Engine, tokenizer: Tokenizer, pool: list[dict], cfg: GRPOConfig, step: int, template: str,
+def rollout(engine: Engine | VLLMRollout, tokenizer: Tokenizer, pool: list[dict], cfg: GRPOConfig, step: int, template: str,
             world: World = World()) -> Rollout:
     """P groups of G samples; with dynamic sampling, informative groups only (refilled). With more
     than one process, this rank's share of them, placed where one process would have had them."""
@@ -204,6 +205,19 @@ def entropy_total(logp_all: torch.Tensor, mask: torch.Tensor) -> float:
     return float(((-(logp_all.exp() * logp_all).sum(-1)) * mask).sum())
 
 
+def rollout_engine(model, tokenizer: Tokenizer, cfg: GRPOConfig, longest: int, optimizer,
+                   vllm=None) -> Engine | VLLMRollout:
+    """What samples the rollouts, chosen once by cfg.rollout_backend. r1lab's engine reads the model's own
+    tensors (a compiled one takes them as inputs of each step), which the optimizer updates in place; vLLM
+    holds a copy, sent the new weights before it samples after an optimizer step moved them."""
+    if cfg.rollout_backend == "vllm":
+        source = VLLMRollout.for_grpo(model, tokenizer, cfg, longest, vllm)
+        optimizer.register_step_post_hook(source.weights_changed)
+        return source
+    return sized_engine(model, tokenizer, longest, cfg.max_new_tokens,
+                        max_batch_size=cfg.prompts_per_step * cfg.group_size, compile=cfg.compile_rollouts)
+
+
 def on_policy(cfg: GRPOConfig, n_sequences: int) -> bool:
     """One pass in one minibatch: the policy that sampled is the one updated, so old log-probs are the
     current ones (detached) and need no forward of their own."""
@@ -213,13 +227,15 @@ def on_policy(cfg: GRPOConfig, n_sequences: int) -> bool:
 def train_grpo(model: Transformer, tokenizer: Tokenizer, pool: list[dict], cfg: GRPOConfig, stage_dir: Path,
                template: str, cost: CostConfig, peak_flops: float, reference: Transformer | None = None,
                evaluate=None, metadata: dict | None = None, quiet: bool = False,
-               max_prompt_len: int | None = None, world: World = World()) -> StageResult:
+               max_prompt_len: int | None = None, world: World = World(), vllm=None) -> StageResult:
     """R1-Zero GRPO from `model` (the base) on prompts drawn from `pool`.
 
     `reference` is the frozen policy for the KL term (needed only when cfg.beta > 0). `evaluate`
     (model -> dict of held-out metrics) runs every cfg.eval_every steps. `max_prompt_len` is the
     pool's `longest_prompt` when the caller has it (rendering thousands of prompts takes a second).
     `world`: this process's rank among the run's (cfg.prompts_per_step a multiple of their number).
+    `vllm`: what provides `LLM` and `SamplingParams` for cfg.rollout_backend = "vllm" (default: the vllm
+    package; tests hand in a fake).
     """
     loss_fn, scale = LOSSES[cfg.loss]
     device = next(model.parameters()).device
@@ -231,11 +247,8 @@ def train_grpo(model: Transformer, tokenizer: Tokenizer, pool: list[dict], cfg: 
     if cfg.beta > 0 and reference is None:
         raise ValueError("grpo.beta > 0 needs a reference model")
     broadcast_model(model, world)
-    # The engine reads the model's own tensors (a compiled one takes them as inputs of each step), which the
-    # optimizer updates in place: each rollout samples from the current policy.
-    engine = sized_engine(model, tokenizer, max_prompt_len or longest_prompt(tokenizer, pool, template),
-                          cfg.max_new_tokens, max_batch_size=cfg.prompts_per_step * cfg.group_size,
-                          compile=cfg.compile_rollouts)
+    engine = rollout_engine(model, tokenizer, cfg, max_prompt_len or longest_prompt(tokenizer, pool, template),
+                            optimizer, vllm)
     log = MetricsLog(stage_dir / "metrics.jsonl", resume_step=start if resumed is not None else None,
                      write=world.is_main)
     progress = Progress("grpo", cfg.steps, start, quiet or not world.is_main)

@@ -44,9 +44,10 @@ from r1lab.train.common import CHECKPOINT, check_resumable
 from r1lab.train.distributed import World, barrier, check_divisible, join, sum_floats
 from r1lab.train.data import (ConversationSet, PackedStream, encode_documents, encode_texts, file_documents,
                               rl_examples, task_documents, tokenizer_texts)
-from r1lab.train.policy import load_policy, model_max_len, model_shape, policy_dir
+from r1lab.train.policy import is_r1lab, load_policy, model_max_len, model_shape, policy_dir
 from r1lab.train.pretrain import StageResult, train_supervised
 from r1lab.train.rl import train_grpo
+from r1lab.train.vllm_rollout import check_vllm_device, import_vllm
 
 HELDOUT_DOCS = 200
 RL_POOL = 5000
@@ -226,13 +227,21 @@ def run_grpo(recipe: Recipe, run_dir: Path, peak_flops: float | None = None, eva
     """R1-Zero GRPO from grpo.init_from (default run_dir/base; an r1lab checkpoint or a Hugging Face model
     directory) into run_dir/rl, saved in the format it came in."""
     cfg = recipe.grpo
+    if cfg.rollout_backend == "vllm":  # before the device is probed: vLLM names the GPU it needs
+        check_vllm_device(recipe.device)
+        import_vllm()
     world, device = join(resolve_device(recipe.device))
     check_divisible(cfg.prompts_per_step, world, "grpo.prompts_per_step")
+    if cfg.rollout_backend == "vllm" and world.size > 1:
+        raise ConfigError("grpo.rollout_backend = \"vllm\" runs in one process; launch it without torchrun")
     init = Path(cfg.init_from) if cfg.init_from else run_dir / "base" / CHECKPOINT
     if not cfg.init_from and committed_checkpoint(init) is None:
         raise ConfigError(f"grpo starts from {init}, which does not exist: run `r1lab pretrain --run {run_dir}` "
                           f"first, or set grpo.init_from")
     init = policy_dir(init, "grpo.init_from")
+    if cfg.rollout_backend == "vllm" and is_r1lab(init):
+        raise ConfigError(f"grpo.rollout_backend = \"vllm\" serves Hugging Face models and {init} is an r1lab "
+                          f"checkpoint: `r1lab export` it and set grpo.init_from to the export")
     max_len = model_max_len(init)
     tokenizer = _checkpoint_tokenizer(init, "grpo.init_from")
     pool = rl_pool(recipe)
@@ -300,6 +309,12 @@ def dry_run(recipe: Recipe, stage: str, run_dir: Path) -> list[str]:
     if stage == "sft" and not cfg.init_from:
         raise ConfigError("sft needs sft.init_from: the checkpoint or Hugging Face model directory to fine-tune")
     missing = []
+    if stage == "grpo" and cfg.rollout_backend == "vllm":
+        check_vllm_device(recipe.device)  # the recipe's mistake on any machine
+        try:
+            import_vllm()
+        except ConfigError as e:
+            missing.append(str(e))
     try:
         resolve_device(recipe.device)
     except ConfigError as e:
