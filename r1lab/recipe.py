@@ -72,6 +72,10 @@ class DataConfig:
     """Cold-start conversations `r1lab sft` generates from data.task's train split (with data.difficulty and
     data.task_options): readable R1-format reasoning, summary and answer (`r1lab.tasks.coldstart`), added to
     data.sft_files (0: none)."""
+    sft_task_style: Literal["readable", "corpus"] = "readable"
+    """How those conversations reason: "readable" rewrites the worked solution in sentences; "corpus" keeps
+    the corpus's own worked solution (its notation, which pretraining taught) and adds the one-line English
+    summary, so SFT teaches the R1 turn without making the base relearn the method."""
     rl_files: list[str] = field(default_factory=list)
     """JSONL files of questions with reference answers: GRPO's prompt pool instead of the task family's
     train split, graded by the accuracy reward (math-verify). GSM8K's `#### N` answers are cut to N."""
