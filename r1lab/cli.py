@@ -178,11 +178,11 @@ def cmd_pipeline(args: argparse.Namespace, overrides: list[str]) -> int:
     recipe = load_recipe(args.recipe, overrides + _device_override(args))
     summary = run_pipeline(recipe, args.run, quiet=args.quiet)
     t = summary["eval"]["temperature"]
-    rows = [(LABELS[name], s) for name, s in summary["stages"].items()]
-    for label, s in rows + [(COMPARED[role], s) for role, s in summary["compared"].items()]:
+    rows = [(LABELS[name], s, "") for name, s in summary["stages"].items()]
+    for label, s, what in rows + [(COMPARED[role], s, "eval ") for role, s in summary["compared"].items()]:
         print(f"  {label:<40} greedy pass@1 {100 * s['greedy_pass@1']:5.1f}%, T={t} "
               f"{100 * s['sampled_pass@1']:5.1f}%, format {100 * s['format_rate']:5.1f}%, "
-              f"{s['mean_tokens']:.0f} tokens, ${s['cost_dollars']:.4f}")
+              f"{s['mean_tokens']:.0f} tokens, {what}${s['cost_dollars']:.4f}")
     print(f"r1lab pipeline finished: ${summary['cost']['dollars']:.4f} in total; report: {args.run / 'report.md'}")
     return 0
 
