@@ -171,17 +171,18 @@ def cmd_distill(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def cmd_pipeline(args: argparse.Namespace, overrides: list[str]) -> int:
     """R1's four stages (cold start, reasoning RL, rejection sampling + SFT, final RL), resumable."""
-    from r1lab.pipeline import LABELS, run_pipeline
+    from r1lab.pipeline import COMPARED, LABELS, run_pipeline
 
     if args.run.exists() and not args.run.is_dir():
         raise ConfigError(f"--run {args.run} is a file, not a run directory")
     recipe = load_recipe(args.recipe, overrides + _device_override(args))
     summary = run_pipeline(recipe, args.run, quiet=args.quiet)
     t = summary["eval"]["temperature"]
-    for name, s in summary["stages"].items():
-        print(f"  {LABELS[name]:<40} greedy pass@1 {100 * s['greedy_pass@1']:5.1f}%, T={t} "
+    rows = [(LABELS[name], s, "") for name, s in summary["stages"].items()]
+    for label, s, what in rows + [(COMPARED[role], s, "eval ") for role, s in summary["compared"].items()]:
+        print(f"  {label:<40} greedy pass@1 {100 * s['greedy_pass@1']:5.1f}%, T={t} "
               f"{100 * s['sampled_pass@1']:5.1f}%, format {100 * s['format_rate']:5.1f}%, "
-              f"{s['mean_tokens']:.0f} tokens, ${s['cost_dollars']:.4f}")
+              f"{s['mean_tokens']:.0f} tokens, {what}${s['cost_dollars']:.4f}")
     print(f"r1lab pipeline finished: ${summary['cost']['dollars']:.4f} in total; report: {args.run / 'report.md'}")
     return 0
 

@@ -11,7 +11,10 @@
 
 Each stage writes RUN/<stage>/ (the stage's own run directory: checkpoint, metrics.jsonl), an
 evaluation of its checkpoint on eval.problems held-out problems greedy and at eval.temperature with
-eval.k samples (RUN/<stage>/eval), and its cost line. `RUN/pipeline.json`, written atomically after
+eval.k samples (RUN/<stage>/eval), and its cost line. Models of other runs named in pipeline.compare
+(R1-Zero, a teacher, a student's base, the distilled student, RL on the student) are evaluated the
+same way (RUN/compare/<role>/eval) and become rows of the same table, with the margins their pairs
+decide at each model's best decoding (the higher of greedy and sampled pass@1). `RUN/pipeline.json`, written atomically after
 each stage, records the finished ones; a second invocation skips them and resumes the first
 unfinished one (whose training resumes from its own last checkpoint). At the end `report.md` and
 `summary.json` put the stages side by side; `cost.json` holds the ledger.
@@ -23,6 +26,7 @@ and evaluation are the stages', `generate`'s and `eval`'s.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -38,7 +42,7 @@ from r1lab.engine import SamplingParams
 from r1lab.eval import EvalResult, evaluate
 from r1lab.hardware import measure_matmul_peak
 from r1lab.hf import load_causal_lm
-from r1lab.recipe import Recipe, save_recipe
+from r1lab.recipe import COMPARE_ROLES, Recipe, save_recipe
 from r1lab.rewards import language_consistency_reward
 from r1lab.sampling import longest_prompt, sized_engine
 from r1lab.train.common import CHECKPOINT, stage_cost
@@ -48,6 +52,11 @@ from r1lab.train.stages import heldout_examples, rl_pool, run_grpo, run_pretrain
 STAGES = ("base", "cold_start", "reasoning_rl", "rejection_sft", "final_rl")
 LABELS = {"base": "base", "cold_start": "1. cold-start SFT", "reasoning_rl": "2. reasoning RL",
           "rejection_sft": "3. rejection sampling + SFT of the base", "final_rl": "4. final RL"}
+COMPARED = {"r1_zero": "R1-Zero (GRPO from a base, no SFT)", "teacher": "teacher",
+            "student_base": "student's base", "student": "distilled student", "student_rl": "RL on the student"}
+MARGINS = (("final_rl", "base"), ("final_rl", "r1_zero"), ("student", "student_base"), ("student", "student_rl"),
+           ("student", "teacher"))
+"""Pairs (a, b) whose margin a - b at each one's best decoding the report states when both rows exist."""
 STATE_FILE = "pipeline.json"
 KEPT_FILE = "generate/kept.jsonl"
 
@@ -119,12 +128,13 @@ def evaluate_stage(recipe: Recipe, checkpoint: Path, out_dir: Path, examples: li
                               "difficulty": recipe.data.difficulty})
 
 
-def eval_row(result: EvalResult) -> dict:
-    """What the report compares: pass@1 greedy and sampled, format rate, mean length, language consistency."""
+def eval_row(result: EvalResult, k: int) -> dict:
+    """What the report compares: pass@1 greedy and sampled (k samples), cons@k, format rate, mean length,
+    language consistency."""
     s, g = result.metrics, result.greedy.metrics
     texts = [c["text"] for item in result.items for c in item["completions"]]
-    return {"greedy_pass@1": g["pass@1"], "sampled_pass@1": s["pass@1"], "format_rate": s["format_rate"],
-            "mean_tokens": s["mean_tokens"],
+    return {"greedy_pass@1": g["pass@1"], "sampled_pass@1": s["pass@1"], "cons@k": s[f"cons@{k}"],
+            "format_rate": s["format_rate"], "mean_tokens": s["mean_tokens"],
             "language_consistency": sum(language_consistency_reward(t, {}) for t in texts) / max(1, len(texts)),
             "eval_seconds": result.cost["wall_seconds"] + result.greedy.cost["wall_seconds"],
             "eval_flops": (result.cost["flops"] or 0.0) + (result.greedy.cost["flops"] or 0.0)}
@@ -135,6 +145,9 @@ def run_pipeline(recipe: Recipe, run_dir: Path, quiet: bool = False) -> dict:
     device = resolve_device(recipe.device)
     if not recipe.pipeline.pretrain_base and not Path(recipe.pipeline.init_from).is_dir():
         raise ConfigError(f"pipeline.init_from: {recipe.pipeline.init_from}: no such model directory")
+    for role, path in recipe.pipeline.compare.items():
+        if not Path(path).is_dir():
+            raise ConfigError(f"pipeline.compare.{role}: {path}: no such model directory")
     run_dir.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, run_dir / "recipe.toml")
     state = read_state(run_dir)
@@ -151,7 +164,8 @@ def run_pipeline(recipe: Recipe, run_dir: Path, quiet: bool = False) -> dict:
         started = time.perf_counter()
         costs = [replace(c, stage=c.stage if c.stage == "rejection sampling" else stage)
                  for c in _train(recipe, run_dir, stage, peak, quiet)]
-        row = eval_row(evaluate_stage(recipe, checkpoint, run_dir / stage / "eval", examples, peak, device))
+        row = eval_row(evaluate_stage(recipe, checkpoint, run_dir / stage / "eval", examples, peak, device),
+                       recipe.eval.k)
         costs.append(stage_cost(f"eval {stage}", row["eval_flops"], row["eval_seconds"], recipe.cost, peak, device))
         state["stages"][stage] = {"checkpoint": str(checkpoint), "eval": row, "cost": [c.as_dict() for c in costs],
                                   "wall_seconds": time.perf_counter() - started,
@@ -160,6 +174,7 @@ def run_pipeline(recipe: Recipe, run_dir: Path, quiet: bool = False) -> dict:
         if not quiet:
             print(f"r1lab pipeline: {LABELS[stage]} done: greedy pass@1 {row['greedy_pass@1']:.1%}, "
                   f"T={recipe.eval.temperature} {row['sampled_pass@1']:.1%}", flush=True)
+    evaluate_compared(recipe, run_dir, state, examples, peak, device, quiet)
     summary = summarize(recipe, state)
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     write_text_atomic(run_dir / "cost.json", json.dumps(ledger_of(state).as_dict(), indent=2) + "\n")
@@ -167,35 +182,87 @@ def run_pipeline(recipe: Recipe, run_dir: Path, quiet: bool = False) -> dict:
     return summary
 
 
+def evaluate_compared(recipe: Recipe, run_dir: Path, state: dict, examples: list[dict], peak: float,
+                      device: torch.device, quiet: bool) -> None:
+    """Evaluate each pipeline.compare model not yet evaluated from that directory; record it in `state`."""
+    done = state.setdefault("compared", {})
+    for role, path in recipe.pipeline.compare.items():
+        out = run_dir / "compare" / role / "eval"
+        if role in done:
+            if done[role]["checkpoint"] == str(path):
+                continue
+            del done[role]
+            shutil.rmtree(out, ignore_errors=True)  # another model's samples must not be resumed from
+        row = eval_row(evaluate_stage(recipe, Path(path), out, examples, peak, device), recipe.eval.k)
+        cost = stage_cost(f"eval {role}", row["eval_flops"], row["eval_seconds"], recipe.cost, peak, device)
+        done[role] = {"checkpoint": str(path), "eval": row, "cost": [cost.as_dict()],
+                      "finished_at": datetime.now(timezone.utc).isoformat()}
+        write_text_atomic(run_dir / STATE_FILE, json.dumps(state, indent=2) + "\n")
+        if not quiet:
+            print(f"r1lab pipeline: {COMPARED[role]} ({path}): greedy pass@1 {row['greedy_pass@1']:.1%}, "
+                  f"T={recipe.eval.temperature} {row['sampled_pass@1']:.1%}", flush=True)
+
+
 def ledger_of(state: dict) -> CostLedger:
-    return CostLedger.from_dict({"stages": [c for s in STAGES for c in state["stages"].get(s, {}).get("cost", [])]})
+    lines = [c for s in STAGES for c in state["stages"].get(s, {}).get("cost", [])]
+    lines += [c for role in COMPARE_ROLES for c in state.get("compared", {}).get(role, {}).get("cost", [])]
+    return CostLedger.from_dict({"stages": lines})
+
+
+def _row(done: dict) -> dict:
+    cost = CostLedger.from_dict({"stages": done["cost"]}).totals()
+    e = done["eval"]
+    return {**e, "best_pass@1": max(e["greedy_pass@1"], e["sampled_pass@1"]),
+            "best_decoding": "greedy" if e["greedy_pass@1"] >= e["sampled_pass@1"] else "sampled",
+            "checkpoint": done["checkpoint"], "finished_at": done["finished_at"],
+            "cost_dollars": cost["dollars"], "cost_seconds": cost["seconds"], "cost_flops": cost["flops"]}
 
 
 def summarize(recipe: Recipe, state: dict) -> dict:
-    stages = {}
-    for name in STAGES:
-        done = state["stages"][name]
-        cost = CostLedger.from_dict({"stages": done["cost"]}).totals()
-        stages[name] = {**done["eval"], "checkpoint": done["checkpoint"], "finished_at": done["finished_at"],
-                        "cost_dollars": cost["dollars"], "cost_seconds": cost["seconds"], "cost_flops": cost["flops"]}
+    """summary.json: each stage's and each compared model's row, the margins of MARGINS, the cost totals."""
+    stages = {name: _row(state["stages"][name]) for name in STAGES}
+    compared = {role: _row(state["compared"][role]) for role in COMPARE_ROLES if role in recipe.pipeline.compare}
+    rows = {**stages, **compared}
+    margins = [{"a": a, "b": b, "margin": rows[a]["best_pass@1"] - rows[b]["best_pass@1"]}
+               for a, b in MARGINS if a in rows and b in rows]
     e = recipe.eval
-    return {"stages": stages, "cost": ledger_of(state).totals(),
+    return {"stages": stages, "compared": compared, "margins": margins, "cost": ledger_of(state).totals(),
             "eval": {"problems": e.problems, "k": e.k, "temperature": e.temperature, "top_p": e.top_p,
                      "max_new_tokens": e.max_new_tokens, "task": recipe.data.task,
                      "difficulty": recipe.data.difficulty}}
 
 
+def _label(name: str) -> str:
+    return LABELS.get(name) or COMPARED[name]
+
+
 def report(recipe: Recipe, summary: dict, ledger: CostLedger) -> str:
-    e = summary["eval"]
+    """report.md: the stages and the compared models side by side, the margins, the cost ledger."""
+    e, compared = summary["eval"], summary.get("compared", {})
+    k, pct = e["k"], lambda x: f"{100 * x:.1f}%"
     lines = ["# r1lab pipeline", "",
              f"R1's four stages on {e['task']} (difficulty {e['difficulty']}), judged on {e['problems']} held-out "
-             f"problems: greedy, and {e['k']} samples at T={e['temperature']}, top-p {e['top_p']}.", "",
-             f"| stage | greedy pass@1 | pass@1, T={e['temperature']} | format rate | mean tokens | "
-             "language consistency | cost |", "|---|---|---|---|---|---|---|"]
-    for name in STAGES:
-        s = summary["stages"][name]
-        lines.append(f"| {LABELS[name]} | {100 * s['greedy_pass@1']:.1f}% | {100 * s['sampled_pass@1']:.1f}% | "
-                     f"{100 * s['format_rate']:.1f}% | {s['mean_tokens']:.1f} | "
-                     f"{100 * s['language_consistency']:.1f}% | ${s['cost_dollars']:.4f} |")
+             f"problems: greedy, and {k} samples at T={e['temperature']}, top-p {e['top_p']}; best = the higher "
+             f"of the two (each model at its best decoding).", "",
+             f"| model | greedy pass@1 | pass@1, T={e['temperature']} | best | cons@{k} | format rate | mean tokens | "
+             "language consistency | cost |", "|---|---|---|---|---|---|---|---|---|"]
+    order = ["base", *[r for r in ("r1_zero",) if r in compared], *STAGES[1:],
+             *[r for r in COMPARE_ROLES if r != "r1_zero" and r in compared]]
+    for name in order:
+        s = summary["stages"].get(name) or compared[name]
+        cost = f"${s['cost_dollars']:.4f}" if name in summary["stages"] else "its own run's"
+        lines.append(f"| {_label(name)} | {pct(s['greedy_pass@1'])} | {pct(s['sampled_pass@1'])} | "
+                     f"**{pct(s['best_pass@1'])}** | {pct(s['cons@k'])} | {pct(s['format_rate'])} | "
+                     f"{s['mean_tokens']:.1f} | {pct(s['language_consistency'])} | {cost} |")
+    if compared:
+        lines += ["", "Rows with \"its own run's\" cost are models of other runs (pipeline.compare), evaluated here "
+                  "on the same problems with the same settings; their training cost is in their own run, their "
+                  "evaluation's in the ledger below."]
+        lines += [f"- {_label(role)}: `{compared[role]['checkpoint']}`" for role in compared]
+    if summary.get("margins"):
+        lines += ["", "## Margins at each model's best decoding", ""]
+        for m in summary["margins"]:
+            verb = "beats" if m["margin"] > 0 else "does not beat"
+            lines.append(f"- {_label(m['a'])} {verb} {_label(m['b'])}: {100 * m['margin']:+.1f} points")
     lines += ["", "## Cost", "", ledger.table(), ""]
     return "\n".join(lines)

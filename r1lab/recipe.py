@@ -72,6 +72,10 @@ class DataConfig:
     """Cold-start conversations `r1lab sft` generates from data.task's train split (with data.difficulty and
     data.task_options): readable R1-format reasoning, summary and answer (`r1lab.tasks.coldstart`), added to
     data.sft_files (0: none)."""
+    sft_task_style: Literal["readable", "corpus"] = "readable"
+    """How those conversations reason: "readable" rewrites the worked solution in sentences; "corpus" keeps
+    the corpus's own worked solution (its notation, which pretraining taught) and adds the one-line English
+    summary, so SFT teaches the R1 turn without making the base relearn the method."""
     rl_files: list[str] = field(default_factory=list)
     """JSONL files of questions with reference answers: GRPO's prompt pool instead of the task family's
     train split, graded by the accuracy reward (math-verify). GSM8K's `#### N` answers are cut to N."""
@@ -346,6 +350,10 @@ class GenerateConfig:
             raise ConfigError(f"min_language must be in [0, 1], got {self.min_language}")
 
 
+COMPARE_ROLES = ("r1_zero", "teacher", "student_base", "student", "student_rl")
+"""The roles of `pipeline.compare`, in the report's order."""
+
+
 @dataclass
 class PipelineConfig:
     """`r1lab pipeline`: cold-start SFT, reasoning RL, rejection sampling + SFT, a final RL stage."""
@@ -365,12 +373,23 @@ class PipelineConfig:
     """SFT steps of stage 3 (0: sft.steps)."""
     final_grpo_steps: int = 0
     """GRPO steps of stage 4 (0: grpo.steps)."""
+    compare: dict[str, str] = field(default_factory=dict)
+    """Models of other runs judged beside the stages, role -> model directory. Roles: r1_zero (GRPO from a
+    base, no cold start), teacher, student_base, student (the teacher distilled into student_base) and
+    student_rl (GRPO from student_base). Each is evaluated on the same held-out problems with the same
+    settings, is a row of the report, and the report states the margins that pairs of them decide."""
 
     def validate(self) -> None:
         _at_least(self, 1, "cold_start_examples")
         _at_least(self, 0, "rejection_sft_steps", "final_grpo_steps", "sft_seq_len")
         if not self.pretrain_base and not self.init_from:
             raise ConfigError("init_from must name the base checkpoint when pretrain_base = false")
+        unknown = sorted(set(self.compare) - set(COMPARE_ROLES))
+        if unknown:
+            raise ConfigError(f"compare: unknown role {', '.join(map(repr, unknown))}; known: {', '.join(COMPARE_ROLES)}")
+        empty = [role for role, path in self.compare.items() if not path]
+        if empty:
+            raise ConfigError(f"compare.{empty[0]} must name a model directory")
 
 
 @dataclass

@@ -13,7 +13,8 @@ from r1lab.model import Transformer
 from r1lab.recipe import load_recipe
 from r1lab.rewards import accuracy_reward, format_reward, language_consistency_reward
 from r1lab.tasks import FAMILIES
-from r1lab.tasks.coldstart import READABLE, cold_start_completion, cold_start_conversations, readable_reasoning
+from r1lab.tasks.coldstart import (READABLE, STYLES, cold_start_completion, cold_start_conversations, corpus_reasoning,
+                                   readable_reasoning)
 from r1lab.tokenizer import R1, R1_ZERO, Tokenizer, render_conversation
 from r1lab.train.data import ConversationSet, task_conversations
 
@@ -51,6 +52,41 @@ def test_a_cold_start_turn_scores_full_accuracy_format_and_language(family):
         # a wrong answer in the same shape is graded wrong: the score comes from the answer, not the shape
         wrong = generated.replace(f"<answer>{ex['answer']}</answer>", "<answer>7 7</answer>")
         assert accuracy_reward(wrong, ex) == 0.0
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_corpus_style_turn_keeps_the_worked_solution_and_scores_full_rewards(family):
+    for ex in _examples(family):
+        completion = cold_start_completion(ex, "corpus")
+        generated = _generated_part(completion)
+        assert accuracy_reward(generated, ex) == 1.0, completion
+        assert format_reward(generated, think_opened=True) == 1.0, completion
+        assert language_consistency_reward(generated, ex) == 1.0, completion
+        # the corpus's solution verbatim where the corpus has it, right after <think>, then the readable summary
+        assert generated.startswith(ex["solution"] + "\n"), completion
+        assert corpus_reasoning(ex).splitlines() == [*ex["solution"].splitlines(), readable_reasoning(ex).splitlines()[-1]]
+
+
+def test_corpus_style_arithmetic_is_the_compact_scratchpad_then_an_english_summary():
+    ex = _examples("arithmetic", 1, 2, notation="compact", ops=("+",))[0]
+    ex = {**ex, "a": 68, "b": 69, "answer": "137", "prompt": "What is 68 + 69?",
+          "solution": "68+69\n8+9=17 c1 7\n6+6+1=13 c1 37\nc1 137\n=137"}
+    assert corpus_reasoning(ex) == "68+69\n8+9=17 c1 7\n6+6+1=13 c1 37\nc1 137\n=137\nSo 68 + 69 = 137."
+    assert STYLES == ("readable", "corpus")
+    with pytest.raises(ValueError, match="cold-start style must be one of readable, corpus, got 'terse'"):
+        cold_start_completion(ex, "terse")
+
+
+def test_the_style_key_picks_the_conversations():
+    recipe = load_recipe(None, ["--data.sft_task_examples=4", "--data.difficulty=2", "--data.sft_task_style=corpus",
+                                '--data.task_options={notation = "compact"}'])
+    conversations = task_conversations(recipe.data)
+    examples = FAMILIES["arithmetic"].generate(4, seed=recipe.data.seed + 2, split="train", difficulty=2,
+                                               notation="compact")
+    assert [c[1]["content"] for c in conversations] == [cold_start_completion(ex, "corpus") for ex in examples]
+    assert load_recipe(None, []).data.sft_task_style == "readable"
+    with pytest.raises(ConfigError, match="sft_task_style"):
+        load_recipe(None, ["--data.sft_task_style=terse"])
 
 
 def test_arithmetic_reasoning_is_sentences_whatever_the_corpus_notation():

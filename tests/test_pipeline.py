@@ -8,7 +8,10 @@ import pytest
 from r1lab import pipeline as pipeline_mod
 from r1lab.checkpoint import read_trainer_summary
 from r1lab.cli import main
-from r1lab.pipeline import STAGES, STATE_FILE, checkpoint_of
+from r1lab.config import ConfigError
+from r1lab.cost import StageCost
+from r1lab.pipeline import COMPARED, STAGES, STATE_FILE, checkpoint_of
+from r1lab.recipe import load_recipe
 
 QUICK = ["--model.dim=64", "--model.n_layers=2", "--model.n_dense_layers=1", "--model.n_heads=2",
          "--model.inter_dim=128", "--model.moe_inter_dim=32", "--model.kv_lora_rank=32", "--model.qk_nope_head_dim=16",
@@ -76,6 +79,7 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, capsys, monkeypatch
 
     # A second invocation trains, samples and evaluates nothing.
     monkeypatch.undo()
+    original_evaluate = pipeline_mod.evaluate_stage
 
     def refuse(*args, **kwargs):
         raise AssertionError("a finished stage ran again")
@@ -85,6 +89,20 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, capsys, monkeypatch
     code = main(["pipeline", "--recipe", str(_recipe(tmp_path)), "--run", str(run), "--quiet", *QUICK])
     assert code == 0, capsys.readouterr().err
     assert _state(run)["stages"] == state["stages"]
+
+    # A model of another run named in pipeline.compare is evaluated once, and only it, then is a report row.
+    evaluated = []
+    monkeypatch.setattr(pipeline_mod, "evaluate_stage", lambda r, ckpt, out, *a: evaluated.append((ckpt, out))
+                        or original_evaluate(r, ckpt, out, *a))
+    teacher = checkpoint_of(run, "reasoning_rl")
+    compare = [f'--pipeline.compare={{teacher = "{teacher}"}}']
+    for _ in range(2):
+        code = main(["pipeline", "--recipe", str(_recipe(tmp_path)), "--run", str(run), "--quiet", *QUICK, *compare])
+        assert code == 0, capsys.readouterr().err
+    assert evaluated == [(teacher, run / "compare" / "teacher" / "eval")]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["compared"]["teacher"]["greedy_pass@1"] == summary["stages"]["reasoning_rl"]["greedy_pass@1"]
+    assert "| teacher |" in (run / "report.md").read_text() and _state(run)["stages"] == state["stages"]
 
 
 def test_an_interrupted_stage_resumes_and_finished_ones_are_skipped(tmp_path, capsys, monkeypatch):
@@ -115,3 +133,72 @@ def test_an_interrupted_stage_resumes_and_finished_ones_are_skipped(tmp_path, ca
     assert trained == [("run_sft", "rejection_sft"), ("run_grpo", "final_rl")]
     metrics = (run / "rejection_sft" / "sft" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in metrics] == [3]  # logged once: the resumed stage trained no step again
+
+
+def _crafted_state(rows: dict[str, tuple[float, float]], compared: dict[str, tuple[float, float]]) -> dict:
+    """pipeline.json as run_pipeline writes it, with chosen (greedy, sampled) pass@1 per stage and compared model;
+    every stage and evaluation cost 36 s on one core ($0.0005 at $0.05 per core-hour)."""
+    def done(name, greedy, sampled):
+        line = StageCost(name, 1e9, 36.0, 1, "cpu-core", 1e11, 0.05).as_dict()
+        return {"checkpoint": f"/runs/{name}", "finished_at": "2026-12-05T10:00:00+00:00", "cost": [line],
+                "eval": {"greedy_pass@1": greedy, "sampled_pass@1": sampled, "cons@k": sampled + 0.05,
+                         "format_rate": 1.0, "mean_tokens": 40.0, "language_consistency": 0.5,
+                         "eval_seconds": 1.0, "eval_flops": 1.0}}
+    return {"stages": {n: done(n, *v) for n, v in rows.items()},
+            "compared": {n: done(n, *v) for n, v in compared.items()}}
+
+
+def test_the_report_puts_stages_and_compared_models_side_by_side_with_their_margins():
+    recipe = load_recipe(None, ["--eval.k=4", '--pipeline.compare={r1_zero = "a", teacher = "b", student_base = "c", '
+                                'student = "d", student_rl = "e"}'])
+    stages = {"base": (0.005, 0.14), "cold_start": (0.40, 0.35), "reasoning_rl": (0.55, 0.50),
+              "rejection_sft": (0.50, 0.45), "final_rl": (0.62, 0.60)}
+    compared = {"r1_zero": (0.645, 0.623), "teacher": (0.645, 0.623), "student_base": (0.005, 0.14),
+                "student": (0.58, 0.57), "student_rl": (0.645, 0.623)}
+    state = _crafted_state(stages, compared)
+    summary = pipeline_mod.summarize(recipe, state)
+    assert summary["stages"]["base"]["best_pass@1"] == 0.14 and summary["stages"]["base"]["best_decoding"] == "sampled"
+    assert summary["stages"]["final_rl"]["best_decoding"] == "greedy"
+    margins = {(m["a"], m["b"]): round(m["margin"], 4) for m in summary["margins"]}
+    assert margins == {("final_rl", "base"): 0.48, ("final_rl", "r1_zero"): -0.025, ("student", "student_base"): 0.44,
+                       ("student", "student_rl"): -0.065, ("student", "teacher"): -0.065}
+    # the ledger counts every stage and every compared model's evaluation: 10 lines of $0.0005
+    assert summary["cost"]["dollars"] == pytest.approx(10 * 0.0005)
+    text = pipeline_mod.report(recipe, summary, pipeline_mod.ledger_of(state))
+    lines = text.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("| model |"))
+    rows = lines[head + 2:lines.index("", head)]
+    labels = [row.split(" | ")[0][2:] for row in rows]
+    assert labels == ["base", COMPARED["r1_zero"], *[pipeline_mod.LABELS[s] for s in STAGES[1:]], "teacher",
+                      "student's base", "distilled student", "RL on the student"]
+    assert "| model | greedy pass@1 | pass@1, T=0.6 | best | cons@4 | format rate |" in text
+    assert rows[0] == "| base | 0.5% | 14.0% | **14.0%** | 19.0% | 100.0% | 40.0 | 50.0% | $0.0005 |"
+    assert rows[-1] == "| RL on the student | 64.5% | 62.3% | **64.5%** | 67.3% | 100.0% | 40.0 | 50.0% | its own run's |"
+    assert "- 4. final RL beats base: +48.0 points" in text
+    assert "- distilled student does not beat RL on the student: -6.5 points" in text
+    assert "- distilled student beats student's base: +44.0 points" in text
+
+
+def test_without_compared_models_the_report_has_no_margin_to_them():
+    recipe = load_recipe(None, [])
+    state = _crafted_state({"base": (0.2, 0.3), "cold_start": (0.1, 0.1), "reasoning_rl": (0.1, 0.1),
+                            "rejection_sft": (0.1, 0.1), "final_rl": (0.25, 0.2)}, {})
+    summary = pipeline_mod.summarize(recipe, state)
+    assert summary["compared"] == {}
+    assert [(m["a"], m["b"]) for m in summary["margins"]] == [("final_rl", "base")]
+    text = pipeline_mod.report(recipe, summary, pipeline_mod.ledger_of(state))
+    assert "- 4. final RL does not beat base: -5.0 points" in text and "its own run's" not in text
+
+
+def test_compared_roles_and_directories_are_checked_before_any_work(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="compare: unknown role 'judge'; known: r1_zero, teacher"):
+        load_recipe(None, ['--pipeline.compare={judge = "x"}'])
+    with pytest.raises(ConfigError, match="compare.teacher must name a model directory"):
+        load_recipe(None, ['--pipeline.compare={teacher = ""}'])
+    run = tmp_path / "run"
+    code = main(["pipeline", "--recipe", str(_recipe(tmp_path)), "--run", str(run), "--quiet", *QUICK,
+                 f'--pipeline.compare={{student = "{tmp_path / "nowhere"}"}}'])
+    assert code == 2
+    assert capsys.readouterr().err.strip().endswith(f"pipeline.compare.student: {tmp_path / 'nowhere'}: "
+                                                    "no such model directory")
+    assert not run.exists()

@@ -12,6 +12,14 @@ whatever notation the corpus used), and `cold_start_completion` wraps it as
     </think>
     <answer>{answer}</answer>
 
+With style "corpus" the reasoning is instead the family's own worked solution, in the notation the
+pretraining corpus used (arithmetic's compact `68+69`, `8+9=17 c1 7`, ...), right after `<think>` as
+in the corpus, then the same English summary (`So 68 + 69 = 137.`): every word of the chain of
+thought is English and it ends in a sentence a reader can check, while a base pretrained on that
+notation keeps the method it learned. A tiny base does not survive anything else: with sentences
+before the work ("Add 20 and 87 column by column") 100 SFT steps taught it to miscopy the operands
+("Add 30 and 27"), and greedy pass@1 fell from 22% to 1%, as with the readable style.
+
 The summary closes the think block instead of following it, as R1's own template does: the format
 reward (`rewards.format_reward`, shared by R1-Zero RL and evaluation) accepts only whitespace
 between ``</think>`` and ``<answer>``, and a cold-start model must score on the rewards its later
@@ -148,27 +156,44 @@ READABLE: dict[str, Callable[[dict], tuple[list[str], str]]] = {
 """Per family: example -> (reasoning lines, one-line summary). Every family in `FAMILIES` has one."""
 
 
-def readable_reasoning(example: dict) -> str:
-    """The example's worked solution as short sentences, ending in a one-line summary."""
+STYLES = ("readable", "corpus")
+"""How a cold-start turn reasons: in sentences, or in the corpus's own worked solution (module docstring)."""
+
+
+def _rendering(example: dict) -> tuple[list[str], str]:
     family = example.get("family")
     if family not in READABLE:
         raise ValueError(f"no readable reasoning for task family {family!r}; known: {', '.join(sorted(READABLE))}")
-    lines, summary = READABLE[family](example)
+    return READABLE[family](example)
+
+
+def readable_reasoning(example: dict) -> str:
+    """The example's worked solution as short sentences, ending in a one-line summary."""
+    lines, summary = _rendering(example)
     return "\n".join([*lines, summary])
 
 
-def cold_start_completion(example: dict) -> str:
-    """The R1-format assistant turn: readable reasoning and its summary in <think>, then the answer."""
-    return f"<think>\n{readable_reasoning(example)}\n</think>\n<answer>{example['answer']}</answer>"
+def corpus_reasoning(example: dict) -> str:
+    """The example's worked solution as the corpus writes it, then the readable rendering's one-line summary."""
+    _, summary = _rendering(example)
+    return "\n".join([*example["solution"].splitlines(), summary])
 
 
-def cold_start_conversations(task: str, n: int, seed: int, difficulty: int = 1,
+def cold_start_completion(example: dict, style: str = "readable") -> str:
+    """The R1-format assistant turn: the reasoning (in `style`) and its summary in <think>, then the answer."""
+    if style not in STYLES:
+        raise ValueError(f"cold-start style must be one of {', '.join(STYLES)}, got {style!r}")
+    reasoning = readable_reasoning(example) if style == "readable" else corpus_reasoning(example)
+    return f"<think>\n{reasoning}\n</think>\n<answer>{example['answer']}</answer>"
+
+
+def cold_start_conversations(task: str, n: int, seed: int, difficulty: int = 1, style: str = "readable",
                              **options) -> list[list[dict[str, str]]]:
-    """n conversations [user prompt, cold-start assistant turn] from the family's train split.
+    """n conversations [user prompt, cold-start assistant turn in `style`] from the family's train split.
 
     `options` are the family's `generate` options (data.task_options). A problem space too small for
     n distinct problems raises the family's ValueError.
     """
     examples = get_family(task).generate(n, seed=seed, split="train", difficulty=difficulty, **options)
-    return [[{"role": "user", "content": ex["prompt"]}, {"role": "assistant", "content": cold_start_completion(ex)}]
-            for ex in examples]
+    return [[{"role": "user", "content": ex["prompt"]},
+             {"role": "assistant", "content": cold_start_completion(ex, style)}] for ex in examples]

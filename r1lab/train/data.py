@@ -207,7 +207,7 @@ def task_conversations(data: DataConfig) -> list[list[dict]]:
     draws than the corpus's, seed data.seed, and the RL pool's, seed data.seed + 1)."""
     try:
         return cold_start_conversations(data.task, data.sft_task_examples, seed=data.seed + 2,
-                                        difficulty=data.difficulty, **data.task_options)
+                                        difficulty=data.difficulty, style=data.sft_task_style, **data.task_options)
     except ValueError as e:  # the family's problem space is smaller than asked
         raise DataError(f"data.sft_task_examples: {e}") from None
 
