@@ -180,7 +180,8 @@ def padded_logits(model, prompts: list[list[int]], comp: torch.Tensor, pad_id: i
 @torch.no_grad()
 def reference_logprobs(model, prompts: list[list[int]], completions: list[list[int]], mask: torch.Tensor,
                        chunk: int, pad_id: int) -> tuple[torch.Tensor, float]:
-    """Log-probs of the sampled tokens (N, W) and the mean token entropy, in eval mode, in chunks of rows."""
+    """Log-probs of the sampled tokens (N, W) and the token entropy summed over `mask`, in eval mode, in
+    chunks of rows."""
     was_training = model.training
     model.eval()
     out, entropy_sum = [], 0.0
@@ -190,7 +191,7 @@ def reference_logprobs(model, prompts: list[list[int]], completions: list[list[i
         out.append(lp)
         entropy_sum += entropy_total(lp_all, mask[s:s + chunk])
     model.train(was_training)
-    return torch.cat(out), entropy_sum / float(mask.sum().clamp(min=1))
+    return torch.cat(out), entropy_sum
 
 
 def fed_tokens(prompts: list[list[int]], width: int) -> int:
@@ -325,8 +326,7 @@ def _optimise(model, reference, optimizer, batch: Rollout, cfg: GRPOConfig, loss
     entropy_sum = 0.0  # over this rank's completion tokens
     with bf16_autocast(device, cfg.bf16_autocast):  # the ratio compares log-probs of one precision
         if not single and completions:
-            old_logp, entropy = reference_logprobs(model, prompts, completions, mask, cfg.minibatch_size, pad_id)
-            entropy_sum = entropy * float(mask.sum().clamp(min=1)) if world.size > 1 else entropy
+            old_logp, entropy_sum = reference_logprobs(model, prompts, completions, mask, cfg.minibatch_size, pad_id)
         if cfg.beta > 0 and completions:
             ref_logp = reference_logprobs(reference, prompts, completions, mask, cfg.minibatch_size, pad_id)[0]
     set_lr(optimizer, lr)
@@ -380,7 +380,7 @@ def _optimise(model, reference, optimizer, batch: Rollout, cfg: GRPOConfig, loss
         forwards = (0 if single else 1) + (1 if ref_logp is not None else 0)  # old log-probs, reference
         flops = fwd * (3 * tokens + forwards * fed_tokens(prompts, width))
     all_entropy, all_tokens, all_fed, all_flops = sum_floats([entropy_sum, float(mask.sum()), tokens, flops], world)
-    result["entropy"] = all_entropy / max(1.0, all_tokens) if world.size > 1 or single else entropy_sum
+    result["entropy"] = all_entropy / max(1.0, all_tokens)
     result["_tokens"] = float(all_fed)
     return result, all_flops
 
