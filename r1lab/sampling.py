@@ -97,8 +97,7 @@ def sample(engine: Engine, tokenizer: Tokenizer, examples: Sequence[dict], param
     params = with_stop_rule(params, tokenizer, template)
     prompts = [render_prompt(tokenizer, question_text(ex, instruction), template) for ex in examples]
     fits = [i for i, p in enumerate(prompts) if len(p) < engine.max_len]
-    shifted = {"first_index": first_index} if first_index else {}  # (engines that never split need not take it)
-    outs = engine.generate([prompts[i] for i in fits], params, **shifted) if fits else []
+    outs = engine.generate([prompts[i] for i in fits], params, first_index=first_index) if fits else []
     groups = [Group(ex, p, [], f"prompt of {len(p)} tokens does not fit max_len {engine.max_len}")
               for ex, p in zip(examples, prompts)]
     for slot, i in enumerate(fits):

@@ -135,7 +135,7 @@ class CountingEngine(Engine):
         super().__init__(*args, **kwargs)
         self.prompts, self.calls, self.fail_on_call = 0, 0, fail_on_call
 
-    def generate(self, prompts, params):
+    def generate(self, prompts, params, first_index=0):
         self.calls += 1
         if self.calls == self.fail_on_call:
             raise KeyboardInterrupt

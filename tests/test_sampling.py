@@ -32,7 +32,7 @@ class RecordingEngine:
     def __init__(self, tokenizer, replies: list[tuple[str, str]], max_len: int = 1 << 20):
         self.tokenizer, self.replies, self.max_len, self.params = tokenizer, replies, max_len, []
 
-    def generate(self, prompts, params):
+    def generate(self, prompts, params, first_index=0):
         self.params.append(params)
         return [Completion(p, j, self.tokenizer.encode(text), reason, [])
                 for p in range(len(prompts)) for j, (text, reason) in enumerate(self.replies[:params.n])]

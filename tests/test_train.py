@@ -280,7 +280,7 @@ class ScriptedEngine:
     def __init__(self, tokenizer):
         self.tokenizer, self.calls = tokenizer, 0
 
-    def generate(self, prompts, params):
+    def generate(self, prompts, params, first_index=0):
         self.calls += 1
         out = []
         for p, ids in enumerate(prompts):

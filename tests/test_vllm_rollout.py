@@ -143,7 +143,7 @@ class ScriptedEngine:
     def __init__(self, max_len, scripted):
         self.max_len, self.scripted = max_len, scripted
 
-    def generate(self, prompts, params):
+    def generate(self, prompts, params, first_index=0):
         return [Completion(i, j, ids, reason, []) for i in range(len(prompts))
                 for j, (ids, reason) in enumerate(self.scripted[i])]
 
@@ -291,3 +291,15 @@ def test_an_unknown_rollout_backend_is_one_line_and_exit_2(tok, hf_dir, tmp_path
     recipe.write_text(bad)
     assert main(["grpo", "--recipe", str(recipe), "--run", str(tmp_path / "run")]) == 2
     assert "grpo.vllm_gpu_memory_utilization" in capsys.readouterr().err
+
+
+def test_a_call_split_at_first_index_seeds_its_prompts_as_the_whole_call(tf, tok, hf_dir):
+    policy, fake = load_policy(hf_dir, tokenizer=tok), FakeVLLM(tf)
+    source = VLLMRollout(policy, tok, 64, dtype="float32", seed=0, gpu_memory_utilization=0.5, vllm=fake)
+    prompts = [render_prompt(tok, question_text(ex), R1_ZERO) for ex in POOL[:3]]
+    params = SamplingParams(max_new_tokens=4, temperature=0.7, n=2, seed=9)
+    whole = source.generate(prompts, params)
+    part = source.generate(prompts[1:], params, first_index=1)
+    (llm,) = fake.llms
+    assert [sp.seed for sp in llm.calls[1][1]] == [sp.seed for sp in llm.calls[0][1]][1:]
+    assert [c.token_ids for c in part] == [c.token_ids for c in whole[2:]]

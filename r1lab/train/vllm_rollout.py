@@ -2,7 +2,7 @@
 policy's weights whenever an optimizer step has changed them (`grpo.rollout_backend = "vllm"`).
 
 To the RL loop a `VLLMRollout` is an engine in the sense `sampling.sample` uses: `max_len` and
-`generate(prompts, params) -> list[Completion]` with prompt i's sample j at index i * n + j. So the
+`generate(prompts, params, first_index) -> list[Completion]` with prompt i's sample j at index i * n + j. So the
 records (`Group`, `Sampled`), the grading, advantages, losses and the FLOPs counted for generation
 (`Group.flops`, i.e. `cost.generation_flops`) are the same code as with r1lab's `Engine`.
 
@@ -129,8 +129,10 @@ class VLLMRollout:
         self.stale, self.pushes = False, self.pushes + 1
         return True
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
-        """`params.n` samples of every prompt in one vLLM `generate` call, as r1lab's engine returns them."""
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 first_index: int = 0) -> list[Completion]:
+        """`params.n` samples of every prompt in one vLLM `generate` call, as r1lab's engine returns them
+        (prompt i seeded from params.seed and first_index + i, as `Engine.generate` seeds it)."""
         if params.stop_strings:
             raise ValueError("vLLM rollouts stop on token ids only; stop_strings need r1lab's engine")
         params.validate()
@@ -139,7 +141,8 @@ class VLLMRollout:
         if self.eos_id is not None and not params.ignore_eos and self.eos_id not in stops:
             stops += (self.eos_id,)  # r1lab's engine always stops at EOS; vLLM without a tokenizer knows none
         options = [self.sampling_params(params, stops, len(p), None if params.seed is None
-                                        else prompt_seed(params.seed, i)) for i, p in enumerate(prompts)]
+                                        else prompt_seed(params.seed, first_index + i))
+                   for i, p in enumerate(prompts)]
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], options, use_tqdm=False)
         if len(outputs) != len(prompts):
             raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
