@@ -40,6 +40,7 @@ from r1lab.cost import CostLedger, StageCost
 from r1lab.device import resolve_device
 from r1lab.engine import SamplingParams
 from r1lab.eval import EvalResult, evaluate
+from r1lab.evalreport import best_decoding, item_scores, verdict
 from r1lab.hardware import measure_matmul_peak
 from r1lab.hf import load_causal_lm
 from r1lab.recipe import COMPARE_ROLES, Recipe, save_recipe
@@ -130,14 +131,15 @@ def evaluate_stage(recipe: Recipe, checkpoint: Path, out_dir: Path, examples: li
 
 def eval_row(result: EvalResult, k: int) -> dict:
     """What the report compares: pass@1 greedy and sampled (k samples), cons@k, format rate, mean length,
-    language consistency."""
+    language consistency; and each item's greedy and sampled score, which decide the margins' verdicts."""
     s, g = result.metrics, result.greedy.metrics
     texts = [c["text"] for item in result.items for c in item["completions"]]
     return {"greedy_pass@1": g["pass@1"], "sampled_pass@1": s["pass@1"], "cons@k": s[f"cons@{k}"],
             "format_rate": s["format_rate"], "mean_tokens": s["mean_tokens"],
             "language_consistency": sum(language_consistency_reward(t, {}) for t in texts) / max(1, len(texts)),
             "eval_seconds": result.cost["wall_seconds"] + result.greedy.cost["wall_seconds"],
-            "eval_flops": (result.cost["flops"] or 0.0) + (result.greedy.cost["flops"] or 0.0)}
+            "eval_flops": (result.cost["flops"] or 0.0) + (result.greedy.cost["flops"] or 0.0),
+            "scores": {"greedy": item_scores(result.greedy.items), "sampled": item_scores(result.items)}}
 
 
 def run_pipeline(recipe: Recipe, run_dir: Path, quiet: bool = False) -> dict:
@@ -209,22 +211,28 @@ def ledger_of(state: dict) -> CostLedger:
     return CostLedger.from_dict({"stages": lines})
 
 
+def _best(done: dict):
+    scores = done["eval"]["scores"]
+    return best_decoding(scores["greedy"], scores["sampled"])
+
+
 def _row(done: dict) -> dict:
+    """A summary row: the evaluation (without its per-item scores), its best decoding, its cost."""
     cost = CostLedger.from_dict({"stages": done["cost"]}).totals()
-    e = done["eval"]
-    return {**e, "best_pass@1": max(e["greedy_pass@1"], e["sampled_pass@1"]),
-            "best_decoding": "greedy" if e["greedy_pass@1"] >= e["sampled_pass@1"] else "sampled",
-            "checkpoint": done["checkpoint"], "finished_at": done["finished_at"],
+    best = _best(done)
+    return {**{k: v for k, v in done["eval"].items() if k != "scores"}, "best_pass@1": best.pass1,
+            "best_decoding": best.decoding, "checkpoint": done["checkpoint"], "finished_at": done["finished_at"],
             "cost_dollars": cost["dollars"], "cost_seconds": cost["seconds"], "cost_flops": cost["flops"]}
 
 
 def summarize(recipe: Recipe, state: dict) -> dict:
-    """summary.json: each stage's and each compared model's row, the margins of MARGINS, the cost totals."""
-    stages = {name: _row(state["stages"][name]) for name in STAGES}
-    compared = {role: _row(state["compared"][role]) for role in COMPARE_ROLES if role in recipe.pipeline.compare}
-    rows = {**stages, **compared}
-    margins = [{"a": a, "b": b, "margin": rows[a]["best_pass@1"] - rows[b]["best_pass@1"]}
-               for a, b in MARGINS if a in rows and b in rows]
+    """summary.json: each stage's and each compared model's row, the verdicts of MARGINS' pairs (each model
+    at its best decoding, `evalreport.verdict`: a margin beyond two paired standard errors), the cost totals."""
+    done = {**state["stages"], **{role: state["compared"][role] for role in COMPARE_ROLES
+                                  if role in recipe.pipeline.compare}}
+    stages = {name: _row(done[name]) for name in STAGES}
+    compared = {role: _row(done[role]) for role in COMPARE_ROLES if role in recipe.pipeline.compare}
+    margins = [verdict(a, _best(done[a]), b, _best(done[b])).as_dict() for a, b in MARGINS if a in done and b in done]
     e = recipe.eval
     return {"stages": stages, "compared": compared, "margins": margins, "cost": ledger_of(state).totals(),
             "eval": {"problems": e.problems, "k": e.k, "temperature": e.temperature, "top_p": e.top_p,
@@ -262,7 +270,8 @@ def report(recipe: Recipe, summary: dict, ledger: CostLedger) -> str:
     if summary.get("margins"):
         lines += ["", "## Margins at each model's best decoding", ""]
         for m in summary["margins"]:
-            verb = "beats" if m["margin"] > 0 else "does not beat"
-            lines.append(f"- {_label(m['a'])} {verb} {_label(m['b'])}: {100 * m['margin']:+.1f} points")
+            verb = "beats" if m["beat"] else "does not beat"
+            lines.append(f"- {_label(m['a'])} {verb} {_label(m['b'])}: {100 * m['margin']:+.1f} points (paired "
+                         f"standard error {100 * m['stderr']:.1f}; a win needs more than two)")
     lines += ["", "## Cost", "", ledger.table(), ""]
     return "\n".join(lines)

@@ -135,15 +135,26 @@ def test_an_interrupted_stage_resumes_and_finished_ones_are_skipped(tmp_path, ca
     assert [json.loads(line)["step"] for line in metrics] == [3]  # logged once: the resumed stage trained no step again
 
 
+def _item_scores(mean: float, k: int, n: int = 200) -> dict[str, float]:
+    """n items' pass@1 over k samples with the given mean (to 1/(n k)), the correct samples on the first items."""
+    left = round(mean * n * k)
+    scores = {}
+    for i in range(n):
+        scores[str(i)], left = min(k, left) / k, left - min(k, left)
+    return scores
+
+
 def _crafted_state(rows: dict[str, tuple[float, float]], compared: dict[str, tuple[float, float]]) -> dict:
-    """pipeline.json as run_pipeline writes it, with chosen (greedy, sampled) pass@1 per stage and compared model;
-    every stage and evaluation cost 36 s on one core ($0.0005 at $0.05 per core-hour)."""
+    """pipeline.json as run_pipeline writes it, with chosen (greedy, sampled) pass@1 per stage and compared model
+    (200 items, 4 samples each); every stage and evaluation cost 36 s on one core ($0.0005 at $0.05 per
+    core-hour)."""
     def done(name, greedy, sampled):
         line = StageCost(name, 1e9, 36.0, 1, "cpu-core", 1e11, 0.05).as_dict()
         return {"checkpoint": f"/runs/{name}", "finished_at": "2026-12-05T10:00:00+00:00", "cost": [line],
                 "eval": {"greedy_pass@1": greedy, "sampled_pass@1": sampled, "cons@k": sampled + 0.05,
                          "format_rate": 1.0, "mean_tokens": 40.0, "language_consistency": 0.5,
-                         "eval_seconds": 1.0, "eval_flops": 1.0}}
+                         "eval_seconds": 1.0, "eval_flops": 1.0,
+                         "scores": {"greedy": _item_scores(greedy, 1), "sampled": _item_scores(sampled, 4)}}}
     return {"stages": {n: done(n, *v) for n, v in rows.items()},
             "compared": {n: done(n, *v) for n, v in compared.items()}}
 
@@ -174,9 +185,21 @@ def test_the_report_puts_stages_and_compared_models_side_by_side_with_their_marg
     assert "| model | greedy pass@1 | pass@1, T=0.6 | best | cons@4 | format rate |" in text
     assert rows[0] == "| base | 0.5% | 14.0% | **14.0%** | 19.0% | 100.0% | 40.0 | 50.0% | $0.0005 |"
     assert rows[-1] == "| RL on the student | 64.5% | 62.3% | **64.5%** | 67.3% | 100.0% | 40.0 | 50.0% | its own run's |"
-    assert "- 4. final RL beats base: +48.0 points" in text
+    assert "- 4. final RL beats base: +48.0 points (paired standard error 3.5; a win needs more than two)" in text
     assert "- distilled student does not beat RL on the student: -6.5 points" in text
     assert "- distilled student beats student's base: +44.0 points" in text
+    assert "scores" not in summary["stages"]["base"]  # per-item scores stay in pipeline.json
+
+
+def test_a_margin_within_two_paired_standard_errors_is_not_a_win():
+    """+1 point carried by 2 of 200 items: more than zero, not more than noise."""
+    recipe = load_recipe(None, [])
+    state = _crafted_state({"base": (0.30, 0.25), "cold_start": (0.1, 0.1), "reasoning_rl": (0.1, 0.1),
+                            "rejection_sft": (0.1, 0.1), "final_rl": (0.31, 0.2)}, {})
+    (m,) = pipeline_mod.summarize(recipe, state)["margins"]
+    assert m["margin"] == pytest.approx(0.01) and 0.005 < m["stderr"] and not m["beat"]
+    text = pipeline_mod.report(recipe, pipeline_mod.summarize(recipe, state), pipeline_mod.ledger_of(state))
+    assert "- 4. final RL does not beat base: +1.0 points" in text
 
 
 def test_without_compared_models_the_report_has_no_margin_to_them():
