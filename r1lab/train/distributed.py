@@ -78,6 +78,7 @@ def join(device: torch.device) -> tuple[World, torch.device]:
 def leave() -> None:
     """Tear down the process group if this process joined one (the end of a command)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank tears down its connections while another still uses them
         dist.destroy_process_group()
 
 
