@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from r1lab.checkpoint import write_text_atomic
+from r1lab.checkpoint import read_trainer_summary, write_text_atomic
 from r1lab.config import ConfigError
 from r1lab.cost import CostLedger, StageCost
 from r1lab.device import resolve_device
@@ -197,7 +197,9 @@ def evaluate_compared(recipe: Recipe, run_dir: Path, state: dict, examples: list
             shutil.rmtree(out, ignore_errors=True)  # another model's samples must not be resumed from
         row = eval_row(evaluate_stage(recipe, Path(path), out, examples, peak, device), recipe.eval.k)
         cost = stage_cost(f"eval {role}", row["eval_flops"], row["eval_seconds"], recipe.cost, peak, device)
+        trained = read_trainer_summary(path)  # {} for a directory without r1lab's trainer state (an HF model)
         done[role] = {"checkpoint": str(path), "eval": row, "cost": [cost.as_dict()],
+                      "training": {k: trained[k] for k in ("step", "seconds", "flops") if k in trained},
                       "finished_at": datetime.now(timezone.utc).isoformat()}
         write_text_atomic(run_dir / STATE_FILE, json.dumps(state, indent=2) + "\n")
         if not quiet:
@@ -216,13 +218,20 @@ def _best(done: dict):
     return best_decoding(scores["greedy"], scores["sampled"])
 
 
-def _row(done: dict) -> dict:
-    """A summary row: the evaluation (without its per-item scores), its best decoding, its cost."""
+def _row(done: dict, compared: bool = False) -> dict:
+    """A summary row: the evaluation (without its per-item scores), its best decoding, its cost, and the
+    FLOPs that trained it: a stage's own (training and sampling, not evaluation), or for a compared model
+    those its checkpoint records for the training stage that wrote it (None when it records none)."""
     cost = CostLedger.from_dict({"stages": done["cost"]}).totals()
     best = _best(done)
+    if compared:
+        training_flops = done.get("training", {}).get("flops")
+    else:  # None for a base given by pipeline.init_from: it was trained elsewhere
+        training_flops = sum(c["flops"] for c in done["cost"] if not c["stage"].startswith("eval ")) or None
     return {**{k: v for k, v in done["eval"].items() if k != "scores"}, "best_pass@1": best.pass1,
             "best_decoding": best.decoding, "checkpoint": done["checkpoint"], "finished_at": done["finished_at"],
-            "cost_dollars": cost["dollars"], "cost_seconds": cost["seconds"], "cost_flops": cost["flops"]}
+            "cost_dollars": cost["dollars"], "cost_seconds": cost["seconds"], "cost_flops": cost["flops"],
+            "training_flops": training_flops}
 
 
 def summarize(recipe: Recipe, state: dict) -> dict:
@@ -231,7 +240,7 @@ def summarize(recipe: Recipe, state: dict) -> dict:
     done = {**state["stages"], **{role: state["compared"][role] for role in COMPARE_ROLES
                                   if role in recipe.pipeline.compare}}
     stages = {name: _row(done[name]) for name in STAGES}
-    compared = {role: _row(done[role]) for role in COMPARE_ROLES if role in recipe.pipeline.compare}
+    compared = {role: _row(done[role], compared=True) for role in COMPARE_ROLES if role in recipe.pipeline.compare}
     margins = [verdict(a, _best(done[a]), b, _best(done[b])).as_dict() for a, b in MARGINS if a in done and b in done]
     e = recipe.eval
     return {"stages": stages, "compared": compared, "margins": margins, "cost": ledger_of(state).totals(),
@@ -253,19 +262,23 @@ def report(recipe: Recipe, summary: dict, ledger: CostLedger) -> str:
              f"problems: greedy, and {k} samples at T={e['temperature']}, top-p {e['top_p']}; best = the higher "
              f"of the two (each model at its best decoding).", "",
              f"| model | greedy pass@1 | pass@1, T={e['temperature']} | best | cons@{k} | format rate | mean tokens | "
-             "language consistency | cost |", "|---|---|---|---|---|---|---|---|---|"]
+             "language consistency | training FLOPs | cost |", "|---|---|---|---|---|---|---|---|---|---|"]
     order = ["base", *[r for r in ("r1_zero",) if r in compared], *STAGES[1:],
              *[r for r in COMPARE_ROLES if r != "r1_zero" and r in compared]]
     for name in order:
         s = summary["stages"].get(name) or compared[name]
         cost = f"${s['cost_dollars']:.4f}" if name in summary["stages"] else "its own run's"
+        flops = "-" if s.get("training_flops") is None else f"{s['training_flops']:.3g}"
         lines.append(f"| {_label(name)} | {pct(s['greedy_pass@1'])} | {pct(s['sampled_pass@1'])} | "
                      f"**{pct(s['best_pass@1'])}** | {pct(s['cons@k'])} | {pct(s['format_rate'])} | "
-                     f"{s['mean_tokens']:.1f} | {pct(s['language_consistency'])} | {cost} |")
+                     f"{s['mean_tokens']:.1f} | {pct(s['language_consistency'])} | {flops} | {cost} |")
+    lines += ["", "Training FLOPs are each row's own stage (a stage's training, and stage 3's sampling), not "
+              "the stages before it."]
     if compared:
         lines += ["", "Rows with \"its own run's\" cost are models of other runs (pipeline.compare), evaluated here "
-                  "on the same problems with the same settings; their training cost is in their own run, their "
-                  "evaluation's in the ledger below."]
+                  "on the same problems with the same settings; their training FLOPs are those their checkpoint "
+                  "records for the stage that wrote it (\"-\": none recorded, as for a Hugging Face model), their "
+                  "dollars are in their own run, their evaluation's in the ledger below."]
         lines += [f"- {_label(role)}: `{compared[role]['checkpoint']}`" for role in compared]
     if summary.get("margins"):
         lines += ["", "## Margins at each model's best decoding", ""]

@@ -102,6 +102,7 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, capsys, monkeypatch
     assert evaluated == [(teacher, run / "compare" / "teacher" / "eval")]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["compared"]["teacher"]["greedy_pass@1"] == summary["stages"]["reasoning_rl"]["greedy_pass@1"]
+    assert summary["compared"]["teacher"]["training_flops"] == read_trainer_summary(teacher)["flops"] > 0
     assert "| teacher |" in (run / "report.md").read_text() and _state(run)["stages"] == state["stages"]
 
 
@@ -156,7 +157,8 @@ def _crafted_state(rows: dict[str, tuple[float, float]], compared: dict[str, tup
                          "eval_seconds": 1.0, "eval_flops": 1.0,
                          "scores": {"greedy": _item_scores(greedy, 1), "sampled": _item_scores(sampled, 4)}}}
     return {"stages": {n: done(n, *v) for n, v in rows.items()},
-            "compared": {n: done(n, *v) for n, v in compared.items()}}
+            "compared": {n: {**done(n, *v), "training": {"step": 25, "seconds": 72.0, "flops": 4.3e12}}
+                         for n, v in compared.items()}}
 
 
 def test_the_report_puts_stages_and_compared_models_side_by_side_with_their_margins():
@@ -183,8 +185,12 @@ def test_the_report_puts_stages_and_compared_models_side_by_side_with_their_marg
     assert labels == ["base", COMPARED["r1_zero"], *[pipeline_mod.LABELS[s] for s in STAGES[1:]], "teacher",
                       "student's base", "distilled student", "RL on the student"]
     assert "| model | greedy pass@1 | pass@1, T=0.6 | best | cons@4 | format rate |" in text
-    assert rows[0] == "| base | 0.5% | 14.0% | **14.0%** | 19.0% | 100.0% | 40.0 | 50.0% | $0.0005 |"
-    assert rows[-1] == "| RL on the student | 64.5% | 62.3% | **64.5%** | 67.3% | 100.0% | 40.0 | 50.0% | its own run's |"
+    # a stage's training FLOPs are its own ledger lines' (the crafted line is named after the stage, not
+    # "eval ..."); a compared model's, those its checkpoint recorded
+    assert rows[0] == "| base | 0.5% | 14.0% | **14.0%** | 19.0% | 100.0% | 40.0 | 50.0% | 1e+09 | $0.0005 |"
+    assert rows[-1] == ("| RL on the student | 64.5% | 62.3% | **64.5%** | 67.3% | 100.0% | 40.0 | 50.0% | 4.3e+12 | "
+                        "its own run's |")
+    assert summary["compared"]["teacher"]["training_flops"] == 4.3e12
     assert "- 4. final RL beats base: +48.0 points (paired standard error 3.5; a win needs more than two)" in text
     assert "- distilled student does not beat RL on the student: -6.5 points" in text
     assert "- distilled student beats student's base: +44.0 points" in text
