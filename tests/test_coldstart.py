@@ -62,16 +62,16 @@ def test_a_corpus_style_turn_keeps_the_worked_solution_and_scores_full_rewards(f
         assert accuracy_reward(generated, ex) == 1.0, completion
         assert format_reward(generated, think_opened=True) == 1.0, completion
         assert language_consistency_reward(generated, ex) == 1.0, completion
-        # the corpus's solution verbatim where the corpus has it, right after <think>, then the readable summary
+        # the corpus's solution verbatim where the corpus has it, right after <think>, then the stated result
         assert generated.startswith(ex["solution"] + "\n"), completion
-        assert corpus_reasoning(ex).splitlines() == [*ex["solution"].splitlines(), readable_reasoning(ex).splitlines()[-1]]
+        assert corpus_reasoning(ex).splitlines() == [*ex["solution"].splitlines(), f"So the answer is {ex['answer']}."]
 
 
 def test_corpus_style_arithmetic_is_the_compact_scratchpad_then_an_english_summary():
     ex = _examples("arithmetic", 1, 2, notation="compact", ops=("+",))[0]
     ex = {**ex, "a": 68, "b": 69, "answer": "137", "prompt": "What is 68 + 69?",
           "solution": "68+69\n8+9=17 c1 7\n6+6+1=13 c1 37\nc1 137\n=137"}
-    assert corpus_reasoning(ex) == "68+69\n8+9=17 c1 7\n6+6+1=13 c1 37\nc1 137\n=137\nSo 68 + 69 = 137."
+    assert corpus_reasoning(ex) == "68+69\n8+9=17 c1 7\n6+6+1=13 c1 37\nc1 137\n=137\nSo the answer is 137."
     assert STYLES == ("readable", "corpus")
     with pytest.raises(ValueError, match="cold-start style must be one of readable, corpus, got 'terse'"):
         cold_start_completion(ex, "terse")

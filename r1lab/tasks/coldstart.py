@@ -14,11 +14,14 @@ whatever notation the corpus used), and `cold_start_completion` wraps it as
 
 With style "corpus" the reasoning is instead the family's own worked solution, in the notation the
 pretraining corpus used (arithmetic's compact `68+69`, `8+9=17 c1 7`, ...), right after `<think>` as
-in the corpus, then the same English summary (`So 68 + 69 = 137.`): every word of the chain of
-thought is English and it ends in a sentence a reader can check, while a base pretrained on that
-notation keeps the method it learned. A tiny base does not survive anything else: with sentences
-before the work ("Add 20 and 87 column by column") 100 SFT steps taught it to miscopy the operands
-("Add 30 and 27"), and greedy pass@1 fell from 22% to 1%, as with the readable style.
+in the corpus, then one English sentence that states the result (`So the answer is 137.`): every
+word of the chain of thought is English, while a base pretrained on that notation keeps the method
+it learned. A tiny base does not survive anything else. With sentences before the work ("Add 20 and
+87 column by column") 100 SFT steps taught it to miscopy the operands ("Add 30 and 27"), and greedy
+pass@1 fell from 22% to 1%, as with the readable style. A summary that restated the problem
+(`So 68 + 69 = 137.`) had the same fault at the end: the tiny model wrote made-up operands in all
+200 held-out greedy replies and copied its answer from that line, wrongly in 42% of them (greedy
+pass@1 39%); stating only the result (`So the sum is 137.`), the same base and SFT reached 75%.
 
 The summary closes the think block instead of following it, as R1's own template does: the format
 reward (`rewards.format_reward`, shared by R1-Zero RL and evaluation) accepts only whitespace
@@ -174,9 +177,8 @@ def readable_reasoning(example: dict) -> str:
 
 
 def corpus_reasoning(example: dict) -> str:
-    """The example's worked solution as the corpus writes it, then the readable rendering's one-line summary."""
-    _, summary = _rendering(example)
-    return "\n".join([*example["solution"].splitlines(), summary])
+    """The example's worked solution as the corpus writes it, then a sentence stating its result."""
+    return "\n".join([*example["solution"].splitlines(), f"So the answer is {example['answer']}."])
 
 
 def cold_start_completion(example: dict, style: str = "readable") -> str:
