@@ -82,14 +82,13 @@ def _matmul_params_per_token(c: ModelConfig, with_mtp: bool) -> int:
     return n
 
 
-def attention_flops_per_token(c: ModelConfig, n_keys: float, attn_impl: str | None = None) -> float:
+def attention_flops_per_token(c: ModelConfig, n_keys: float) -> float:
     """Forward FLOPs of the score and value products of one token attending to n_keys keys, all layers.
 
     The naive path works per head in the C+P / V widths; the absorbed path in the latent (R+P / R).
     """
-    impl = attn_impl or c.attn_impl
     H, C, P, V, R = c.n_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
-    per_layer = 2 * H * n_keys * ((C + P) + V) if impl == "naive" else 2 * H * n_keys * ((R + P) + R)
+    per_layer = 2 * H * n_keys * ((C + P) + V) if c.attn_impl == "naive" else 2 * H * n_keys * ((R + P) + R)
     return per_layer * c.n_layers
 
 

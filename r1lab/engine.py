@@ -3,7 +3,7 @@
 RL rollouts, evaluation, the server and the terminal chat all generate through `Engine`. It knows
 token ids and a decoder (r1lab's Transformer, or anything with the same protocol: `new_cache`,
 `decoder(tokens, positions=..., cache=..., n_slots=...) -> logits` where n_slots bounds the cache
-slots a step reads, a cache with `max_len` (its slots), `select`, `repeat_interleave` and `extend`,
+slots a step reads, a cache with `max_len` (its slots), `select` and `extend`,
 which joins caches of different lengths). It knows no tokenizer: stop strings need a `decode`
 function handed in.
 
@@ -165,11 +165,11 @@ class _Settings:
     top_p: torch.Tensor
     ban: torch.Tensor  # ignore_eos: EOS may not be drawn
     modes: tuple[bool, ...] = ()
-    banning: str = "none"  # "none", "all" or "some" rows ban EOS
+    banning: bool = False  # some row bans EOS
 
     def __post_init__(self):
         self.modes = sampling_modes(self.temperature, self.top_k, self.top_p)
-        self.banning = "all" if bool(self.ban.all()) else "some" if bool(self.ban.any()) else "none"
+        self.banning = bool(self.ban.any())
 
     @classmethod
     def of(cls, rows: list[_Row], device: torch.device) -> _Settings:
@@ -187,55 +187,20 @@ class _Settings:
         return _Settings(self.temperature[idx], self.top_k[idx], self.top_p[idx], self.ban[idx])
 
 
-class _Uniforms:
-    """The running rows' next uniforms in (0, 1], `block` of them drawn ahead from each row's own stream:
-    a step reads one row of the table (one tensor op) instead of calling every row's generator (slow at
-    large batches: cache misses after a decode step). All rows read the same table row; a
-    row joining mid-block gets its stream's next values in the block's remaining table rows, so each row
-    still draws its own stream in order: the values one draw per call would give."""
-
-    __slots__ = ("block", "table", "next_draw")
-
-    def __init__(self, block: int = 32):
-        self.block = block
-        self.table = torch.zeros(block, 0, dtype=torch.float64)  # (block, B)
-        self.next_draw = block  # the table row read next; block: used up
-
-    def next(self, rows: list[_Row]) -> torch.Tensor:
-        """One uniform per row (B,); `rows` are the running rows, in the table's order."""
-        if self.next_draw == self.block:
-            self.table = self.draw(rows, self.block)
-            self.next_draw = 0
-        self.next_draw += 1
-        return self.table[self.next_draw - 1]
-
-    def add(self, rows: list[_Row]) -> None:
-        """Rows joining the batch (after its rows)."""
-        new = torch.zeros(self.block, len(rows), dtype=torch.float64)
-        new[self.next_draw:] = self.draw(rows, self.block - self.next_draw)
-        self.table = torch.cat([self.table, new], dim=1)
-
-    def select(self, idx: torch.Tensor) -> None:
-        self.table = self.table[:, idx.cpu()]
-
-    @staticmethod
-    def draw(rows: list[_Row], n: int) -> torch.Tensor:
-        """The next n uniforms of each row's stream, (n, B)."""
-        return torch.tensor([[1.0 - r.rng.random() for _ in range(n)] for r in rows],
-                            dtype=torch.float64).view(len(rows), n).T.contiguous()
+def _uniforms(rows: list[_Row]) -> torch.Tensor:
+    """Each row's next uniform in (0, 1] from its own stream, (B,)."""
+    return torch.tensor([1.0 - r.rng.random() for r in rows], dtype=torch.float64)
 
 
 class RunningBatch:
     """The running rows and everything kept row for row with them: the cache, each row's next token and
-    its position, its sampling settings and uniforms, and (speculative decoding) its draft. Rows `join`
+    its position, its sampling settings, and (speculative decoding) its draft. Rows `join`
     at the end; finished rows stay, frozen, until `compact` drops them."""
 
     def __init__(self, rows: list[_Row], cache, last: torch.Tensor, positions: torch.Tensor, settings: _Settings,
                  draft: torch.Tensor | None, decode: Callable[[list[int]], str] | None):
         self.rows, self.cache, self.settings, self.draft, self.decode = rows, cache, settings, draft, decode
         self.last, self.positions = last, positions  # (B,) the token each row feeds next, at this position
-        self.uniforms = _Uniforms()
-        self.uniforms.add(rows)
         # Kept with the rows so that a step needs no pass over them: how many have finished (they wait for
         # compaction), and the furthest any has reached (prompt_len + len(tokens): the cache slots a step reads).
         self.finished = 0
@@ -250,7 +215,6 @@ class RunningBatch:
         self.cache.extend(other.cache)
         self.rows.extend(other.rows)
         self.settings = self.settings.cat(other.settings)
-        self.uniforms.add(other.rows)  # their streams from the start, in our table's remaining rows
         self.last = torch.cat([self.last, other.last])
         self.positions = torch.cat([self.positions, other.positions])
         if self.draft is not None:
@@ -267,7 +231,6 @@ class RunningBatch:
             idx = torch.tensor(keep, device=self.positions.device)
             self.cache.select(idx)
             self.settings = self.settings.select(idx)
-            self.uniforms.select(idx)
             self.last, self.positions = self.last[idx], self.positions[idx]
             if self.draft is not None:
                 self.draft = self.draft[idx]
@@ -412,7 +375,7 @@ class Engine:
         """One token for every running row."""
         logits = self.steps.decode(self.model, batch.last[:, None], batch.positions[:, None], batch.cache,
                                    batch.n_slots())  # (B, V)
-        batch.advance(*self._sample(logits, batch.settings, batch.uniforms.next(batch.rows)), events)
+        batch.advance(*self._sample(logits, batch.settings, _uniforms(batch.rows)), events)
 
     def _admit(self, events: list[StepEvent]) -> None:
         """Prefill the waiting requests that fit and join their samples to the running batch."""
@@ -442,7 +405,8 @@ class Engine:
             last_logits = self.steps.prefill(self.model, tokens, positions, last, cache, T)  # (n_req, V)
         else:
             cache, last_logits, hidden = self.speculation.prefill(tokens, positions, last, slots)
-        _repeat_rows(cache, counts.to(device))
+        if bool((counts > 1).any()):  # row i of the cache becomes counts[i] consecutive rows
+            cache.select(torch.arange(len(admitted), device=device).repeat_interleave(counts.to(device)))
         last_logits = last_logits.repeat_interleave(counts.to(device), dim=0)
         rows = []
         for (request_id, prompt, params) in admitted:
@@ -452,7 +416,7 @@ class Engine:
                 rows.append(_Row(request_id, i, params, len(prompt), random.Random(_mix_seed(params.seed, i)),
                                  stop_ids, min(params.max_new_tokens, self.max_len - len(prompt))))
         settings = _Settings.of(rows, device)
-        first, logp = self._sample(last_logits, settings, _Uniforms.draw(rows, 1)[0])
+        first, logp = self._sample(last_logits, settings, _uniforms(rows))
         draft = None
         if self.speculation is not None:
             draft = self.speculation.first_drafts(hidden, tokens, lengths, counts.to(device), first, cache)
@@ -468,12 +432,10 @@ class Engine:
         """One token per row of logits (B, V) and its log-probability, from uniforms (B,) in (0, 1]."""
         logits = logits.float()
         if self._sample_kernel is not None:
-            eos = -1 if self.eos_id is None or settings.banning == "none" else self.eos_id
+            eos = self.eos_id if self.eos_id is not None and settings.banning else -1
             return self._sample_kernel(logits.contiguous(), settings.temperature.float(), settings.top_k,
                                        settings.top_p.float(), settings.ban, uniforms, eos)
-        if settings.banning == "all" and self.eos_id is not None:
-            logits[:, self.eos_id] = float("-inf")
-        elif settings.banning == "some" and self.eos_id is not None:
+        if settings.banning and self.eos_id is not None:
             logits[:, self.eos_id] = torch.where(settings.ban, float("-inf"), logits[:, self.eos_id])
         tokens = sample_tokens(logits, settings.temperature, settings.top_k, settings.top_p, uniforms, settings.modes)
         logp = logits.log_softmax(dim=-1).gather(1, tokens[:, None])[:, 0]
@@ -551,8 +513,8 @@ class Speculation:
         n_slots = batch.n_slots(ahead=1)
         fed = torch.stack([batch.last, batch.draft], dim=1)  # (B, 2)
         hidden, logits = self.verify(self.model, fed, pos2, batch.cache, n_slots)
-        s0, lp0 = self.sample(logits[:, 0], batch.settings, batch.uniforms.next(batch.rows))
-        s1, lp1 = self.sample(logits[:, 1], batch.settings, batch.uniforms.next(batch.rows))
+        s0, lp0 = self.sample(logits[:, 0], batch.settings, _uniforms(batch.rows))
+        s1, lp1 = self.sample(logits[:, 1], batch.settings, _uniforms(batch.rows))
         accept = (s0 == batch.draft) & live
         live_idx = [i for i, r in enumerate(batch.rows) if r.finish_reason is None]
         s0l, lp0l, s1l, lp1l, acc = s0.tolist(), lp0.tolist(), s1.tolist(), lp1.tolist(), accept.tolist()
@@ -603,12 +565,3 @@ class EagerSteps:
         mtp_hidden = model.mtp_step(0, hidden, following, positions, cache=cache, n_slots=n_slots)
         return model.mtp_logits(0, mtp_hidden).argmax(dim=-1)
 
-
-def _repeat_rows(cache, counts: torch.Tensor) -> None:
-    """Row i of the cache becomes counts[i] consecutive rows."""
-    if bool((counts == 1).all()):
-        return  # (a copy of the whole preallocated cache otherwise)
-    if bool((counts == counts[0]).all()):
-        cache.repeat_interleave(int(counts[0]))
-    else:
-        cache.select(torch.arange(len(counts), device=counts.device).repeat_interleave(counts))

@@ -102,10 +102,15 @@ def rollout(engine: Engine | VLLMRollout, tokenizer: Tokenizer, pool: list[dict]
 
 def completion_mask(completions: list[list[int]], width: int) -> torch.Tensor:
     """(N, width) 1.0 on each row's completion tokens: the positions log-probs are taken at."""
-    mask = torch.zeros(len(completions), width)
-    for i, c in enumerate(completions):
-        mask[i, :len(c)] = 1.0
-    return mask
+    return (torch.arange(width) < torch.tensor([len(c) for c in completions], dtype=torch.long)[:, None]).float()
+
+
+def _padded(rows: list[list[int]], width: int, pad_id: int) -> torch.Tensor:
+    """The rows of token ids right-padded with pad_id to `width` (N, width)."""
+    out = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
 
 
 def completion_logprobs(model, prompts: list[list[int]], completions: list[list[int]], pad_id: int, width: int,
@@ -119,10 +124,7 @@ def completion_logprobs(model, prompts: list[list[int]], completions: list[list[
     the experts' loads (`Transformer.trunk`'s `count`)."""
     starts = [0] + [i for i in range(1, len(prompts)) if prompts[i] != prompts[i - 1]]
     counts = torch.tensor([b - a for a, b in zip(starts, starts[1:] + [len(prompts)])], device=device)
-    comp = torch.full((len(completions), width), pad_id, dtype=torch.long)
-    for i, c in enumerate(completions):
-        comp[i, :len(c)] = torch.tensor(c)
-    comp, real = comp.to(device), completion_mask(completions, width).bool().to(device)
+    comp, real = _padded(completions, width, pad_id).to(device), completion_mask(completions, width).bool().to(device)
     if isinstance(model, Transformer):
         logits = shared_prompt_logits(model, [prompts[a] for a in starts], counts, comp, pad_id, real)
     else:
@@ -140,9 +142,7 @@ def shared_prompt_logits(model: Transformer, prompts: list[list[int]], counts: t
     device, W = comp.device, comp.shape[1]
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     Tp = int(lengths.max())
-    tokens = torch.full((len(prompts), Tp), pad_id, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = torch.tensor(p)
+    tokens = _padded(prompts, Tp, pad_id)
     cache = model.new_cache(len(prompts), Tp + W)
     positions = torch.arange(Tp, device=device).expand(len(prompts), Tp)
     hidden, _ = model.trunk(tokens.to(device), positions=positions, cache=cache, n_slots=Tp,
@@ -165,12 +165,8 @@ def padded_logits(model, prompts: list[list[int]], comp: torch.Tensor, pad_id: i
     N, W = comp.shape
     lengths = torch.tensor([len(p) for p in prompts], device=comp.device)
     L = int(lengths.max()) + W
-    seqs = torch.full((N, L), pad_id, dtype=torch.long, device=comp.device)
-    fed = torch.zeros((N, L), dtype=torch.bool, device=comp.device)  # prompt and completion tokens
-    for i, p in enumerate(prompts):
-        seqs[i, :len(p)] = torch.tensor(p)
-        seqs[i, len(p):len(p) + W] = comp[i]
-        fed[i, :len(p)], fed[i, len(p):len(p) + W] = True, real[i]
+    seqs = _padded([p + row for p, row in zip(prompts, comp.tolist())], L, pad_id).to(comp.device)
+    fed = torch.arange(L, device=comp.device) < (lengths + real.sum(dim=1))[:, None]  # prompt and completion tokens
     # Input token t counts when the token it predicts, t + 1, is a prompt or completion token.
     logits = model(seqs[:, :-1], count=fed[:, 1:]) if isinstance(model, Transformer) else model(seqs[:, :-1])
     at = (lengths - 1)[:, None] + torch.arange(W, device=comp.device)  # the positions predicting completion tokens

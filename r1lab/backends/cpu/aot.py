@@ -80,7 +80,8 @@ class ExportedStep:
                 high: int | None, forms):
         """Export `fn` for `low`..`high` rows over caches laid out as `cache`, the model's tensors as inputs;
         compile it with AOTInductor; load it."""
-        per_layer, names, bound = len(cache.layers[0]), self._names, _Bound(self.fn, model, forms)
+        per_layer, names, fn = len(cache.layers[0]), self._names, self.fn
+        bound = _Module(lambda *args: fn(model, forms, *args), model)
 
         def step(state, inputs, layers, slots):
             grouped = [layers[i:i + per_layer] for i in range(0, len(layers), per_layer)]
@@ -111,29 +112,20 @@ class ExportedStep:
             example_args = (state, inputs, layers, torch.empty(7, dtype=torch.int8))
             shapes = ([None] * len(state), [dims(t) for t in inputs],
                       [{1: capacity} if rows is None else {0: rows, 1: capacity}] * len(layers), {0: slots})
-            exported = torch.export.export(_Program(step), example_args, dynamic_shapes=shapes, strict=False)
+            exported = torch.export.export(_Module(step), example_args, dynamic_shapes=(shapes,), strict=False)
             with tempfile.TemporaryDirectory(prefix="r1lab-step-") as tmp:
                 path = torch._inductor.aoti_compile_and_package(exported, package_path=os.path.join(tmp, "step.pt2"))
                 return torch._inductor.aoti_load_package(path)
 
 
-class _Bound(torch.nn.Module):
-    """fn(model, forms, ...) as a module over the model, for `torch.func.functional_call` to swap its tensors."""
+class _Module(torch.nn.Module):
+    """`fn` as a module. With `model`, the model is its submodule "model", so that `torch.func.functional_call`
+    swaps the model's tensors for the step's inputs; without, nothing is registered (torch.export then takes
+    the weights as inputs)."""
 
-    def __init__(self, fn: Callable, model, forms):
+    def __init__(self, fn: Callable, model=None):
         super().__init__()
-        self.fn, self.model, self.forms = fn, model, forms
+        self.fn, self.model = fn, model
 
     def forward(self, *args):
-        return self.fn(self.model, self.forms, *args)
-
-
-class _Program(torch.nn.Module):
-    """The step as the module torch.export takes (nothing registered: the weights stay inputs)."""
-
-    def __init__(self, fn: Callable):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, state, inputs, layers, slots):
-        return self.fn(state, inputs, layers, slots)
+        return self.fn(*args)
