@@ -8,12 +8,18 @@ router's loads move as in training. FLOPs per step come from `cost.train_flops_p
 the fp32 matmul peak (`hardware.measure_matmul_peak`) is measured before and after the timed steps
 and the larger reading is the bar. Median step time of `--steps` timed steps after `--warmup`.
 
+Each preset runs twice from the same initialisation: eager (`model.loss`) and with the loss compiled
+(`train.common.loss_fn(model, compile=True)`, what `pretrain.compile` turns on). The compiled run's
+first step, which compiles, is timed on its own ("compile s": that step minus an eager step), and the
+table gives the compiled over eager ratio of step time.
+
     python benchmarks/bench_pretrain.py [--presets tiny small] [--steps 20] [--warmup 5] [--no-append]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -30,39 +36,57 @@ from r1lab.cost import count_parameters, train_flops_per_token  # noqa: E402
 from r1lab.hardware import measure_matmul_peak  # noqa: E402
 from r1lab.model import Transformer  # noqa: E402
 from r1lab.recipe import OptimConfig  # noqa: E402
-from r1lab.train.common import make_optimizer  # noqa: E402
+from r1lab.train.common import loss_fn, make_optimizer  # noqa: E402
 
 # (batch size, sequence length) per preset: the demo's pretraining shape for tiny, a CPU-sized one for small.
 SHAPES = {"tiny": (16, 128), "small": (4, 256)}
 
 
-def time_steps(preset: str, steps: int, warmup: int) -> dict:
+def time_steps(preset: str, steps: int, warmup: int, compile: bool) -> dict:
     batch, seq_len = SHAPES[preset]
     cfg = replace(model_preset(preset), max_seq_len=max(seq_len, 128), original_seq_len=max(seq_len, 128))
     torch.manual_seed(0)
     model = Transformer(cfg)
     model.train()
     optimizer = make_optimizer(model, OptimConfig(lr=1e-3))
+    loss = loss_fn(model, compile)
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=generator)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     times, losses = [], []
     for i in range(warmup + steps):
         start = time.perf_counter()
-        out = model.loss(inputs, targets)
+        out = loss(inputs, targets)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         model.update_expert_bias()
         losses.append(out.loss.item())
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    step = statistics.median(times)
+        times.append(time.perf_counter() - start)
+    step = statistics.median(times[warmup:])
     flops = train_flops_per_token(cfg, seq_len) * batch * seq_len
-    return {"preset": preset, "batch": batch, "seq_len": seq_len, "params": count_parameters(cfg).total,
-            "step_ms": 1000 * step, "tokens_per_s": batch * seq_len / step, "gflops": flops / step / 1e9,
+    return {"preset": preset, "mode": "compiled" if compile else "eager", "batch": batch, "seq_len": seq_len,
+            "params": count_parameters(cfg).total, "step_ms": 1000 * step, "first_s": times[0],
+            "tokens_per_s": batch * seq_len / step, "gflops": flops / step / 1e9,
             "loss_first": losses[0], "loss_last": losses[-1]}
+
+
+def table(records: list[dict], bar: float) -> str:
+    """One row per preset and mode; compiled rows give their step time over eager's and the compile seconds."""
+    eager = {r["preset"]: r for r in records if r["mode"] == "eager"}
+    rows = ["| preset | params | batch x seq | mode | step (median) | train tokens/s | GFLOP/s | MFU | "
+            "compiled / eager step | compile s | loss first -> last |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        base = eager.get(r["preset"])
+        ratio = f"{r['step_ms'] / base['step_ms']:.2f}" if base and r["mode"] == "compiled" else ""
+        compile_s = f"{r['first_s'] - base['step_ms'] / 1000:.1f}" if base and r["mode"] == "compiled" else ""
+        rows.append(f"| {r['preset']} | {r['params'] / 1e6:.1f}M | {r['batch']} x {r['seq_len']} | {r['mode']} | "
+                    f"{r['step_ms']:.0f} ms | {r['tokens_per_s']:,.0f} | {r['gflops']:.1f} | "
+                    f"{100 * r['gflops'] / bar:.0f}% | {ratio} | {compile_s} | "
+                    f"{r['loss_first']:.2f} -> {r['loss_last']:.2f} |")
+    return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,25 +94,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--presets", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--mode", choices=["both", "eager", "compiled"], default="both",
+                        help="eager and compiled training steps in the same run (default), or one of them")
     parser.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
     args = parser.parse_args(argv)
+    load = os.getloadavg()[0]
     peak = measure_matmul_peak()
     print(f"fp32 matmul peak before the runs: {peak:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
-    records = [time_steps(p, args.steps, args.warmup) for p in args.presets]
+    modes = {"both": (False, True), "eager": (False,), "compiled": (True,)}[args.mode]
+    records = [time_steps(p, args.steps, args.warmup, c) for p in args.presets for c in modes]
     peak_after = measure_matmul_peak()
     print(f"fp32 matmul peak after the runs: {peak_after:.1f} GFLOP/s")
-    bar = max(peak, peak_after)
-    header = ("| preset | params | batch x seq | step (median) | train tokens/s | GFLOP/s | MFU | loss first -> last |\n"
-              "|---|---|---|---|---|---|---|---|")
-    rows = [f"| {r['preset']} | {r['params'] / 1e6:.1f}M | {r['batch']} x {r['seq_len']} | {r['step_ms']:.0f} ms | "
-            f"{r['tokens_per_s']:,.0f} | {r['gflops']:.1f} | {100 * r['gflops'] / bar:.0f}% | "
-            f"{r['loss_first']:.2f} -> {r['loss_last']:.2f} |" for r in records]
-    table = "\n".join([header, *rows])
-    print(table)
+    result = table(records, max(peak, peak_after))
+    print(result)
     if not args.no_append:
         body = (f"bench_pretrain.py --steps {args.steps} --warmup {args.warmup}, {torch.get_num_threads()} torch "
                 f"threads. fp32 matmul peak measured in this run: {peak:.1f} GFLOP/s before, {peak_after:.1f} after "
-                f"(MFU uses the larger). FLOPs: `cost.train_flops_per_token` (matmuls only).\n\n{table}")
+                f"(MFU uses the larger). FLOPs: `cost.train_flops_per_token` (matmuls only). Load average before the run: "
+                f"{load:.2f}.\n\n{result}")
         append_results("pretrain: training tokens/s and MFU", body, ("torch",))
 
 

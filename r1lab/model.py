@@ -283,8 +283,11 @@ class Gate(nn.Module):
         weights = weights * cfg.route_scale
         if self.training:
             with torch.no_grad():
-                counted = indices if count is None else indices[count]
-                self.expert_load += torch.bincount(counted.flatten(), minlength=cfg.n_routed_experts).to(self.expert_load)
+                # One per counted assignment, added at its expert: a count of fixed shape (no boolean
+                # selection, no bincount), so a compiled training step keeps it in its graph.
+                ones = indices.new_ones(indices.shape, dtype=self.expert_load.dtype)
+                counted = ones if count is None else ones * count[:, None]
+                self.expert_load.index_add_(0, indices.flatten(), counted.flatten())
         return Routing(weights.type_as(logits), indices, scores)
 
     @torch.no_grad()
@@ -322,6 +325,7 @@ class Experts(nn.Module):
         """Expert e alone on x (..., D)."""
         return _swiglu(x, self.w1[e], self.w2[e], self.w3[e])
 
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """x (N, D) -> (N, D): the sum over each token's K experts of weight * expert(x).
 
@@ -330,6 +334,9 @@ class Experts(nn.Module):
         Otherwise the assignments are sorted by expert and packed into an (E, C, D) block, C the largest
         expert load, so all experts run as three batched products; when the loads are so uneven that
         padding would more than double the work, each expert runs on its own tokens instead.
+
+        The block's size depends on the loads, so a compiled training step runs this dispatch eagerly
+        (its products are already batched) and compiles what surrounds it.
         """
         indices, weights = routing.indices, routing.weights
         N, K = indices.shape
@@ -493,7 +500,8 @@ class Transformer(nn.Module):
 
     # -- positions and masks --------------------------------------------------------------------
     def _rope(self, positions: torch.Tensor) -> torch.Tensor:
-        if positions.numel() and int(positions.max()) >= self.config.max_seq_len:
+        # Reading the largest position back would split a compiled graph; there, indexing checks bounds itself.
+        if not torch.compiler.is_compiling() and positions.numel() and int(positions.max()) >= self.config.max_seq_len:
             raise ValueError(f"position {int(positions.max())} exceeds max_seq_len {self.config.max_seq_len}")
         return self.rope[positions].float()  # (B, T, P/2, 2): cos, sin
 

@@ -175,6 +175,11 @@ class TrainConfig:
     bf16_autocast: bool = True
     """bfloat16 autocast of the matmuls when the run's device is CUDA (false: float32 there too); on a
     CPU, which has no fast bfloat16, training is float32 whatever this says."""
+    compile: bool = False
+    """Compile the training loss (`torch.compile`, static shapes; the MoE dispatch stays eager). On a
+    2-core CPU it cuts a tiny-model step by 7-13% after a one-off compile of ~80 s (seconds once
+    Inductor's cache holds it), so it pays only after thousands of steps: the demo's 500 pretraining
+    steps stay eager (benchmarks/RESULTS.md, bench_pretrain)."""
     eval_every: int = 100
     """Held-out loss every this many steps (0: only at the end)."""
     eval_batches: int = 4

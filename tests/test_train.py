@@ -3,6 +3,7 @@ import re
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from r1lab.cost import CostLedger, StageCost
 from r1lab.engine import Completion
@@ -59,6 +60,38 @@ def test_pretraining_killed_and_resumed_matches_an_uninterrupted_run(tmp_path, m
     for ra, rb in zip(a[3:], b[3:]):
         assert (ra["loss"], ra["grad_norm"]) == (rb["loss"], rb["grad_norm"])
     assert a[-1]["loss"] < a[0]["loss"]
+
+
+def _compiled_pretraining_matches_eager(tmp_path, monkeypatch, backend):
+    """3 compiled steps give eager's losses; the checkpoint is an ordinary one that resumes (step 4)."""
+    if backend != "inductor":  # trace and run the graphs without generating code (seconds, not minutes)
+        compile_ = torch.compile
+        monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **{**kw, "backend": backend}))
+    eager = load_recipe(None, SMALL + ["--pretrain.steps=4"])
+    run_pretrain(eager, tmp_path / "eager", 100e9, quiet=True)
+    compiled = load_recipe(None, SMALL + ["--pretrain.steps=3", "--pretrain.compile=true"])
+    run_pretrain(compiled, tmp_path / "compiled", 100e9, quiet=True)
+    a, b = rows(tmp_path / "eager" / "base" / "metrics.jsonl"), rows(tmp_path / "compiled" / "base" / "metrics.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b):  # float32 sums in another order: see tests/test_compile.py for the tolerance
+        for key in ("loss", "lm_loss", "mtp_loss", "grad_norm"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4), key
+    weights = safe_open(str(tmp_path / "compiled" / "base" / "checkpoint" / "model.safetensors"), "pt").keys()
+    assert not [k for k in weights if "_orig_mod" in k]
+    assert set(weights) == set(safe_open(str(tmp_path / "eager" / "base" / "checkpoint" / "model.safetensors"), "pt").keys())
+    run_pretrain(load_recipe(None, SMALL + ["--pretrain.steps=4"]), tmp_path / "compiled", 100e9, quiet=True)
+    b = rows(tmp_path / "compiled" / "base" / "metrics.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert b[3]["loss"] == pytest.approx(a[3]["loss"], rel=1e-4)
+
+
+def test_traced_pretraining_matches_eager_and_its_checkpoint_resumes(tmp_path, monkeypatch):
+    _compiled_pretraining_matches_eager(tmp_path, monkeypatch, "aot_eager")
+
+
+@pytest.mark.slow
+def test_compiled_pretraining_matches_eager_and_its_checkpoint_resumes(tmp_path, monkeypatch):
+    _compiled_pretraining_matches_eager(tmp_path, monkeypatch, "inductor")
 
 
 def test_grpo_killed_and_resumed_matches_an_uninterrupted_run(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -21,7 +22,7 @@ from r1lab.checkpoint import (committed_checkpoint, read_model_metadata, read_tr
                               rng_state, set_rng_state, write_text_atomic)
 from r1lab.config import ConfigError, ModelConfig
 from r1lab.cost import StageCost
-from r1lab.model import Transformer
+from r1lab.model import LossOutput, Transformer
 from r1lab.recipe import CostConfig, OptimConfig
 from r1lab.tokenizer import Tokenizer
 from r1lab.train.policy import load_weights_into, model_shape, save_policy
@@ -46,6 +47,18 @@ def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Ad
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=1e-8)
+
+
+def loss_fn(model: Transformer, compile: bool) -> Callable[..., LossOutput]:
+    """`model.loss`, or it compiled (`torch.compile`, Inductor, static shapes) when `compile`.
+
+    The compiled function wraps the bound method, not the module: the model, its state dict and its
+    checkpoints stay those of the eager model (no `_orig_mod.` prefixes). Each new input shape (and
+    the first call with and without a loss mask) compiles once more; packed pretraining batches have
+    one shape. The MoE's expert dispatch runs eagerly inside it (`Experts.forward`)."""
+    if not compile:
+        return model.loss
+    return torch.compile(model.loss, dynamic=False)
 
 
 def lr_at(step: int, total: int, optim: OptimConfig) -> float:

@@ -25,8 +25,8 @@ from r1lab.device import bf16_autocast
 from r1lab.model import Transformer
 from r1lab.recipe import CostConfig, TrainConfig
 from r1lab.tokenizer import Tokenizer
-from r1lab.train.common import (MetricsLog, Progress, StageResult, lr_at, make_optimizer, resume_into, save_stage,
-                                set_lr, stage_cost)
+from r1lab.train.common import (MetricsLog, Progress, StageResult, loss_fn, lr_at, make_optimizer, resume_into,
+                                save_stage, set_lr, stage_cost)
 from r1lab.train.distributed import (World, barrier, broadcast_model, shard, sum_floats, sync_expert_load,
                                      sync_gradients)
 
@@ -67,6 +67,7 @@ def train_supervised(model: Transformer, tokenizer: Tokenizer | None, batch_fn: 
     seq_len = batch_fn(0, 0, 1)[0].shape[1]
     flops_per_token = train_flops_per_token(model.config, seq_len)
     model.train()
+    loss = loss_fn(model, cfg.compile)  # held-out losses stay eager: no second compile for eval mode
     flops, seconds = flops_before, seconds_before
     window_tokens, window_start = 0, time.perf_counter()
     for step in range(start, cfg.steps):
@@ -80,7 +81,7 @@ def train_supervised(model: Transformer, tokenizer: Tokenizer | None, batch_fn: 
                                      for t in batch_fn(step, micro, cfg.batch_size))
             share = _token_share(mask, world)
             with bf16_autocast(device, cfg.bf16_autocast):
-                out = model.loss(inputs, targets, mask)
+                out = loss(inputs, targets, mask)
             (out.loss * share / cfg.grad_accum).backward()
             for key in parts:
                 parts[key] += getattr(out, key).item() * share / cfg.grad_accum
