@@ -158,6 +158,8 @@ def run_pipeline(recipe: Recipe, run_dir: Path, quiet: bool = False) -> dict:
     examples = heldout_examples(recipe)
     for stage in STAGES:
         if stage in state["stages"]:
+            if "scores" not in state["stages"][stage]["eval"]:  # written before per-item scores were kept
+                _reevaluate(recipe, run_dir, state, stage, examples, peak, device)
             continue
         if stage == "base" and not recipe.pipeline.pretrain_base:
             checkpoint = Path(recipe.pipeline.init_from)
@@ -182,6 +184,19 @@ def run_pipeline(recipe: Recipe, run_dir: Path, quiet: bool = False) -> dict:
     write_text_atomic(run_dir / "cost.json", json.dumps(ledger_of(state).as_dict(), indent=2) + "\n")
     write_text_atomic(run_dir / "report.md", report(recipe, summary, ledger_of(state)))
     return summary
+
+
+def _reevaluate(recipe: Recipe, run_dir: Path, state: dict, stage: str, examples: list[dict], peak: float,
+                device: torch.device) -> None:
+    """Evaluate a finished stage again, in place of an evaluation that kept no per-item scores."""
+    done = state["stages"][stage]
+    out = run_dir / stage / "eval"
+    shutil.rmtree(out, ignore_errors=True)
+    row = eval_row(evaluate_stage(recipe, Path(done["checkpoint"]), out, examples, peak, device), recipe.eval.k)
+    cost = stage_cost(f"eval {stage}", row["eval_flops"], row["eval_seconds"], recipe.cost, peak, device)
+    done["eval"] = row
+    done["cost"] = [c for c in done["cost"] if c["stage"] != f"eval {stage}"] + [cost.as_dict()]
+    write_text_atomic(run_dir / STATE_FILE, json.dumps(state, indent=2) + "\n")
 
 
 def evaluate_compared(recipe: Recipe, run_dir: Path, state: dict, examples: list[dict], peak: float,

@@ -135,6 +135,22 @@ def test_an_interrupted_stage_resumes_and_finished_ones_are_skipped(tmp_path, ca
     metrics = (run / "rejection_sft" / "sft" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in metrics] == [3]  # logged once: the resumed stage trained no step again
 
+    # A stage whose evaluation kept no per-item scores (a run of an older r1lab) is evaluated again, not retrained.
+    state = _state(run)
+    del state["stages"]["cold_start"]["eval"]["scores"]
+    (run / STATE_FILE).write_text(json.dumps(state))
+    evaluated, trained = [], []
+    monkeypatch.setattr(pipeline_mod, "evaluate_stage", lambda r, ckpt, out, *a: evaluated.append(out.parent.name)
+                        or original(r, ckpt, out, *a))
+    code = main(["pipeline", "--recipe", str(_recipe(tmp_path)), "--run", str(run), "--quiet", *QUICK])
+    assert code == 0, capsys.readouterr().err
+    third = _state(run)["stages"]
+    assert evaluated == ["cold_start"] and trained == []
+    timeless = lambda row: {k: v for k, v in row.items() if k != "eval_seconds"}  # noqa: E731
+    assert timeless(third["cold_start"]["eval"]) == timeless(second["cold_start"]["eval"])  # greedy, seeded: same scores
+    assert [c["stage"] for c in third["cold_start"]["cost"]] == [c["stage"] for c in second["cold_start"]["cost"]]
+    assert third["cold_start"]["finished_at"] == second["cold_start"]["finished_at"]
+
 
 def _item_scores(mean: float, k: int, n: int = 200) -> dict[str, float]:
     """n items' pass@1 over k samples with the given mean (to 1/(n k)), the correct samples on the first items."""
