@@ -55,9 +55,12 @@ LABELS = {"base": "base", "cold_start": "1. cold-start SFT", "reasoning_rl": "2.
           "rejection_sft": "3. rejection sampling + SFT of the base", "final_rl": "4. final RL"}
 COMPARED = {"r1_zero": "R1-Zero (GRPO from a base, no SFT)", "teacher": "teacher",
             "student_base": "student's base", "student": "distilled student", "student_rl": "RL on the student"}
-MARGINS = (("final_rl", "base"), ("final_rl", "r1_zero"), ("student", "student_base"), ("student", "student_rl"),
+MARGINS = (("reasoning_rl", "cold_start"), ("final_rl", "rejection_sft"), ("final_rl", "cold_start"),
+           ("final_rl", "base"), ("final_rl", "r1_zero"), ("student", "student_base"), ("student", "student_rl"),
            ("student", "teacher"))
-"""Pairs (a, b) whose margin a - b at each one's best decoding the report states when both rows exist."""
+"""Pairs (a, b) whose margin a - b at each one's best decoding the report states when both rows exist: each RL
+stage against the model it starts from, what stages 2-4 add to the cold start, the final stage against the base
+and R1-Zero, the distilled student against its base, RL on the student and the teacher."""
 STATE_FILE = "pipeline.json"
 KEPT_FILE = "generate/kept.jsonl"
 

@@ -189,7 +189,8 @@ def test_the_report_puts_stages_and_compared_models_side_by_side_with_their_marg
     assert summary["stages"]["base"]["best_pass@1"] == 0.14 and summary["stages"]["base"]["best_decoding"] == "sampled"
     assert summary["stages"]["final_rl"]["best_decoding"] == "greedy"
     margins = {(m["a"], m["b"]): round(m["margin"], 4) for m in summary["margins"]}
-    assert margins == {("final_rl", "base"): 0.48, ("final_rl", "r1_zero"): -0.025, ("student", "student_base"): 0.44,
+    assert margins == {("reasoning_rl", "cold_start"): 0.15, ("final_rl", "rejection_sft"): 0.12,
+                       ("final_rl", "cold_start"): 0.22, ("final_rl", "base"): 0.48, ("final_rl", "r1_zero"): -0.025, ("student", "student_base"): 0.44,
                        ("student", "student_rl"): -0.065, ("student", "teacher"): -0.065}
     # the ledger counts every stage and every compared model's evaluation: 10 lines of $0.0005
     assert summary["cost"]["dollars"] == pytest.approx(10 * 0.0005)
@@ -218,7 +219,7 @@ def test_a_margin_within_two_paired_standard_errors_is_not_a_win():
     recipe = load_recipe(None, [])
     state = _crafted_state({"base": (0.30, 0.25), "cold_start": (0.1, 0.1), "reasoning_rl": (0.1, 0.1),
                             "rejection_sft": (0.1, 0.1), "final_rl": (0.31, 0.2)}, {})
-    (m,) = pipeline_mod.summarize(recipe, state)["margins"]
+    (m,) = [m for m in pipeline_mod.summarize(recipe, state)["margins"] if (m["a"], m["b"]) == ("final_rl", "base")]
     assert m["margin"] == pytest.approx(0.01) and 0.005 < m["stderr"] and not m["beat"]
     text = pipeline_mod.report(recipe, pipeline_mod.summarize(recipe, state), pipeline_mod.ledger_of(state))
     assert "- 4. final RL does not beat base: +1.0 points" in text
@@ -230,7 +231,8 @@ def test_without_compared_models_the_report_has_no_margin_to_them():
                             "rejection_sft": (0.1, 0.1), "final_rl": (0.25, 0.2)}, {})
     summary = pipeline_mod.summarize(recipe, state)
     assert summary["compared"] == {}
-    assert [(m["a"], m["b"]) for m in summary["margins"]] == [("final_rl", "base")]
+    assert [(m["a"], m["b"]) for m in summary["margins"]] == [("reasoning_rl", "cold_start"), ("final_rl", "rejection_sft"),
+                                                              ("final_rl", "cold_start"), ("final_rl", "base")]
     text = pipeline_mod.report(recipe, summary, pipeline_mod.ledger_of(state))
     assert "- 4. final RL does not beat base: -5.0 points" in text and "its own run's" not in text
 
