@@ -12,7 +12,8 @@
 Each stage writes RUN/<stage>/ (the stage's own run directory: checkpoint, metrics.jsonl), an
 evaluation of its checkpoint on eval.problems held-out problems greedy and at eval.temperature with
 eval.k samples (RUN/<stage>/eval), and its cost line. Models of other runs named in pipeline.compare
-(R1-Zero, a teacher, a student's base, the distilled student, RL on the student) are evaluated the
+(R1-Zero, a compute-matched SFT control, a teacher, a student's base, the distilled student, RL on the
+student) are evaluated the
 same way (RUN/compare/<role>/eval) and become rows of the same table, with the margins their pairs
 decide at each model's best decoding (the higher of greedy and sampled pass@1). `RUN/pipeline.json`, written atomically after
 each stage, records the finished ones; a second invocation skips them and resumes the first
@@ -53,14 +54,15 @@ from r1lab.train.stages import heldout_examples, rl_pool, run_grpo, run_pretrain
 STAGES = ("base", "cold_start", "reasoning_rl", "rejection_sft", "final_rl")
 LABELS = {"base": "base", "cold_start": "1. cold-start SFT", "reasoning_rl": "2. reasoning RL",
           "rejection_sft": "3. rejection sampling + SFT of the base", "final_rl": "4. final RL"}
-COMPARED = {"r1_zero": "R1-Zero (GRPO from a base, no SFT)", "teacher": "teacher",
+COMPARED = {"r1_zero": "R1-Zero (GRPO from a base, no SFT)",
+            "control": "SFT control (cold-start SFT for the FLOPs of stages 1-4)", "teacher": "teacher",
             "student_base": "student's base", "student": "distilled student", "student_rl": "RL on the student"}
 MARGINS = (("reasoning_rl", "cold_start"), ("final_rl", "rejection_sft"), ("final_rl", "cold_start"),
-           ("final_rl", "base"), ("final_rl", "r1_zero"), ("student", "student_base"), ("student", "student_rl"),
+           ("final_rl", "base"), ("final_rl", "r1_zero"), ("final_rl", "control"), ("student", "student_base"), ("student", "student_rl"),
            ("student", "teacher"))
 """Pairs (a, b) whose margin a - b at each one's best decoding the report states when both rows exist: each RL
 stage against the model it starts from, what stages 2-4 add to the cold start, the final stage against the base
-and R1-Zero, the distilled student against its base, RL on the student and the teacher."""
+and R1-Zero and its compute-matched control, the distilled student against its base, RL on the student and the teacher."""
 STATE_FILE = "pipeline.json"
 KEPT_FILE = "generate/kept.jsonl"
 

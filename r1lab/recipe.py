@@ -355,7 +355,7 @@ class GenerateConfig:
             raise ConfigError(f"min_language must be in [0, 1], got {self.min_language}")
 
 
-COMPARE_ROLES = ("r1_zero", "teacher", "student_base", "student", "student_rl")
+COMPARE_ROLES = ("r1_zero", "control", "teacher", "student_base", "student", "student_rl")
 """The roles of `pipeline.compare`, in the report's order."""
 
 
@@ -380,7 +380,8 @@ class PipelineConfig:
     """GRPO steps of stage 4 (0: grpo.steps)."""
     compare: dict[str, str] = field(default_factory=dict)
     """Models of other runs judged beside the stages, role -> model directory. Roles: r1_zero (GRPO from a
-    base, no cold start), teacher, student_base, student (the teacher distilled into student_base) and
+    base, no cold start), control (a compute-matched control of stages 2-4: the cold start's SFT run on for
+    their FLOPs), teacher, student_base, student (the teacher distilled into student_base) and
     student_rl (GRPO from student_base). Each is evaluated on the same held-out problems with the same
     settings, is a row of the report, and the report states the margins that pairs of them decide."""
 

@@ -179,27 +179,28 @@ def _crafted_state(rows: dict[str, tuple[float, float]], compared: dict[str, tup
 
 def test_the_report_puts_stages_and_compared_models_side_by_side_with_their_margins():
     recipe = load_recipe(None, ["--eval.k=4", '--pipeline.compare={r1_zero = "a", teacher = "b", student_base = "c", '
-                                'student = "d", student_rl = "e"}'])
+                                'student = "d", student_rl = "e", control = "f"}'])
     stages = {"base": (0.005, 0.14), "cold_start": (0.40, 0.35), "reasoning_rl": (0.55, 0.50),
               "rejection_sft": (0.50, 0.45), "final_rl": (0.62, 0.60)}
     compared = {"r1_zero": (0.645, 0.623), "teacher": (0.645, 0.623), "student_base": (0.005, 0.14),
-                "student": (0.58, 0.57), "student_rl": (0.645, 0.623)}
+                "student": (0.58, 0.57), "student_rl": (0.645, 0.623), "control": (0.66, 0.6)}
     state = _crafted_state(stages, compared)
     summary = pipeline_mod.summarize(recipe, state)
     assert summary["stages"]["base"]["best_pass@1"] == 0.14 and summary["stages"]["base"]["best_decoding"] == "sampled"
     assert summary["stages"]["final_rl"]["best_decoding"] == "greedy"
     margins = {(m["a"], m["b"]): round(m["margin"], 4) for m in summary["margins"]}
     assert margins == {("reasoning_rl", "cold_start"): 0.15, ("final_rl", "rejection_sft"): 0.12,
-                       ("final_rl", "cold_start"): 0.22, ("final_rl", "base"): 0.48, ("final_rl", "r1_zero"): -0.025, ("student", "student_base"): 0.44,
+                       ("final_rl", "cold_start"): 0.22, ("final_rl", "base"): 0.48, ("final_rl", "r1_zero"): -0.025, ("final_rl", "control"): -0.04,
+                       ("student", "student_base"): 0.44,
                        ("student", "student_rl"): -0.065, ("student", "teacher"): -0.065}
-    # the ledger counts every stage and every compared model's evaluation: 10 lines of $0.0005
-    assert summary["cost"]["dollars"] == pytest.approx(10 * 0.0005)
+    # the ledger counts every stage and every compared model's evaluation: 11 lines of $0.0005
+    assert summary["cost"]["dollars"] == pytest.approx(11 * 0.0005)
     text = pipeline_mod.report(recipe, summary, pipeline_mod.ledger_of(state))
     lines = text.splitlines()
     head = next(i for i, line in enumerate(lines) if line.startswith("| model |"))
     rows = lines[head + 2:lines.index("", head)]
     labels = [row.split(" | ")[0][2:] for row in rows]
-    assert labels == ["base", COMPARED["r1_zero"], *[pipeline_mod.LABELS[s] for s in STAGES[1:]], "teacher",
+    assert labels == ["base", COMPARED["r1_zero"], *[pipeline_mod.LABELS[s] for s in STAGES[1:]], COMPARED["control"], "teacher",
                       "student's base", "distilled student", "RL on the student"]
     assert "| model | greedy pass@1 | pass@1, T=0.6 | best | cons@4 | format rate |" in text
     # a stage's training FLOPs are its own ledger lines' (the crafted line is named after the stage, not
@@ -238,7 +239,7 @@ def test_without_compared_models_the_report_has_no_margin_to_them():
 
 
 def test_compared_roles_and_directories_are_checked_before_any_work(tmp_path, capsys):
-    with pytest.raises(ConfigError, match="compare: unknown role 'judge'; known: r1_zero, teacher"):
+    with pytest.raises(ConfigError, match="compare: unknown role 'judge'; known: r1_zero, control, teacher"):
         load_recipe(None, ['--pipeline.compare={judge = "x"}'])
     with pytest.raises(ConfigError, match="compare.teacher must name a model directory"):
         load_recipe(None, ['--pipeline.compare={teacher = ""}'])
