@@ -104,6 +104,11 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     else:
         result = evaluate_endpoint_bench(args.api_base, args.api_model, args.bench, api_key=args.api_key,
                                          concurrency=args.concurrency, **common)
+    runs = [result] + ([result.greedy] if result.greedy is not None else [])
+    resumed = sum(r.cost.get("resumed_items", 0) for r in runs)
+    if resumed:  # an endpoint's model may have changed since: say the samples are not all new
+        print(f"r1lab eval: {resumed} of {sum(len(r.items) for r in runs)} evaluations were an earlier run's, read "
+              f"from the output directory (--fresh samples them again)", file=sys.stderr)
     print(result.markdown(), end="")
     return 0
 

@@ -209,7 +209,7 @@ def grade_items(examples: list[dict], generated: list[Group], grade: str, think_
 class EvalResult:
     metrics: dict[str, Any]                    # pass@1, pass@j, cons@k, rates, lengths
     breakdown: dict[str, dict[str, dict]]      # field -> value -> {n, pass@1, cons@k}
-    cost: dict[str, Any]                       # wall time, FLOPs, core-hours, MFU
+    cost: dict[str, Any]                       # wall time, FLOPs, core-hours, MFU, items resumed from out_dir
     settings: dict[str, Any]                   # everything needed to reproduce the run
     items: list[dict] = field(default_factory=list, repr=False)  # the samples.jsonl records
     greedy: EvalResult | None = None           # the same items decoded greedily, when asked for
@@ -269,6 +269,7 @@ def run_evaluation(sample_chunk: SampleChunk, examples: list[dict], *, k: int, s
                 "r1lab_version": __version__, "machine": describe_machine()}
     out = Path(out_dir) if out_dir is not None else None
     done = _open_run(out, settings, resume, {i: ex for i, ex in zip(ids, examples)}) if out else {}
+    resumed = sum(i in done for i in ids)
     started = time.perf_counter()
     for start in range(0, len(examples), chunk_size):
         todo = [ex for ex in examples[start:start + chunk_size] if str(ex["id"]) not in done]
@@ -286,7 +287,7 @@ def run_evaluation(sample_chunk: SampleChunk, examples: list[dict], *, k: int, s
             progress(sum(i in done for i in ids), len(ids))
     items = [done[i] for i in ids]
     metrics, breakdown = summarize(items, k, ks)
-    cost = _cost(items, time.perf_counter() - started, cores, peak_gflops)
+    cost = {**_cost(items, time.perf_counter() - started, cores, peak_gflops), "resumed_items": resumed}
     result = EvalResult(metrics, breakdown, cost, settings, items)
     if out:
         _write_results(out, result)

@@ -477,6 +477,9 @@ def test_cli_eval_task_family_writes_results_and_compares(checkpoint, tmp_path, 
     lines = (out_dir / "samples.jsonl").read_text().splitlines()
     assert len(lines) == 4 and all(len(json.loads(line)["completions"]) == 2 for line in lines)
     assert "pass@1" in (out_dir / "results.md").read_text() and "pass@1" in capsys.readouterr().out
+    assert main(args) == 0  # the same run again: every item is read back, and the user is told
+    assert "r1lab eval: 8 of 8 evaluations were an earlier run's" in capsys.readouterr().err
+    assert main(args + ["--fresh"]) == 0 and "earlier run's" not in capsys.readouterr().err
     other = tmp_path / "other"
     assert main(args + ["--seed", "1", "--out", str(other), "--template", "r1"]) == 0
     capsys.readouterr()
