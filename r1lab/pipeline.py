@@ -254,6 +254,15 @@ def _row(done: dict, compared: bool = False) -> dict:
             "training_flops": training_flops}
 
 
+def control_sft_steps(recipe: Recipe, stages: dict) -> int | None:
+    """How many steps the cold start's SFT runs for to spend the training FLOPs of stages 1-4 (its FLOPs per
+    step times the steps equal to their sum): the compute-matched control the final stage must beat."""
+    flops = [stages[name]["training_flops"] for name in STAGES[1:]]
+    if None in flops or not flops[0]:
+        return None
+    return round(sum(flops) / (flops[0] / recipe.sft.steps))
+
+
 def summarize(recipe: Recipe, state: dict) -> dict:
     """summary.json: each stage's and each compared model's row, the verdicts of MARGINS' pairs (each model
     at its best decoding, `evalreport.verdict`: a margin beyond two paired standard errors), the cost totals."""
@@ -264,6 +273,7 @@ def summarize(recipe: Recipe, state: dict) -> dict:
     margins = [verdict(a, _best(done[a]), b, _best(done[b])).as_dict() for a, b in MARGINS if a in done and b in done]
     e = recipe.eval
     return {"stages": stages, "compared": compared, "margins": margins, "cost": ledger_of(state).totals(),
+            "control_sft_steps": control_sft_steps(recipe, stages),
             "eval": {"problems": e.problems, "k": e.k, "temperature": e.temperature, "top_p": e.top_p,
                      "max_new_tokens": e.max_new_tokens, "task": recipe.data.task,
                      "difficulty": recipe.data.difficulty}}
@@ -294,6 +304,15 @@ def report(recipe: Recipe, summary: dict, ledger: CostLedger) -> str:
                      f"{s['mean_tokens']:.1f} | {pct(s['language_consistency'])} | {flops} | {cost} |")
     lines += ["", "Training FLOPs are each row's own stage (a stage's training, and stage 3's sampling), not "
               "the stages before it."]
+    if summary.get("control_sft_steps"):
+        p, d = recipe.pipeline, recipe.data
+        data = [f"--data.sft_task_examples={p.cold_start_examples}", *(["--data.sft_files=[]"] if d.sft_files else []),
+                *([f"--data.seq_len={p.sft_seq_len}"] if p.sft_seq_len else [])]
+        lines += ["", f"The compute-matched control is the cold start's SFT run for {summary['control_sft_steps']} "
+                  f"steps instead of {recipe.sft.steps}, the training FLOPs of stages 1-4: `r1lab sft --recipe RECIPE "
+                  f"--sft.init_from={summary['stages']['base']['checkpoint']} --sft.steps={summary['control_sft_steps']} "
+                  f"{' '.join(data)} --run CONTROL_RUN`, then `--pipeline.compare='{{control = "
+                  f"\"CONTROL_RUN/sft/checkpoint\"}}'`."]
     if compared:
         lines += ["", "Rows with \"its own run's\" cost are models of other runs (pipeline.compare), evaluated here "
                   "on the same problems with the same settings; their training FLOPs are those their checkpoint "

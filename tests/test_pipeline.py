@@ -213,6 +213,11 @@ def test_the_report_puts_stages_and_compared_models_side_by_side_with_their_marg
     assert "- distilled student does not beat RL on the student: -6.5 points" in text
     assert "- distilled student beats student's base: +44.0 points" in text
     assert "scores" not in summary["stages"]["base"]  # per-item scores stay in pipeline.json
+    # each of stages 1-4 trained on 1e9 FLOPs: the control is the cold start's SFT for four times its steps
+    steps = 4 * recipe.sft.steps
+    assert summary["control_sft_steps"] == steps
+    assert (f"`r1lab sft --recipe RECIPE --sft.init_from=/runs/base --sft.steps={steps} "
+            f"--data.sft_task_examples={recipe.pipeline.cold_start_examples} --run CONTROL_RUN`") in text
 
 
 def test_a_margin_within_two_paired_standard_errors_is_not_a_win():
