@@ -83,12 +83,20 @@ def read_state(run_dir: Path) -> dict:
         raise ConfigError(f"{path}: not valid JSON ({e.msg}); delete it to run every stage's last step again") from None
 
 
+def cold_start_data(recipe: Recipe) -> dict:
+    """The [data] fields the cold start (and its compute-matched control) sets on top of the recipe's: only
+    pipeline.cold_start_examples task conversations, at pipeline.sft_seq_len when given."""
+    p = recipe.pipeline
+    return {"sft_files": [], "sft_task_examples": p.cold_start_examples,
+            "seq_len": p.sft_seq_len or recipe.data.seq_len}
+
+
 def _train(recipe: Recipe, run_dir: Path, stage: str, peak: float, quiet: bool) -> list[StageCost]:
     """Run one stage's training (and, for stage 3, its sampling); return its cost lines."""
     p, d = recipe.pipeline, recipe.data
     base = str(checkpoint_of(run_dir, "base")) if p.pretrain_base else p.init_from
     sft_data = replace(d, seq_len=p.sft_seq_len or d.seq_len)
-    cold = replace(sft_data, sft_files=[], sft_task_examples=p.cold_start_examples)
+    cold = replace(d, **cold_start_data(recipe))
     if stage == "base":
         return [run_pretrain(recipe, run_dir, peak, quiet).cost] if p.pretrain_base else []
     if stage == "cold_start":
@@ -305,9 +313,8 @@ def report(recipe: Recipe, summary: dict, ledger: CostLedger) -> str:
     lines += ["", "Training FLOPs are each row's own stage (a stage's training, and stage 3's sampling), not "
               "the stages before it."]
     if summary.get("control_sft_steps"):
-        p, d = recipe.pipeline, recipe.data
-        data = [f"--data.sft_task_examples={p.cold_start_examples}", *(["--data.sft_files=[]"] if d.sft_files else []),
-                *([f"--data.seq_len={p.sft_seq_len}"] if p.sft_seq_len else [])]
+        data = [f"--data.{k}={json.dumps(v)}" for k, v in cold_start_data(recipe).items()
+                if getattr(recipe.data, k) != v]
         lines += ["", f"The compute-matched control is the cold start's SFT run for {summary['control_sft_steps']} "
                   f"steps instead of {recipe.sft.steps}, the training FLOPs of stages 1-4: `r1lab sft --recipe RECIPE "
                   f"--sft.init_from={summary['stages']['base']['checkpoint']} --sft.steps={summary['control_sft_steps']} "

@@ -220,6 +220,18 @@ def test_the_report_puts_stages_and_compared_models_side_by_side_with_their_marg
             f"--data.sft_task_examples={recipe.pipeline.cold_start_examples} --run CONTROL_RUN`") in text
 
 
+def test_the_control_command_sets_what_the_cold_start_sets_and_nothing_else():
+    """The printed `r1lab sft` overrides are the cold start's own data fields where they differ from the recipe's."""
+    recipe = load_recipe(None, ["--pipeline.sft_seq_len=96", "--data.seq_len=128", "--pipeline.cold_start_examples=64"])
+    state = _crafted_state({"base": (0.0, 0.1), "cold_start": (0.5, 0.4), "reasoning_rl": (0.5, 0.4),
+                            "rejection_sft": (0.5, 0.4), "final_rl": (0.5, 0.4)}, {})
+    text = pipeline_mod.report(recipe, pipeline_mod.summarize(recipe, state), pipeline_mod.ledger_of(state))
+    assert f"--sft.steps={4 * recipe.sft.steps} --data.sft_task_examples=64 --data.seq_len=96 --run CONTROL_RUN`" in text
+    same = load_recipe(None, ["--pipeline.sft_seq_len=128", "--data.seq_len=128"])
+    text = pipeline_mod.report(same, pipeline_mod.summarize(same, state), pipeline_mod.ledger_of(state))
+    assert "--data.seq_len" not in text and "--data.sft_files" not in text
+
+
 def test_a_margin_within_two_paired_standard_errors_is_not_a_win():
     """+1 point carried by 2 of 200 items: more than zero, not more than noise."""
     recipe = load_recipe(None, [])
