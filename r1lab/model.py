@@ -329,19 +329,20 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """x (N, D) -> (N, D): the sum over each token's K experts of weight * expert(x).
 
-        With no more assignments than experts (decoding a few sequences), each assignment gathers its
-        expert's weights and runs as one batched product: only the chosen experts' weights are read.
-        Otherwise the assignments are sorted by expert and packed into an (E, C, D) block, C the largest
-        expert load, so all experts run as three batched products; when the loads are so uneven that
-        padding would more than double the work, each expert runs on its own tokens instead.
+        With no more assignments than experts (decoding a few rows), each assignment gathers its expert's
+        weights and all run as one batched product: only the chosen experts' weights are read. Otherwise
+        the N*K assignments are sorted by expert, so each expert's tokens are one contiguous slice of the
+        gathered rows, and the experts run as three grouped products over those slices (`F.grouped_mm`:
+        no padding, no loop in Python, one backward for every expert); where grouped products do not
+        take these tensors (`_grouped_mm_fits`), each expert runs on its slice in turn. Outputs are
+        weighted and added back at their tokens.
 
-        The block's size depends on the loads, so a compiled training step runs this dispatch eagerly
-        (its products are already batched) and compiles what surrounds it.
+        The slices' sizes depend on the routing, so a compiled training step runs this dispatch
+        eagerly (its products are already grouped) and compiles what surrounds it.
         """
         indices, weights = routing.indices, routing.weights
-        N, K = indices.shape
-        E = len(self)
-        if N * K <= E:
+        (N, K), E = indices.shape, len(self)
+        if N * K <= E:  # decoding a few rows: gather the chosen experts' weights, one batched product
             chosen = indices.flatten()  # (N*K,)
             xs = x.repeat_interleave(K, dim=0)[:, None]  # (N*K, 1, D)
             y = _swiglu(xs, self.w1[chosen], self.w2[chosen], self.w3[chosen]).view(N, K, -1)  # (N, K, D)
@@ -349,24 +350,27 @@ class Experts(nn.Module):
         flat_expert = indices.flatten()  # (N*K,)
         order = flat_expert.argsort(stable=True)
         token_of = order // K  # which token each sorted assignment belongs to
-        weight_of = weights.flatten()[order][:, None]
-        counts = torch.bincount(flat_expert, minlength=E)
-        C = int(counts.max())
-        out = torch.zeros_like(x)
-        if E * C <= 2 * N * K:
-            sorted_expert = flat_expert[order]
-            starts = counts.cumsum(0) - counts
-            slot = sorted_expert * C + torch.arange(N * K, device=x.device) - starts[sorted_expert]
-            packed = x.new_zeros(E * C, x.shape[1]).index_copy_(0, slot, x[token_of]).view(E, C, -1)
-            y = _swiglu(packed, self.w1, self.w2, self.w3).flatten(0, 1)[slot]  # (N*K, D) in sorted order
-            return out.index_add_(0, token_of, y * weight_of)
-        start = 0
-        for e, count in enumerate(counts.tolist()):
-            if count:
-                idx = token_of[start:start + count]
-                out.index_add_(0, idx, self.expert(e, x[idx]) * weight_of[start:start + count])
-                start += count
-        return out
+        xs = x[token_of]  # (N*K, D), expert by expert
+        counts = torch.zeros(E, dtype=torch.int32, device=x.device).index_add_(
+            0, flat_expert, torch.ones_like(flat_expert, dtype=torch.int32))
+        if _grouped_mm_fits(xs, self.w1, self.w2):
+            ends = counts.cumsum(0, dtype=torch.int32)  # (E,) where each expert's slice ends
+            h = F.silu(F.grouped_mm(xs, self.w1, offs=ends)) * F.grouped_mm(xs, self.w3, offs=ends)
+            y = F.grouped_mm(h, self.w2, offs=ends)  # (N*K, D) in sorted order
+        else:
+            y = torch.cat([self.expert(e, part) for e, part in enumerate(xs.split(counts.tolist()))])
+        y = y * weights.flatten()[order][:, None]
+        return y.new_zeros(x.shape).index_add_(0, token_of, y)
+
+
+def _grouped_mm_fits(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:
+    """Whether `F.grouped_mm` takes these operands: one dtype (it does not autocast), on CPUs a 32- or
+    16-bit float, on GPUs bfloat16 (the kernels torch has); every row a multiple of 16 bytes (its
+    alignment rule)."""
+    dtypes = (torch.float32, torch.bfloat16, torch.float16) if x.device.type == "cpu" else (torch.bfloat16,)
+    if x.dtype != w1.dtype or x.dtype not in dtypes:
+        return False
+    return all(d * x.element_size() % 16 == 0 for d in (x.shape[-1], w1.shape[2], w2.shape[2]))
 
 
 def _swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from r1lab.config import ModelConfig
-from r1lab.model import MoE, Transformer, apply_rope, rope_frequencies, softmax_scale
+from r1lab.model import MoE, Routing, Transformer, _grouped_mm_fits, apply_rope, rope_frequencies, softmax_scale
 
 
 def twin(model: Transformer, **changes) -> Transformer:
@@ -112,19 +112,21 @@ def test_caches_of_different_lengths_join_and_decode_on(config):
         torch.testing.assert_close(out[1], model(torch.cat([b[0], nxt[1]])[None])[0, -1], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("loads", ["balanced", "skewed", "few tokens"])
+@pytest.mark.parametrize("loads", ["balanced", "skewed", "few tokens", "unaligned widths"])
 def test_vectorised_moe_equals_per_token_loop(make_config, loads):
-    # balanced: the packed (E, C, D) batched products; skewed (one expert takes every token): the
-    # per-expert path, as padding to the largest load would more than double the work; few tokens
-    # (no more assignments than experts): gathered expert weights.
+    # balanced: the grouped products; skewed: the same with one expert taking every token (the other
+    # slices empty); few tokens (no more assignments than experts): gathered expert weights; unaligned
+    # widths (rows not a multiple of 16 bytes, which grouped products refuse): each expert in turn.
+    unaligned = loads == "unaligned widths"
     cfg = make_config(n_routed_experts=8, n_activated_experts=3, n_expert_groups=4, n_limited_groups=2,
-                      route_scale=2.5)
+                      route_scale=2.5, **(dict(dim=62, moe_inter_dim=30, n_heads=2) if unaligned else {}))
     moe = MoE(cfg).eval()
     torch.nn.init.normal_(moe.gate.weight, std=0.5)
     moe.gate.expert_bias.normal_(std=0.1)
     if loads == "skewed":
         moe.gate.expert_bias[5] = 100.0
     x = torch.randn(2, 1 if loads == "few tokens" else 11, cfg.dim)
+    assert _grouped_mm_fits(x, moe.experts.w1, moe.experts.w2) != unaligned
     with torch.no_grad():
         out, _ = moe(x)
         flat = x.reshape(-1, cfg.dim)
@@ -137,6 +139,23 @@ def test_vectorised_moe_equals_per_token_loop(make_config, loads):
                 y = y + routing.weights[n, k] * moe.experts.expert(e, flat[n])
             expected.append(y)
     torch.testing.assert_close(out.reshape(-1, cfg.dim), torch.stack(expected), atol=1e-5, rtol=0)
+
+
+def test_grouped_expert_gradients_equal_the_per_expert_loop(make_config):
+    # The grouped products' backward (what training runs) against autograd through one expert at a time.
+    cfg = make_config(n_routed_experts=8, n_activated_experts=2)
+    experts = MoE(cfg).experts
+    x = torch.randn(40, cfg.dim, requires_grad=True)
+    routing = Routing(torch.rand(40, 2), torch.randint(0, 8, (40, 2)), torch.rand(40, 8))
+    grads = []
+    for run in (experts, lambda x, r: sum(r.weights[:, k, None] * torch.stack(
+            [experts.expert(int(r.indices[n, k]), x[n]) for n in range(len(x))]) for k in range(2))):
+        x.grad = None
+        experts.zero_grad()
+        run(x, routing).square().sum().backward()
+        grads.append([x.grad.clone()] + [w.grad.clone() for w in (experts.w1, experts.w2, experts.w3)])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
