@@ -13,7 +13,9 @@ of `--steps` steps; the sides run back to back per pair and length, `--reps` tim
 Seconds per step are the median over the steps after the first (which pays for lazy set-up and, compiled,
 for compiling). GFLOP/s counts matmul FLOPs one convention for both sides: forward FLOPs per token x 64 x
 (prompt + longest completion) x 4 passes (rollout, forward and backward of the update); set against the
-fp32 matmul peak measured in this run with the same threads.
+fp32 matmul peak measured in this run with the same threads. Under the table, each pair and length's
+ceiling: r1lab's own matmul FLOPs for a step at that peak, the least time a step can take, so TRL's time
+over it is the largest speed-up the machine allows, and the target's share of the peak follows.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_grpo.py [--lengths 64 128] [--pairs dense moe] [--steps 6]
         [--reps 1] [--no-compile] [--no-append]      # needs `pip install -e .[bench]` (trl)
@@ -47,6 +49,7 @@ from r1lab.tokenizer import R1, Tokenizer, render_prompt  # noqa: E402
 
 PROMPTS, GROUP, N_POOL = 8, 8, 256
 WEIGHTS = {"accuracy": 1.0, "format": 0.5}
+TARGETS = {"dense": 2.0, "moe": 5.0}  # issue [I]: the speed-ups over TRL a step must reach
 
 
 def pool() -> list[dict]:
@@ -273,14 +276,31 @@ def format_row(r: dict, trl_seconds: float) -> str:
             f"{r['tps']:,.0f} | {r['gflops']:.1f} | {100 * r['gflops'] / r['peak']:.0f}% | {r['first']:.1f} | {ratio} |")
 
 
+def ceiling(pair: str, length: int, r1lab: list[dict], trl_seconds: float, peak: float, target: float) -> str:
+    """What the machine allows: r1lab's own matmul FLOPs per step (a rollout: each distinct prompt once, then
+    every sampled token; the update's forward and backward, 3x: each distinct prompt once, then each row's
+    completion less its last token, padded to the longest) at the peak of this run is the least time a step
+    can take; TRL's median over it bounds any r1lab speed-up, and the target needs that share of the peak."""
+    steps = [s for r in r1lab for s in (r["steps"][1:] or r["steps"])]
+    fpt, prompt_len, rows = r1lab[0]["flops_per_token"], r1lab[0]["prompt_len"], PROMPTS * GROUP
+    flops = statistics.median(fpt * (PROMPTS * prompt_len + s["tokens"])
+                              + 3 * fpt * (PROMPTS * prompt_len + rows * (s["longest"] - 1)) for s in steps)
+    floor = flops / (peak * 1e9)
+    return (f"{pair}, {length} new tokens: r1lab's matmul work {flops / 1e9:.1f} GFLOP a step; at the peak "
+            f"{floor:.2f} s, so no r1lab step can beat TRL's {trl_seconds:.2f} s by more than "
+            f"{trl_seconds / floor:.1f}x; {target:g}x needs {100 * target * floor / trl_seconds:.0f}% of the peak "
+            f"over the whole step.")
+
+
 HEADER = ["| pair | new tokens | side | s/step (median) | s/step range | rollout s | completion tok/s | GFLOP/s "
           "| of peak | first step s | speed-up vs TRL |", "|---|---|---|---|---|---|---|---|---|---|---|"]
 
 
-def compare(args, tok: Path, work: Path, peak: float) -> list[str]:
+def compare(args, tok: Path, work: Path, peak: float) -> tuple[list[str], list[str]]:
+    """The table's rows and, per pair and length, the `ceiling` line."""
     sides = [("r1lab eager", "r1lab", False)] + ([] if args.no_compile else [("r1lab compiled", "r1lab", True)])
     sides.append(("TRL", "trl", False))
-    rows = []
+    rows, ceilings = [], []
     for pair in args.pairs:
         for length in args.lengths:
             results: dict[str, list[dict]] = {label: [] for label, _, _ in sides}
@@ -296,10 +316,12 @@ def compare(args, tok: Path, work: Path, peak: float) -> list[str]:
             trl = summaries[-1]["seconds"]
             rows += [format_row(s, trl) for s in summaries]
             print("\n".join(HEADER + rows[-len(sides):]), flush=True)
+            ceilings.append(ceiling(pair, length, results["r1lab eager"], trl, peak, TARGETS[pair]))
+            print(ceilings[-1], flush=True)
             if summaries[-1]["same"]:
                 print(f"prompt ids TRL's tokenizer gives the same as r1lab's: {summaries[-1]['same']}; "
                       f"prompt {summaries[-1]['prompt_len']} tokens", flush=True)
-    return rows
+    return rows, ceilings
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -329,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tmp) / "inductor")  # compiled runs share one cache
         peak = measure_matmul_peak()
         print(f"fp32 matmul peak, {args.threads} thread(s): {peak:.1f} GFLOP/s", flush=True)
-        rows = compare(args, tok, Path(tmp), peak)
+        rows, ceilings = compare(args, tok, Path(tmp), peak)
         peak_after = measure_matmul_peak()
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         profiled = subprocess.run([sys.executable, __file__, "--profile", "--pair", "dense", "--length", "64"], env=env,
@@ -343,6 +365,7 @@ def main(argv: list[str] | None = None) -> None:
             f"(generation and rewards) within the step. First step s: set-up and, compiled, compiling (the inductor "
             f"cache is shared within the run). Speed-up: TRL's median s/step over the side's.\n\n"
             + "\n".join(HEADER + rows)
+            + "\n\nThe most the machine allows (`ceiling`):\n\n" + "\n".join(f"- {c}" for c in ceilings)
             + "\n\nOne r1lab step under torch.profiler (eager rollouts; `--profile`):\n\n" + profiled)
     print("\n" + body)
     if not args.no_append:

@@ -42,3 +42,14 @@ def test_summary_is_the_median_after_the_first_step(bench):
     assert ours["tps"] == pytest.approx((64 * 60 / 2 + 64 * 60 / 2.5) / 2)
     row = bench.format_row(ours, trl_seconds=4.5)
     assert "**2.00x**" in row and "| 2.25 |" in row
+
+
+def test_ceiling_is_trl_time_over_r1lab_flops_at_the_peak(bench):
+    steps = [dict(seconds=s, rollout=0.1, tokens=64 * 60, longest=64) for s in (9.0, 1.0, 1.0)]
+    line = bench.ceiling("dense", 64, [dict(steps=steps, prompt_len=15, flops_per_token=1e6)], trl_seconds=4.0,
+                         peak=100.0, target=2.0)
+    # rollout: 8 prompts once + 3,840 sampled tokens; update: 3 x (8 prompts once + 64 rows x 63 inputs)
+    flops = 1e6 * (8 * 15 + 64 * 60) + 3e6 * (8 * 15 + 64 * 63)
+    floor = flops / 100e9
+    assert f"{flops / 1e9:.1f} GFLOP" in line and f"{floor:.2f} s" in line
+    assert f"more than {4.0 / floor:.1f}x" in line and f"needs {100 * 2 * floor / 4.0:.0f}% of the peak" in line
