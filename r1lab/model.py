@@ -367,9 +367,14 @@ class Experts(nn.Module):
 
 def _grouped_mm_fits(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:
     """Whether `F.grouped_mm` takes these operands: one dtype (it does not autocast), on CPUs a 32- or
-    16-bit float, on GPUs bfloat16 (the kernels torch has); every row a multiple of 16 bytes (its
-    alignment rule)."""
-    dtypes = (torch.float32, torch.bfloat16, torch.float16) if x.device.type == "cpu" else (torch.bfloat16,)
+    16-bit float, on CUDA GPUs of compute capability 8.0 or later bfloat16 (the kernels torch has),
+    nowhere else; every row a multiple of 16 bytes (its alignment rule)."""
+    if x.device.type == "cpu":
+        dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    elif x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) >= (8, 0):
+        dtypes = (torch.bfloat16,)
+    else:
+        return False
     if x.dtype != w1.dtype or x.dtype not in dtypes:
         return False
     return all(d * x.element_size() % 16 == 0 for d in (x.shape[-1], w1.shape[2], w2.shape[2]))

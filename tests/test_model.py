@@ -352,3 +352,17 @@ def test_expert_weights_keep_deepseek_names_in_the_state_dict(make_config):
     x = torch.randn(1, 5, cfg.dim)
     with torch.no_grad():
         torch.testing.assert_close(other(x)[0], moe(x)[0])
+
+
+def test_grouped_products_only_where_torch_has_them():
+    def fits(dtype=torch.float32, device="cpu", dim=64, inter=32):
+        x = torch.empty(3, dim, dtype=dtype, device=device)
+        return _grouped_mm_fits(x, torch.empty(4, dim, inter, dtype=dtype, device=device),
+                                torch.empty(4, inter, dim, dtype=dtype, device=device))
+
+    assert fits() and fits(torch.bfloat16)
+    assert not fits(torch.float64)  # no kernel for it
+    assert not fits(dim=62)  # rows not a multiple of 16 bytes
+    assert not fits(device="meta")  # neither a CPU nor a CUDA device
+    x = torch.empty(3, 64)
+    assert not _grouped_mm_fits(x, torch.empty(4, 64, 32, dtype=torch.bfloat16), torch.empty(4, 32, 64))  # mixed
