@@ -353,8 +353,7 @@ class Experts(nn.Module):
         # index_select rather than x[token_of]: its backward adds rows back (index_add), which is faster
         # than the accumulating write that indexing backward does.
         xs = x.index_select(0, token_of)  # (N*K, D), expert by expert
-        counts = torch.zeros(E, dtype=torch.int32, device=x.device).index_add_(
-            0, flat_expert, torch.ones_like(flat_expert, dtype=torch.int32))
+        counts = torch.bincount(flat_expert, minlength=E)  # (E,) each expert's slice length
         if _grouped_mm_fits(xs, self.w1, self.w2):
             ends = counts.cumsum(0, dtype=torch.int32)  # (E,) where each expert's slice ends
             h = F.silu(F.grouped_mm(xs, self.w1, offs=ends)) * F.grouped_mm(xs, self.w3, offs=ends)
