@@ -121,6 +121,7 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None) -> Fas
     worker = EngineWorker(lambda: make_engine(model, settings.max_batch_size, compile=settings.compile))
     in_flight = _Counter()
     created = int(time.time())
+    cap = settings.max_tokens_cap or model.max_len
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -130,8 +131,6 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None) -> Fas
 
     app = FastAPI(title="r1lab", version="1", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.worker = worker
-    app.state.model = model
-    app.state.settings = settings
     app.state.in_flight = in_flight
     _install_error_handlers(app)
     # Outermost last: every request gets its id and access line, even a CORS preflight; a 500 made by
@@ -155,14 +154,12 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None) -> Fas
 
     def model_card() -> dict:
         return {"id": model.name, "object": "model", "created": created, "owned_by": "r1lab",
-                "context_length": model.max_len, "max_tokens_cap": settings.max_tokens_cap or model.max_len,
-                "template": model.template}
+                "context_length": model.max_len, "max_tokens_cap": cap, "template": model.template}
 
     @api.get("/openapi.json", include_in_schema=False)
     async def openapi():
         if app.openapi_schema is None:
-            app.openapi_schema = openapi_schema(app.routes, model.name, settings.max_tokens_cap or model.max_len,
-                                                settings.max_n)
+            app.openapi_schema = openapi_schema(app.routes, model.name, cap, settings.max_n)
         return JSONResponse(app.openapi_schema)
 
     @api.get("/v1/models")
@@ -181,7 +178,6 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None) -> Fas
 
     def sampling(req, prompt_len: int, max_tokens: int | None, default_max: int | None,
                  template: str = RAW) -> SamplingParams:
-        cap = settings.max_tokens_cap or model.max_len
         if max_tokens is not None and max_tokens > cap:
             raise APIError(400, f"max_tokens={max_tokens} is over this server's cap of {cap}",
                            param="max_tokens", code="max_tokens_exceeded")

@@ -47,7 +47,6 @@ class GenerationRefused(GenerationError):
 
 @dataclass
 class WorkerStats:
-    steps: int = 0
     requests: int = 0
     cancelled: int = 0
     tokens: int = 0
@@ -124,11 +123,10 @@ class Generation:
 class EngineWorker:
     """Owns an engine on a background thread; `submit` and `cancel` are called from event loops."""
 
-    def __init__(self, make_engine: Callable[[], Engine], name: str = "r1lab-engine"):
+    def __init__(self, make_engine: Callable[[], Engine]):
         self._make_engine = make_engine
         self.engine = make_engine()
         self.stats = WorkerStats()
-        self._name = name
         self._inbox: deque = deque()
         self._wake = threading.Event()
         self._stopping = False
@@ -143,7 +141,7 @@ class EngineWorker:
             if self._thread is None:
                 self.started = True
                 self._stopping = False
-                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread = threading.Thread(target=self._run, name="r1lab-engine", daemon=True)
                 self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -221,7 +219,6 @@ class EngineWorker:
                 self.stats.cancelled += 1
 
     def _dispatch(self, events: list[StepEvent]) -> None:
-        self.stats.steps += 1
         by_request: dict[int, list[StepEvent]] = {}
         fed = 0
         for ev in events:
