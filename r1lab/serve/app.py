@@ -176,17 +176,23 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None) -> Fas
             raise APIError(404, f"the model {name!r} does not exist; this server serves {model.name!r}",
                            param="model", code="model_not_found")
 
-    def sampling(req, prompt_len: int, max_tokens: int | None, default_max: int | None,
-                 template: str = RAW) -> SamplingParams:
+    def sampling(req, prompts: list[list[int]], param: str, max_tokens: int | None, default_max: int | None,
+                 template: str | None) -> SamplingParams:
+        """The engine's parameters for `req`, once its prompts (the field `param`) are within the limits."""
+        longest = max(len(p) for p in prompts)
+        prompt_limit = min(settings.max_prompt_tokens or model.max_len - 1, model.max_len - 1)
+        if longest > prompt_limit:
+            raise APIError(400, f"the prompt has {longest} tokens; this server accepts at most {prompt_limit} "
+                                f"(the model's context is {model.max_len})",
+                           param=param, code="context_length_exceeded")
         if max_tokens is not None and max_tokens > cap:
             raise APIError(400, f"max_tokens={max_tokens} is over this server's cap of {cap}",
                            param="max_tokens", code="max_tokens_exceeded")
         if req.n > settings.max_n:
             raise APIError(400, f"n={req.n} is over this server's limit of {settings.max_n}", param="n",
                            code="invalid_value")
-        limit = min(max_tokens or default_max or cap, cap, model.max_len - prompt_len)
         return SamplingParams(
-            max_new_tokens=limit,
+            max_new_tokens=min(max_tokens or default_max or cap, cap, model.max_len - longest),
             temperature=settings.temperature if req.temperature is None else req.temperature,
             top_p=settings.top_p if req.top_p is None else req.top_p,
             # top_k past the vocabulary means all of it; the engine keeps it in an int64 tensor, where a
@@ -194,18 +200,6 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None) -> Fas
             top_k=min(req.top_k or 0, model.decoder.config.vocab_size), n=req.n, seed=req.seed,
             stop_strings=req.stop_strings(), ignore_eos=req.ignore_eos,
             stop_token_ids=() if template is RAW else template_stop_ids(model.tokenizer, template))
-
-    def check_prompt(n_tokens: int, param: str) -> None:
-        limit = min(settings.max_prompt_tokens or model.max_len - 1, model.max_len - 1)
-        if n_tokens > limit:
-            raise APIError(400, f"the prompt has {n_tokens} tokens; this server accepts at most {limit} "
-                                f"(the model's context is {model.max_len})",
-                           param=param, code="context_length_exceeded")
-
-    def admit() -> None:
-        if in_flight.value >= settings.max_concurrency:
-            raise APIError(429, f"too many requests in flight (limit {settings.max_concurrency}); retry shortly",
-                           code="rate_limit_exceeded")
 
     @api.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -217,10 +211,8 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None) -> Fas
             prompt = await asyncio.to_thread(chat_prompt, model, messages)
         except ValueError as e:
             raise APIError(400, str(e), param="messages", code="invalid_value") from None
-        check_prompt(len(prompt), "messages")
-        params = sampling(req, len(prompt), req.max_completion_tokens or req.max_tokens, None, model.template)
-        admit()
-        return await respond(request, req, [prompt], params, "chat", model.template)
+        params = sampling(req, [prompt], "messages", req.max_completion_tokens or req.max_tokens, None, model.template)
+        return await respond(request, req, [prompt], params, model.template)
 
     @api.post("/v1/completions")
     async def completions(request: Request):
@@ -231,17 +223,18 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None) -> Fas
             raise APIError(400, f"prompt must be a string or a list of 1 to {settings.max_n} strings",
                            param="prompt", code="invalid_value")
         prompts = [await asyncio.to_thread(text_prompt, model, t) for t in texts]
-        check_prompt(max(len(p) for p in prompts), "prompt")
-        params = sampling(req, max(len(p) for p in prompts), req.max_tokens, 16)
-        admit()
-        return await respond(request, req, prompts, params, "text", RAW)
+        return await respond(request, req, prompts, sampling(req, prompts, "prompt", req.max_tokens, 16, RAW), RAW)
 
-    async def respond(request: Request, req, prompts: list[list[int]], params: SamplingParams, kind: str,
+    async def respond(request: Request, req, prompts: list[list[int]], params: SamplingParams,
                       template: str | None) -> Response:
+        """Generate under `template` (a chat reply), or `RAW` (a text completion)."""
+        if in_flight.value >= settings.max_concurrency:
+            raise APIError(429, f"too many requests in flight (limit {settings.max_concurrency}); retry shortly",
+                           code="rate_limit_exceeded")
         in_flight.value += 1
         rid = request_id(request.scope)
         generations = [worker.submit(p, params, label=rid) for p in prompts]
-        reply = ReplyBuilder(model, kind, template, params.stop_strings, prompts, params.n)
+        reply = ReplyBuilder(model, template, params.stop_strings, prompts, params.n)
         finished = False
 
         def release() -> None:

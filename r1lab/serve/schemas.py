@@ -26,7 +26,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from starlette.routing import BaseRoute
 
 from r1lab.engine import StepEvent
-from r1lab.serve.assistant import CONTENT, SampleDecoder, ServedModel
+from r1lab.serve.assistant import CONTENT, RAW, SampleDecoder, ServedModel
 
 
 class APIError(Exception):
@@ -205,22 +205,22 @@ class ReplyBuilder:
     Choice `p * n + s` is sample s of prompt p, as OpenAI numbers them.
     """
 
-    def __init__(self, model: ServedModel, kind: str, template: str | None, stops: tuple[str, ...],
-                 prompts: list[list[int]], n: int):
-        self.kind, self.model, self.n = kind, model, n
+    def __init__(self, model: ServedModel, template: str | None, stops: tuple[str, ...], prompts: list[list[int]],
+                 n: int):
+        self.chat, self.model, self.n = template is not RAW, model, n
         self.prompt_tokens = sum(len(p) for p in prompts)
-        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.samples = [SampleDecoder(model.tokenizer, template, stops) for _ in range(len(prompts) * n)]
         self.finish: list[str | None] = [None] * len(self.samples)
 
     def _chunk(self, choices: list[dict], **extra) -> dict:
-        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model.name,
                 "choices": choices, **extra}
 
     def _choice(self, index: int, pieces: list[tuple[str, str]] | None, finish: str | None) -> dict:
-        if self.kind == "chat":
+        if self.chat:
             delta = {}
             for kind, text in pieces or ():
                 key = "content" if kind == CONTENT else "reasoning_content"
@@ -230,7 +230,7 @@ class ReplyBuilder:
         return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
 
     def opening(self) -> list[dict]:
-        if self.kind != "chat":
+        if not self.chat:
             return []
         return [self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}]) for i in range(len(self.samples))]
@@ -260,7 +260,7 @@ class ReplyBuilder:
         completion = sum(s.tokens for s in self.samples)
         usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
                  "total_tokens": self.prompt_tokens + completion}
-        if self.kind == "chat":
+        if self.chat:
             usage["completion_tokens_details"] = {"reasoning_tokens": sum(s.reasoning_tokens for s in self.samples)}
         return usage
 
@@ -270,14 +270,14 @@ class ReplyBuilder:
     def whole(self) -> dict:
         choices = []
         for i, sample in enumerate(self.samples):
-            if self.kind == "chat":
+            if self.chat:
                 message = {"role": "assistant", "content": sample.content_text,
                            "reasoning_content": sample.reasoning_text}
                 choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": self.finish[i]})
             else:
                 choices.append({"index": i, "text": sample.content_text, "logprobs": None,
                                 "finish_reason": self.finish[i]})
-        obj = "chat.completion" if self.kind == "chat" else "text_completion"
+        obj = "chat.completion" if self.chat else "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model.name,
                 "choices": choices, "usage": self.usage()}
 
