@@ -19,6 +19,8 @@ import json
 import re
 import time
 import uuid
+from itertools import groupby
+from operator import itemgetter
 from typing import Annotated, ClassVar, Literal
 
 from fastapi.openapi.utils import get_openapi
@@ -213,27 +215,24 @@ class ReplyBuilder:
         self.created = int(time.time())
         self.samples = [SampleDecoder(model.tokenizer, template, stops) for _ in range(len(prompts) * n)]
         self.finish: list[str | None] = [None] * len(self.samples)
+        self.chunk_object = "chat.completion.chunk" if self.chat else "text_completion"
 
-    def _chunk(self, choices: list[dict], **extra) -> dict:
-        obj = "chat.completion.chunk" if self.chat else "text_completion"
+    def _object(self, obj: str, choices: list[dict], **extra) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model.name,
                 "choices": choices, **extra}
 
-    def _choice(self, index: int, pieces: list[tuple[str, str]] | None, finish: str | None) -> dict:
-        if self.chat:
-            delta = {}
-            for kind, text in pieces or ():
-                key = "content" if kind == CONTENT else "reasoning_content"
-                delta[key] = delta.get(key, "") + text
-            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-        text = "".join(t for _, t in pieces or ())
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+    def _chunk(self, index: int, kind: str, text: str, finish: str | None = None) -> dict:
+        """A stream chunk of choice `index`: new text all of one kind, or (empty, with `finish`) its end."""
+        if not self.chat:
+            return self._object(self.chunk_object, [_choice(index, finish, text=text)])
+        delta = {"content" if kind == CONTENT else "reasoning_content": text} if text else {}
+        return self._object(self.chunk_object, [_choice(index, finish, delta=delta)])
 
     def opening(self) -> list[dict]:
         if not self.chat:
             return []
-        return [self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}]) for i in range(len(self.samples))]
+        return [self._object(self.chunk_object, [_choice(i, delta={"role": "assistant", "content": ""})])
+                for i in range(len(self.samples))]
 
     def events(self, prompt_index: int, events: list[StepEvent]) -> list[dict]:
         """Stream chunks for events of one prompt (one or more engine steps): per choice, its new text
@@ -251,9 +250,11 @@ class ReplyBuilder:
                 ended.append(index)
         chunks = []
         for index, out in pieces.items():
-            chunks += [self._chunk([self._choice(index, run, None)]) for run in _runs(out)]
+            # one chunk per run of one kind, so no chunk mixes reasoning and answer
+            for kind, run in groupby(out, key=itemgetter(0)):
+                chunks.append(self._chunk(index, kind, "".join(text for _, text in run)))
             if index in ended:
-                chunks.append(self._chunk([self._choice(index, [], self.finish[index])]))
+                chunks.append(self._chunk(index, CONTENT, "", self.finish[index]))
         return chunks
 
     def usage(self) -> dict:
@@ -265,29 +266,20 @@ class ReplyBuilder:
         return usage
 
     def usage_chunk(self) -> dict:
-        return self._chunk([], usage=self.usage())
+        return self._object(self.chunk_object, [], usage=self.usage())
 
     def whole(self) -> dict:
         choices = []
         for i, sample in enumerate(self.samples):
             if self.chat:
-                message = {"role": "assistant", "content": sample.content_text,
-                           "reasoning_content": sample.reasoning_text}
-                choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": self.finish[i]})
+                field = {"message": {"role": "assistant", "content": sample.content_text,
+                                     "reasoning_content": sample.reasoning_text}}
             else:
-                choices.append({"index": i, "text": sample.content_text, "logprobs": None,
-                                "finish_reason": self.finish[i]})
-        obj = "chat.completion" if self.chat else "text_completion"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model.name,
-                "choices": choices, "usage": self.usage()}
+                field = {"text": sample.content_text}
+            choices.append(_choice(i, self.finish[i], **field))
+        return self._object("chat.completion" if self.chat else "text_completion", choices, usage=self.usage())
 
 
-def _runs(pieces: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
-    """Split pieces where their kind changes, so one chunk never mixes reasoning and answer."""
-    runs: list[list[tuple[str, str]]] = []
-    for piece in pieces:
-        if runs and runs[-1][-1][0] == piece[0]:
-            runs[-1].append(piece)
-        else:
-            runs.append([piece])
-    return runs
+def _choice(index: int, finish: str | None = None, **field) -> dict:
+    """One choice of a reply or a chunk; `field` is its `delta`, `message` or `text`."""
+    return {"index": index, **field, "logprobs": None, "finish_reason": finish}
