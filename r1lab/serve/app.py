@@ -283,8 +283,7 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None) -> Fas
 
         async def collect() -> None:
             async for prompt_index, events in _merged(generations):
-                for _ in reply.events(prompt_index, events):
-                    pass
+                reply.events(prompt_index, events)  # decodes into the samples; the chunks go unused
 
         try:
             work = asyncio.ensure_future(collect())

@@ -21,7 +21,7 @@ import time
 import uuid
 from itertools import groupby
 from operator import itemgetter
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Literal
 
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
@@ -34,11 +34,6 @@ from r1lab.serve.assistant import CONTENT, RAW, SampleDecoder, ServedModel
 class APIError(Exception):
     """An error the client caused (or a limit it hit), sent as OpenAI's error JSON."""
 
-    TYPES: ClassVar[dict[int, str]] = {
-        400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-        405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
-        429: "rate_limit_error", 503: "server_error"}
-
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.status = status
@@ -47,7 +42,9 @@ class APIError(Exception):
         self.code = code
 
     def body(self) -> dict:
-        return error_body(self.message, self.TYPES.get(self.status, "server_error"), self.param, self.code)
+        type = {401: "authentication_error", 429: "rate_limit_error"}.get(
+            self.status, "invalid_request_error" if self.status < 500 else "server_error")
+        return error_body(self.message, type, self.param, self.code)
 
 
 def error_body(message: str, type: str = "server_error", param: str | None = None, code: str | None = None) -> dict:
@@ -77,11 +74,9 @@ class ChatMessage(_Strict):
     content: str | list[TextPart] | None = None
 
     def text(self) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
 
 
 class StreamOptions(_Strict):
