@@ -91,6 +91,11 @@ class Generation:
         except RuntimeError:  # the loop is closed: nobody is listening
             return False
 
+    def _fail(self, error: GenerationError) -> None:  # on the engine thread, before it was admitted
+        self._post(error, self._settle)
+        if not self.done:
+            self._post(error)
+
     async def admitted(self) -> None:
         """Returns once the engine has taken the request; raises `GenerationRefused` if it would not
         (and `GenerationError` if the engine failed or stopped first)."""
@@ -201,14 +206,12 @@ class EngineWorker:
             kind, generation = self._inbox.popleft()
             if kind == "add":
                 if generation.done:  # cancelled before it reached the engine
-                    generation._post(GenerationError("cancelled before it started"), generation._settle)
+                    generation._fail(GenerationError("cancelled before it started"))
                     continue
                 try:
                     generation.request_id = self.engine.add_request(generation.prompt, generation.params)
                 except ValueError as e:
-                    refusal = GenerationRefused(str(e))
-                    generation._post(refusal, generation._settle)
-                    generation._post(refusal)
+                    generation._fail(GenerationRefused(str(e)))
                     continue
                 generation._post(None, generation._settle)
                 self._routes[generation.request_id] = [generation, generation.params.n]
@@ -248,8 +251,6 @@ class EngineWorker:
         while self._inbox:
             kind, generation = self._inbox.popleft()
             if kind == "add":
-                generation._post(failure, generation._settle)
-                if not generation.done:
-                    generation._post(failure)
+                generation._fail(failure)
         if rebuild:
             self.engine = self._make_engine()
