@@ -174,9 +174,7 @@ def openapi_schema(routes: list[BaseRoute], model_name: str, max_tokens_cap: int
             operation["responses"]["4XX"] = {"description": "the request's fault (OpenAI's error JSON)", **error}
             operation["responses"]["5XX"] = {"description": "the server's fault (OpenAI's error JSON)", **error}
     for path, request_model in BODIES.items():
-        operation = doc["paths"].get(path, {}).get("post")
-        if operation is None:
-            continue
+        operation = doc["paths"][path]["post"]
         body = request_model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(body.pop("$defs", {}))
         props = body["properties"]
