@@ -35,30 +35,26 @@ class _Printer:
 
     def write(self, kind: str, text: str) -> None:
         if kind != self.part:
-            self._switch(kind)
+            if self.part == REASONING:
+                self._end_reasoning()
+                self.out.write("\n")
+            if kind == REASONING:
+                self.out.write(DIM if self.color else PREFIX)
+            self.part = kind
         if kind == REASONING and not self.color:
             text = text.replace("\n", "\n" + PREFIX)
         self.out.write(text)
         self.out.flush()
 
-    def _switch(self, kind: str) -> None:
-        if self.part == REASONING:
-            self._end_reasoning()
-        if kind == REASONING:
-            self.out.write(DIM if self.color else PREFIX)
-        self.part = kind
-
-    def _end_reasoning(self, last: bool = False) -> None:
+    def _end_reasoning(self) -> None:
         if self.color:
             self.out.write(f"{RESET}\n{DIM}(thought for {time.perf_counter() - self.started:.1f} s){RESET}\n")
         else:
             self.out.write("\n")
-        if not last:
-            self.out.write("\n")
 
     def close(self, note: str | None = None) -> None:
         if self.part == REASONING:
-            self._end_reasoning(last=True)
+            self._end_reasoning()
         elif self.part is not None:
             self.out.write("\n")
         if note:
