@@ -59,8 +59,8 @@ class RequestLog:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = dict(scope.get("headers") or ()).get(REQUEST_ID_HEADER.lower().encode(), b"")
-        rid = incoming.decode("latin-1") if _CLIENT_ID.fullmatch(incoming.decode("latin-1")) else uuid.uuid4().hex
+        incoming = dict(scope.get("headers") or ()).get(REQUEST_ID_HEADER.lower().encode(), b"").decode("latin-1")
+        rid = incoming if _CLIENT_ID.fullmatch(incoming) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
         start = time.perf_counter()
         status: int | None = None
