@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from r1lab.checkpoint import CheckpointError
-from r1lab.config import ConfigError
+from r1lab.config import ConfigError, check_range
 from r1lab.recipe import Recipe, load_recipe
 from r1lab.tasks.benchmarks import BenchmarkDataError
 
@@ -116,13 +116,10 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
 def _check_flags(args: argparse.Namespace, **limits: str) -> None:
     """Numeric flags a user can get wrong, named as typed, before a model is loaded.
 
-    `limits` maps a flag's dest to its range: ">= 0", ">= 1", "> 0" or "in (0, 1]"."""
-    tests = {">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1, "> 0": lambda v: v > 0,
-             "in (0, 1]": lambda v: 0 < v <= 1}
+    `limits` maps a flag's dest to its range, as `check_range` takes it: ">= 1", "in (0, 1]", ..."""
     for dest, want in limits.items():
-        value = getattr(args, dest)
-        if value is not None and not tests[want](value):
-            raise ConfigError(f"{args.command} --{dest.replace('_', '-')} must be {want}, got {value}")
+        if getattr(args, dest) is not None:
+            check_range(f"{args.command} --{dest.replace('_', '-')}", getattr(args, dest), want)
 
 
 def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:

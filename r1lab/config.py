@@ -39,6 +39,19 @@ def check_device_name(name: Any, key: str = "device") -> None:
         raise ConfigError(f"{key} must be cpu, cuda, cuda:N or mps, got {name!r}")
 
 
+RANGES = {"> 0": lambda v: v > 0, "in (0, 1]": lambda v: 0 < v <= 1, "in [0, 1]": lambda v: 0 <= v <= 1,
+          "in [0, 1)": lambda v: 0 <= v < 1}
+"""Ranges a value may be checked against, keyed by how an error message states them."""
+
+
+def check_range(key: str, value: Any, want: str) -> None:
+    """A ConfigError "KEY must be WANT, got VALUE" unless `value` is in `want`: ">= N" for a number N,
+    or one of the RANGES."""
+    ok = value >= float(want[3:]) if want.startswith(">= ") else RANGES[want](value)
+    if not ok:
+        raise ConfigError(f"{key} must be {want}, got {value}")
+
+
 @dataclass
 class ModelConfig:
     """Shape of a DeepSeek-V3-style transformer. Field names follow DeepSeek's inference code."""
@@ -127,21 +140,18 @@ class ModelConfig:
         positive = ["vocab_size", "dim", "inter_dim", "n_layers", "n_heads", "kv_lora_rank",
                     "qk_rope_head_dim", "v_head_dim", "max_seq_len", "original_seq_len"]
         for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name} must be > 0, got {getattr(self, name)}")
+            check_range(f"model.{name}", getattr(self, name), "> 0")
         non_negative = ["n_dense_layers", "n_routed_experts", "n_shared_experts", "q_lora_rank",
                         "qk_nope_head_dim", "n_mtp_modules", "bias_update_speed", "seq_aux_alpha",
                         "mtp_loss_weight"]
         for name in non_negative:
-            if getattr(self, name) < 0:
-                raise ConfigError(f"model.{name} must be >= 0, got {getattr(self, name)}")
+            check_range(f"model.{name}", getattr(self, name), ">= 0")
         if self.qk_rope_head_dim % 2:
             raise ConfigError(f"model.qk_rope_head_dim must be even for RoPE, got {self.qk_rope_head_dim}")
         if self.n_dense_layers > self.n_layers:
             raise ConfigError(f"model.n_dense_layers ({self.n_dense_layers}) exceeds model.n_layers ({self.n_layers})")
         if self.n_routed_experts > 0:
-            if self.moe_inter_dim <= 0:
-                raise ConfigError(f"model.moe_inter_dim must be > 0, got {self.moe_inter_dim}")
+            check_range("model.moe_inter_dim", self.moe_inter_dim, "> 0")
             if not 1 <= self.n_activated_experts <= self.n_routed_experts:
                 raise ConfigError(f"model.n_activated_experts must be in 1..n_routed_experts "
                                   f"({self.n_routed_experts}), got {self.n_activated_experts}")
@@ -158,10 +168,8 @@ class ModelConfig:
             if self.n_limited_groups * per_group < self.n_activated_experts:
                 raise ConfigError(f"model.n_activated_experts ({self.n_activated_experts}) exceeds the "
                                   f"experts in {self.n_limited_groups} limited group(s) ({self.n_limited_groups * per_group})")
-        if self.route_scale <= 0:
-            raise ConfigError(f"model.route_scale must be > 0, got {self.route_scale}")
-        if self.rope_factor < 1:
-            raise ConfigError(f"model.rope_factor must be >= 1, got {self.rope_factor}")
+        check_range("model.route_scale", self.route_scale, "> 0")
+        check_range("model.rope_factor", self.rope_factor, ">= 1")
         if self.original_seq_len > self.max_seq_len and self.rope_factor > 1:
             raise ConfigError("model.original_seq_len exceeds model.max_seq_len while YaRN is on")
 
