@@ -175,9 +175,7 @@ def cmd_pipeline(args: argparse.Namespace, overrides: list[str]) -> int:
     """R1's four stages (cold start, reasoning RL, rejection sampling + SFT, final RL), resumable."""
     from r1lab.pipeline import COMPARED, LABELS, run_pipeline
 
-    if args.run.exists() and not args.run.is_dir():
-        raise ConfigError(f"--run {args.run} is a file, not a run directory")
-    recipe = load_recipe(args.recipe, overrides + _device_override(args))
+    recipe = _training_recipe(args, overrides)
     summary = run_pipeline(recipe, args.run, quiet=args.quiet)
     t = summary["eval"]["temperature"]
     rows = [(LABELS[name], s, "") for name, s in summary["stages"].items()]
@@ -253,52 +251,22 @@ def _dry_run(args: argparse.Namespace, recipe: Recipe) -> int:
     return 0
 
 
-def _in_process_group(run_stage, recipe: Recipe, run_dir: Path):
-    """A training stage, leaving torchrun's process group (if the stage joined one) however it ends."""
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    """One training stage into <run>/base (pretrain), <run>/sft or <run>/rl (grpo); resumes if interrupted."""
     from r1lab.train.distributed import leave
+    from r1lab.train.stages import run_grpo, run_pretrain, run_sft
 
+    run_stage, done, out = {"pretrain": (run_pretrain, "pretrained", "base"), "sft": (run_sft, "fine-tuned", "sft"),
+                            "grpo": (run_grpo, "GRPO", "rl")}[args.command]
+    recipe = _training_recipe(args, overrides)
+    if args.dry_run:
+        return _dry_run(args, recipe)
     try:
-        return run_stage(recipe, run_dir)
-    finally:
+        result = run_stage(recipe, args.run)
+    finally:  # leave torchrun's process group (if the stage joined one) however the stage ends
         leave()
-
-
-def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
-    """Next-token pretraining into <run>/base (resumes if interrupted)."""
-    from r1lab.train.stages import run_pretrain
-
-    recipe = _training_recipe(args, overrides)
-    if args.dry_run:
-        return _dry_run(args, recipe)
-    result = _in_process_group(run_pretrain, recipe, args.run)
     if result.is_main:
-        print(f"pretrained {result.steps} steps in {result.seconds:.0f} s: {args.run / 'base' / 'checkpoint'}")
-    return 0
-
-
-def cmd_sft(args: argparse.Namespace, overrides: list[str]) -> int:
-    """Supervised fine-tuning on JSONL conversations into <run>/sft."""
-    from r1lab.train.stages import run_sft
-
-    recipe = _training_recipe(args, overrides)
-    if args.dry_run:
-        return _dry_run(args, recipe)
-    result = _in_process_group(run_sft, recipe, args.run)
-    if result.is_main:
-        print(f"fine-tuned {result.steps} steps in {result.seconds:.0f} s: {args.run / 'sft' / 'checkpoint'}")
-    return 0
-
-
-def cmd_grpo(args: argparse.Namespace, overrides: list[str]) -> int:
-    """R1-Zero GRPO from <run>/base (or grpo.init_from) into <run>/rl."""
-    from r1lab.train.stages import run_grpo
-
-    recipe = _training_recipe(args, overrides)
-    if args.dry_run:
-        return _dry_run(args, recipe)
-    result = _in_process_group(run_grpo, recipe, args.run)
-    if result.is_main:
-        print(f"GRPO {recipe.grpo.steps} steps in {result.seconds:.0f} s: {args.run / 'rl' / 'checkpoint'}")
+        print(f"{done} {result.steps} steps in {result.seconds:.0f} s: {args.run / out / 'checkpoint'}")
     return 0
 
 
@@ -359,9 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--context", type=int, help="sequence length for the FLOPs figures (default: the model's max_seq_len)")
     info.set_defaults(func=cmd_info)
 
-    for name, func, what in (("pretrain", cmd_pretrain, "next-token pretraining (resumable) into RUN/base"),
-                             ("sft", cmd_sft, "supervised fine-tuning on JSONL conversations into RUN/sft"),
-                             ("grpo", cmd_grpo, "R1-Zero GRPO from RUN/base into RUN/rl")):
+    for name, what in (("pretrain", "next-token pretraining (resumable) into RUN/base"),
+                       ("sft", "supervised fine-tuning on JSONL conversations into RUN/sft"),
+                       ("grpo", "R1-Zero GRPO from RUN/base into RUN/rl")):
         p = sub.add_parser(name, help=what, description=f"{what}. Overrides: --SECTION.FIELD=VALUE.")
         p.add_argument("--recipe", type=Path, help="TOML recipe (default: the tiny preset's defaults)")
         p.add_argument("--run", type=Path, default=Path("runs/default"), help="run directory (default runs/default)")
@@ -372,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name != "pretrain":
             p.add_argument("--model", type=Path, help=f"the model to start from: an r1lab checkpoint or a local Hugging "
                                                       f"Face model directory (sets {name}.init_from)")
-        p.set_defaults(func=func)
+        p.set_defaults(func=cmd_train)
 
     demo = sub.add_parser("demo", help="pretrain a tiny base, R1-Zero GRPO, the control, evaluate, report",
                           description="From nothing to a reasoner on this machine. Overrides: --SECTION.FIELD=VALUE.")
