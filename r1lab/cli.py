@@ -25,6 +25,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, Be
                                                  IsADirectoryError, NotADirectoryError, PermissionError)
 # What the machine refuses rather than the code gets wrong: a full disk, a quota, a read-only mount.
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+# Commands every option of which is a flag: a dotted override given to one is a mistake.
+NO_OVERRIDES = frozenset({"eval", "generate", "serve", "chat", "export", "import"})
 
 
 def _human(n: float) -> str:
@@ -84,8 +86,6 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     from r1lab.evalapi import evaluate_endpoint_bench
     from r1lab.evalreport import compare_results
 
-    if overrides:
-        raise ConfigError(f"eval takes no dotted overrides, got {' '.join(overrides)}")
     if args.compare:
         print(compare_results(*args.compare), end="")
         return 0
@@ -129,8 +129,6 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
     from r1lab.recipe import GenerateConfig
     from r1lab.train.generate import load_prompts, sample_endpoint, sample_model, summary_line, write_generated
 
-    if overrides:
-        raise ConfigError(f"generate takes no dotted overrides, got {' '.join(overrides)}")
     if bool(args.model) == bool(args.api_base) or bool(args.api_base) != bool(args.api_model):
         raise ConfigError("generate needs either --model DIR or --api-base URL --api-model NAME")
     _check_flags(args, limit=">= 1", difficulty=">= 1", concurrency=">= 1")
@@ -192,8 +190,6 @@ def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
     from r1lab.serve import ServeSettings, create_app, load_served_model
     from r1lab.serve.server import run
 
-    if overrides:
-        raise ConfigError(f"serve takes no dotted overrides, got {' '.join(overrides)}")
     settings = ServeSettings(api_key=args.api_key, max_tokens_cap=args.max_tokens_cap,
                              max_prompt_tokens=args.max_prompt_tokens, max_concurrency=args.max_concurrency,
                              max_batch_size=args.max_batch_size, compile=args.compile,
@@ -213,8 +209,6 @@ def cmd_chat(args: argparse.Namespace, overrides: list[str]) -> int:
     from r1lab.chat import run_chat
     from r1lab.serve import load_served_model
 
-    if overrides:
-        raise ConfigError(f"chat takes no dotted overrides, got {' '.join(overrides)}")
     _check_flags(args, temperature=">= 0", top_p="in (0, 1]", max_tokens=">= 1")
     model = load_served_model(args.model, device=_device(args))
     return run_chat(model, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
@@ -274,8 +268,6 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
     """An r1lab checkpoint -> a Hugging Face DeepseekV3 directory."""
     from r1lab.convert import export_checkpoint
 
-    if overrides:
-        raise ConfigError(f"export takes no dotted overrides, got {' '.join(overrides)}")
     out = export_checkpoint(args.model, args.out)
     print(f"exported {args.model} to {out} (Hugging Face DeepseekV3ForCausalLM)")
     return 0
@@ -285,8 +277,6 @@ def cmd_import(args: argparse.Namespace, overrides: list[str]) -> int:
     """A Hugging Face DeepseekV3 directory -> an r1lab checkpoint."""
     from r1lab.convert import import_checkpoint
 
-    if overrides:
-        raise ConfigError(f"import takes no dotted overrides, got {' '.join(overrides)}")
     out = import_checkpoint(args.model, args.out)
     print(f"imported {args.model} to {out} (r1lab checkpoint)")
     return 0
@@ -499,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args([a for a in argv if a not in overrides])
     args.preset_given = any(a == "--preset" or a.startswith("--preset=") for a in argv)
     try:
+        if overrides and args.command in NO_OVERRIDES:
+            raise ConfigError(f"{args.command} takes no dotted overrides, got {' '.join(overrides)}")
         return args.func(args, overrides)
     except USER_ERRORS as e:
         if args.debug:
