@@ -36,10 +36,6 @@ def _human(n: float) -> str:
     return f"{n:.0f}"
 
 
-def _recipe_from_args(args: argparse.Namespace, overrides: list[str]) -> Recipe:
-    return load_recipe(args.recipe, overrides, preset=args.preset if args.recipe is None or args.preset_given else None)
-
-
 def cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
     """Parameters, active parameters, KV-cache size and FLOPs per token of a model shape."""
     import torch
@@ -48,7 +44,7 @@ def cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
     from r1lab.model import Transformer
 
     _check_flags(args, context=">= 1")
-    recipe = _recipe_from_args(args, overrides)
+    recipe = load_recipe(args.recipe, overrides, preset=args.preset)  # no --preset: the recipe's, else tiny
     cfg = recipe.model
     counts = count_parameters(cfg)
     with torch.device("meta"):  # the shape only: no memory, even for 671B
@@ -312,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="parameters, active parameters, KV cache and FLOPs of a model shape",
                           description="Overrides: --model.FIELD=VALUE, e.g. --model.n_layers=8.")
-    info.add_argument("--preset", default="tiny", help="tiny, small, v2-lite or v3 (default tiny)")
+    info.add_argument("--preset", help="tiny, small, v2-lite or v3 (default tiny)")
     info.add_argument("--recipe", type=Path, help="a TOML recipe; its [model] table overrides its preset")
     info.add_argument("--context", type=int, help="sequence length for the FLOPs figures (default: the model's max_seq_len)")
     info.set_defaults(func=cmd_info)
@@ -487,7 +483,6 @@ def main(argv: list[str] | None = None) -> int:
     # Dotted overrides (--model.dim=64) are typed by the recipe dataclasses, not by argparse.
     overrides = [a for a in argv if a.startswith("--") and "." in a.split("=", 1)[0]]
     args = parser.parse_args([a for a in argv if a not in overrides])
-    args.preset_given = any(a == "--preset" or a.startswith("--preset=") for a in argv)
     try:
         if overrides and args.command in NO_OVERRIDES:
             raise ConfigError(f"{args.command} takes no dotted overrides, got {' '.join(overrides)}")
