@@ -13,7 +13,6 @@ import dataclasses
 import math
 import re
 import tomllib
-import types
 import typing
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -232,25 +231,14 @@ def _type_name(tp: Any) -> str:
 
 
 def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Check (and, for strings from the command line, parse) `value` against type `tp`."""
+    """`value` checked against type `tp` (a float field also takes an int); dataclass tables recurse."""
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
             raise ConfigError(f"{key} must be one of {', '.join(map(repr, choices))}, got {value!r}")
         return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _convert(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
-    if origin in (list, tuple):
+    if origin is list:
         (item_tp, *_) = typing.get_args(tp) or (Any,)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {type(value).__name__} {value!r}")
@@ -287,13 +275,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported field type {_type_name(tp)}")
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     """Build dataclass `cls` from a mapping, type-checking every key; unknown keys are errors."""
-    hints = _field_types(cls)
+    hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
@@ -322,12 +306,6 @@ def model_config_from_dict(data: dict) -> ModelConfig:
 def _parse_cli_value(text: str, tp: Any, key: str) -> Any:
     """Parse a command-line string according to the field's type."""
     origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if text.lower() in ("none", "null") and len(args) < len(typing.get_args(tp)):
-            return None
-        tp = args[0]
-        origin = typing.get_origin(tp)
     if tp is bool:
         low = text.lower()
         if low in ("true", "1", "yes", "on"):
@@ -350,7 +328,7 @@ def _parse_cli_value(text: str, tp: Any, key: str) -> Any:
             return tomllib.loads(f"v = {text}")["v"]
         except tomllib.TOMLDecodeError:
             raise ConfigError(f"{key} must be an inline table like {{a = 1}}, got {text!r}") from None
-    if origin in (list, tuple):
+    if origin is list:
         try:
             value = tomllib.loads(f"v = {text}")["v"]
         except tomllib.TOMLDecodeError:
@@ -376,7 +354,7 @@ def apply_overrides(obj: Any, overrides: list[str]) -> Any:
             names = {f.name for f in dataclasses.fields(node_cls)}
             if key not in names:
                 raise ConfigError(f"unknown key {'.'.join(keys[:i + 1])!r}; known keys: {', '.join(sorted(names))}")
-            tp = _field_types(node_cls)[key]
+            tp = typing.get_type_hints(node_cls)[key]
             if i == len(keys) - 1:
                 if dataclasses.is_dataclass(tp):
                     raise ConfigError(f"{path!r} is a section; set one of its fields, e.g. --{path}.<field>=...")
