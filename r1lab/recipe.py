@@ -98,9 +98,7 @@ class DataConfig:
             _check(self, f">= {low}", name)
         if not self.text_field:
             raise ConfigError("text_field must not be empty")
-        unknown = sorted(set(self.rl_fields) - set(RL_FIELD_DEFAULTS))
-        if unknown:
-            raise ConfigError(f"rl_fields: unknown key {', '.join(map(repr, unknown))}; known: prompt, answer")
+        _check_keys(self.rl_fields, RL_FIELD_DEFAULTS, "rl_fields", "key")
         if any(not name for name in self.rl_fields.values()):
             raise ConfigError(f"rl_fields: a field name must not be empty, got {self.rl_fields}")
         self._check_task()
@@ -271,10 +269,7 @@ class GRPOConfig:
         if self.overlong_buffer >= self.max_new_tokens:
             raise ConfigError(f"overlong_buffer ({self.overlong_buffer}) must be smaller than max_new_tokens "
                               f"({self.max_new_tokens})")
-        unknown = sorted(set(self.reward_weights) - set(REWARD_NAMES))
-        if unknown:
-            raise ConfigError(f"reward_weights: unknown reward {', '.join(map(repr, unknown))}; "
-                              f"known: {', '.join(REWARD_NAMES)}")
+        _check_keys(self.reward_weights, REWARD_NAMES, "reward_weights", "reward")
         if "overlong" in self.reward_weights and not self.overlong_buffer:
             raise ConfigError("reward_weights.overlong weighs the overlong penalty, which is off: "
                               "set grpo.overlong_buffer > 0")
@@ -371,9 +366,7 @@ class PipelineConfig:
         _check(self, ">= 0", "rejection_sft_steps", "final_grpo_steps", "sft_seq_len")
         if not self.pretrain_base and not self.init_from:
             raise ConfigError("init_from must name the base checkpoint when pretrain_base = false")
-        unknown = sorted(set(self.compare) - set(COMPARE_ROLES))
-        if unknown:
-            raise ConfigError(f"compare: unknown role {', '.join(map(repr, unknown))}; known: {', '.join(COMPARE_ROLES)}")
+        _check_keys(self.compare, COMPARE_ROLES, "compare", "role")
         empty = [role for role, path in self.compare.items() if not path]
         if empty:
             raise ConfigError(f"compare.{empty[0]} must name a model directory")
@@ -468,6 +461,13 @@ def _check(section: Any, want: str, *names: str) -> None:
     """Each named field of `section` is in range `want` (as `check_range` takes it)."""
     for name in names:
         check_range(name, getattr(section, name), want)
+
+
+def _check_keys(table: dict[str, Any], known: Any, key: str, what: str) -> None:
+    """Every key of the table `key` is one of `known` (its keys, if a dict); `what` names one in the error."""
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        raise ConfigError(f"{key}: unknown {what} {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
 
 
 def _check_options(options: dict[str, Any], fn: Any, key: str, fixed: tuple[str, ...]) -> None:
