@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from r1lab.checkpoint import CheckpointError
-from r1lab.config import ConfigError
+from r1lab.config import ConfigError, check_range
 from r1lab.recipe import Recipe, load_recipe
 from r1lab.tasks.benchmarks import BenchmarkDataError
 
@@ -25,6 +25,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, Be
                                                  IsADirectoryError, NotADirectoryError, PermissionError)
 # What the machine refuses rather than the code gets wrong: a full disk, a quota, a read-only mount.
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+# Commands every option of which is a flag: a dotted override given to one is a mistake.
+NO_OVERRIDES = frozenset({"eval", "generate", "serve", "chat", "export", "import"})
 
 
 def _human(n: float) -> str:
@@ -32,10 +34,6 @@ def _human(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f}{unit}"
     return f"{n:.0f}"
-
-
-def _recipe_from_args(args: argparse.Namespace, overrides: list[str]) -> Recipe:
-    return load_recipe(args.recipe, overrides, preset=args.preset if args.recipe is None or args.preset_given else None)
 
 
 def cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -46,7 +44,7 @@ def cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
     from r1lab.model import Transformer
 
     _check_flags(args, context=">= 1")
-    recipe = _recipe_from_args(args, overrides)
+    recipe = load_recipe(args.recipe, overrides, preset=args.preset)  # no --preset: the recipe's, else tiny
     cfg = recipe.model
     counts = count_parameters(cfg)
     with torch.device("meta"):  # the shape only: no memory, even for 671B
@@ -84,8 +82,6 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     from r1lab.evalapi import evaluate_endpoint_bench
     from r1lab.evalreport import compare_results
 
-    if overrides:
-        raise ConfigError(f"eval takes no dotted overrides, got {' '.join(overrides)}")
     if args.compare:
         print(compare_results(*args.compare), end="")
         return 0
@@ -116,13 +112,10 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
 def _check_flags(args: argparse.Namespace, **limits: str) -> None:
     """Numeric flags a user can get wrong, named as typed, before a model is loaded.
 
-    `limits` maps a flag's dest to its range: ">= 0", ">= 1", "> 0" or "in (0, 1]"."""
-    tests = {">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1, "> 0": lambda v: v > 0,
-             "in (0, 1]": lambda v: 0 < v <= 1}
+    `limits` maps a flag's dest to its range, as `check_range` takes it: ">= 1", "in (0, 1]", ..."""
     for dest, want in limits.items():
-        value = getattr(args, dest)
-        if value is not None and not tests[want](value):
-            raise ConfigError(f"{args.command} --{dest.replace('_', '-')} must be {want}, got {value}")
+        if getattr(args, dest) is not None:
+            check_range(f"{args.command} --{dest.replace('_', '-')}", getattr(args, dest), want)
 
 
 def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -132,8 +125,6 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
     from r1lab.recipe import GenerateConfig
     from r1lab.train.generate import load_prompts, sample_endpoint, sample_model, summary_line, write_generated
 
-    if overrides:
-        raise ConfigError(f"generate takes no dotted overrides, got {' '.join(overrides)}")
     if bool(args.model) == bool(args.api_base) or bool(args.api_base) != bool(args.api_model):
         raise ConfigError("generate needs either --model DIR or --api-base URL --api-model NAME")
     _check_flags(args, limit=">= 1", difficulty=">= 1", concurrency=">= 1")
@@ -178,9 +169,7 @@ def cmd_pipeline(args: argparse.Namespace, overrides: list[str]) -> int:
     """R1's four stages (cold start, reasoning RL, rejection sampling + SFT, final RL), resumable."""
     from r1lab.pipeline import COMPARED, LABELS, run_pipeline
 
-    if args.run.exists() and not args.run.is_dir():
-        raise ConfigError(f"--run {args.run} is a file, not a run directory")
-    recipe = load_recipe(args.recipe, overrides + _device_override(args))
+    recipe = _training_recipe(args, overrides)
     summary = run_pipeline(recipe, args.run, quiet=args.quiet)
     t = summary["eval"]["temperature"]
     rows = [(LABELS[name], s, "") for name, s in summary["stages"].items()]
@@ -197,8 +186,6 @@ def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
     from r1lab.serve import ServeSettings, create_app, load_served_model
     from r1lab.serve.server import run
 
-    if overrides:
-        raise ConfigError(f"serve takes no dotted overrides, got {' '.join(overrides)}")
     settings = ServeSettings(api_key=args.api_key, max_tokens_cap=args.max_tokens_cap,
                              max_prompt_tokens=args.max_prompt_tokens, max_concurrency=args.max_concurrency,
                              max_batch_size=args.max_batch_size, compile=args.compile,
@@ -218,8 +205,6 @@ def cmd_chat(args: argparse.Namespace, overrides: list[str]) -> int:
     from r1lab.chat import run_chat
     from r1lab.serve import load_served_model
 
-    if overrides:
-        raise ConfigError(f"chat takes no dotted overrides, got {' '.join(overrides)}")
     _check_flags(args, temperature=">= 0", top_p="in (0, 1]", max_tokens=">= 1")
     model = load_served_model(args.model, device=_device(args))
     return run_chat(model, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
@@ -256,52 +241,22 @@ def _dry_run(args: argparse.Namespace, recipe: Recipe) -> int:
     return 0
 
 
-def _in_process_group(run_stage, recipe: Recipe, run_dir: Path):
-    """A training stage, leaving torchrun's process group (if the stage joined one) however it ends."""
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    """One training stage into <run>/base (pretrain), <run>/sft or <run>/rl (grpo); resumes if interrupted."""
     from r1lab.train.distributed import leave
+    from r1lab.train.stages import run_grpo, run_pretrain, run_sft
 
+    run_stage, done, out = {"pretrain": (run_pretrain, "pretrained", "base"), "sft": (run_sft, "fine-tuned", "sft"),
+                            "grpo": (run_grpo, "GRPO", "rl")}[args.command]
+    recipe = _training_recipe(args, overrides)
+    if args.dry_run:
+        return _dry_run(args, recipe)
     try:
-        return run_stage(recipe, run_dir)
-    finally:
+        result = run_stage(recipe, args.run)
+    finally:  # leave torchrun's process group (if the stage joined one) however the stage ends
         leave()
-
-
-def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
-    """Next-token pretraining into <run>/base (resumes if interrupted)."""
-    from r1lab.train.stages import run_pretrain
-
-    recipe = _training_recipe(args, overrides)
-    if args.dry_run:
-        return _dry_run(args, recipe)
-    result = _in_process_group(run_pretrain, recipe, args.run)
     if result.is_main:
-        print(f"pretrained {result.steps} steps in {result.seconds:.0f} s: {args.run / 'base' / 'checkpoint'}")
-    return 0
-
-
-def cmd_sft(args: argparse.Namespace, overrides: list[str]) -> int:
-    """Supervised fine-tuning on JSONL conversations into <run>/sft."""
-    from r1lab.train.stages import run_sft
-
-    recipe = _training_recipe(args, overrides)
-    if args.dry_run:
-        return _dry_run(args, recipe)
-    result = _in_process_group(run_sft, recipe, args.run)
-    if result.is_main:
-        print(f"fine-tuned {result.steps} steps in {result.seconds:.0f} s: {args.run / 'sft' / 'checkpoint'}")
-    return 0
-
-
-def cmd_grpo(args: argparse.Namespace, overrides: list[str]) -> int:
-    """R1-Zero GRPO from <run>/base (or grpo.init_from) into <run>/rl."""
-    from r1lab.train.stages import run_grpo
-
-    recipe = _training_recipe(args, overrides)
-    if args.dry_run:
-        return _dry_run(args, recipe)
-    result = _in_process_group(run_grpo, recipe, args.run)
-    if result.is_main:
-        print(f"GRPO {recipe.grpo.steps} steps in {result.seconds:.0f} s: {args.run / 'rl' / 'checkpoint'}")
+        print(f"{done} {result.steps} steps in {result.seconds:.0f} s: {args.run / out / 'checkpoint'}")
     return 0
 
 
@@ -309,8 +264,6 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
     """An r1lab checkpoint -> a Hugging Face DeepseekV3 directory."""
     from r1lab.convert import export_checkpoint
 
-    if overrides:
-        raise ConfigError(f"export takes no dotted overrides, got {' '.join(overrides)}")
     out = export_checkpoint(args.model, args.out)
     print(f"exported {args.model} to {out} (Hugging Face DeepseekV3ForCausalLM)")
     return 0
@@ -320,8 +273,6 @@ def cmd_import(args: argparse.Namespace, overrides: list[str]) -> int:
     """A Hugging Face DeepseekV3 directory -> an r1lab checkpoint."""
     from r1lab.convert import import_checkpoint
 
-    if overrides:
-        raise ConfigError(f"import takes no dotted overrides, got {' '.join(overrides)}")
     out = import_checkpoint(args.model, args.out)
     print(f"imported {args.model} to {out} (r1lab checkpoint)")
     return 0
@@ -357,14 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="parameters, active parameters, KV cache and FLOPs of a model shape",
                           description="Overrides: --model.FIELD=VALUE, e.g. --model.n_layers=8.")
-    info.add_argument("--preset", default="tiny", help="tiny, small, v2-lite or v3 (default tiny)")
+    info.add_argument("--preset", help="tiny, small, v2-lite or v3 (default tiny)")
     info.add_argument("--recipe", type=Path, help="a TOML recipe; its [model] table overrides its preset")
     info.add_argument("--context", type=int, help="sequence length for the FLOPs figures (default: the model's max_seq_len)")
     info.set_defaults(func=cmd_info)
 
-    for name, func, what in (("pretrain", cmd_pretrain, "next-token pretraining (resumable) into RUN/base"),
-                             ("sft", cmd_sft, "supervised fine-tuning on JSONL conversations into RUN/sft"),
-                             ("grpo", cmd_grpo, "R1-Zero GRPO from RUN/base into RUN/rl")):
+    for name, what in (("pretrain", "next-token pretraining (resumable) into RUN/base"),
+                       ("sft", "supervised fine-tuning on JSONL conversations into RUN/sft"),
+                       ("grpo", "R1-Zero GRPO from RUN/base into RUN/rl")):
         p = sub.add_parser(name, help=what, description=f"{what}. Overrides: --SECTION.FIELD=VALUE.")
         p.add_argument("--recipe", type=Path, help="TOML recipe (default: the tiny preset's defaults)")
         p.add_argument("--run", type=Path, default=Path("runs/default"), help="run directory (default runs/default)")
@@ -375,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name != "pretrain":
             p.add_argument("--model", type=Path, help=f"the model to start from: an r1lab checkpoint or a local Hugging "
                                                       f"Face model directory (sets {name}.init_from)")
-        p.set_defaults(func=func)
+        p.set_defaults(func=cmd_train)
 
     demo = sub.add_parser("demo", help="pretrain a tiny base, R1-Zero GRPO, the control, evaluate, report",
                           description="From nothing to a reasoner on this machine. Overrides: --SECTION.FIELD=VALUE.")
@@ -532,8 +483,9 @@ def main(argv: list[str] | None = None) -> int:
     # Dotted overrides (--model.dim=64) are typed by the recipe dataclasses, not by argparse.
     overrides = [a for a in argv if a.startswith("--") and "." in a.split("=", 1)[0]]
     args = parser.parse_args([a for a in argv if a not in overrides])
-    args.preset_given = any(a == "--preset" or a.startswith("--preset=") for a in argv)
     try:
+        if overrides and args.command in NO_OVERRIDES:
+            raise ConfigError(f"{args.command} takes no dotted overrides, got {' '.join(overrides)}")
         return args.func(args, overrides)
     except USER_ERRORS as e:
         if args.debug:

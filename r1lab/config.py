@@ -13,7 +13,6 @@ import dataclasses
 import math
 import re
 import tomllib
-import types
 import typing
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -37,6 +36,19 @@ def check_device_name(name: Any, key: str = "device") -> None:
     only: whether this machine has the device is `r1lab.device.resolve_device`'s to say)."""
     if not isinstance(name, str) or not DEVICE_NAMES.fullmatch(name):
         raise ConfigError(f"{key} must be cpu, cuda, cuda:N or mps, got {name!r}")
+
+
+RANGES = {"> 0": lambda v: v > 0, "in (0, 1]": lambda v: 0 < v <= 1, "in [0, 1]": lambda v: 0 <= v <= 1,
+          "in [0, 1)": lambda v: 0 <= v < 1}
+"""Ranges a value may be checked against, keyed by how an error message states them."""
+
+
+def check_range(key: str, value: Any, want: str) -> None:
+    """A ConfigError "KEY must be WANT, got VALUE" unless `value` is in `want`: ">= N" for a number N,
+    or one of the RANGES."""
+    ok = value >= float(want[3:]) if want.startswith(">= ") else RANGES[want](value)
+    if not ok:
+        raise ConfigError(f"{key} must be {want}, got {value}")
 
 
 @dataclass
@@ -127,21 +139,18 @@ class ModelConfig:
         positive = ["vocab_size", "dim", "inter_dim", "n_layers", "n_heads", "kv_lora_rank",
                     "qk_rope_head_dim", "v_head_dim", "max_seq_len", "original_seq_len"]
         for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name} must be > 0, got {getattr(self, name)}")
+            check_range(f"model.{name}", getattr(self, name), "> 0")
         non_negative = ["n_dense_layers", "n_routed_experts", "n_shared_experts", "q_lora_rank",
                         "qk_nope_head_dim", "n_mtp_modules", "bias_update_speed", "seq_aux_alpha",
                         "mtp_loss_weight"]
         for name in non_negative:
-            if getattr(self, name) < 0:
-                raise ConfigError(f"model.{name} must be >= 0, got {getattr(self, name)}")
+            check_range(f"model.{name}", getattr(self, name), ">= 0")
         if self.qk_rope_head_dim % 2:
             raise ConfigError(f"model.qk_rope_head_dim must be even for RoPE, got {self.qk_rope_head_dim}")
         if self.n_dense_layers > self.n_layers:
             raise ConfigError(f"model.n_dense_layers ({self.n_dense_layers}) exceeds model.n_layers ({self.n_layers})")
         if self.n_routed_experts > 0:
-            if self.moe_inter_dim <= 0:
-                raise ConfigError(f"model.moe_inter_dim must be > 0, got {self.moe_inter_dim}")
+            check_range("model.moe_inter_dim", self.moe_inter_dim, "> 0")
             if not 1 <= self.n_activated_experts <= self.n_routed_experts:
                 raise ConfigError(f"model.n_activated_experts must be in 1..n_routed_experts "
                                   f"({self.n_routed_experts}), got {self.n_activated_experts}")
@@ -158,10 +167,8 @@ class ModelConfig:
             if self.n_limited_groups * per_group < self.n_activated_experts:
                 raise ConfigError(f"model.n_activated_experts ({self.n_activated_experts}) exceeds the "
                                   f"experts in {self.n_limited_groups} limited group(s) ({self.n_limited_groups * per_group})")
-        if self.route_scale <= 0:
-            raise ConfigError(f"model.route_scale must be > 0, got {self.route_scale}")
-        if self.rope_factor < 1:
-            raise ConfigError(f"model.rope_factor must be >= 1, got {self.rope_factor}")
+        check_range("model.route_scale", self.route_scale, "> 0")
+        check_range("model.rope_factor", self.rope_factor, ">= 1")
         if self.original_seq_len > self.max_seq_len and self.rope_factor > 1:
             raise ConfigError("model.original_seq_len exceeds model.max_seq_len while YaRN is on")
 
@@ -224,25 +231,14 @@ def _type_name(tp: Any) -> str:
 
 
 def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Check (and, for strings from the command line, parse) `value` against type `tp`."""
+    """`value` checked against type `tp` (a float field also takes an int); dataclass tables recurse."""
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
             raise ConfigError(f"{key} must be one of {', '.join(map(repr, choices))}, got {value!r}")
         return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _convert(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
-    if origin in (list, tuple):
+    if origin is list:
         (item_tp, *_) = typing.get_args(tp) or (Any,)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {type(value).__name__} {value!r}")
@@ -279,13 +275,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported field type {_type_name(tp)}")
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     """Build dataclass `cls` from a mapping, type-checking every key; unknown keys are errors."""
-    hints = _field_types(cls)
+    hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
@@ -314,12 +306,6 @@ def model_config_from_dict(data: dict) -> ModelConfig:
 def _parse_cli_value(text: str, tp: Any, key: str) -> Any:
     """Parse a command-line string according to the field's type."""
     origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if text.lower() in ("none", "null") and len(args) < len(typing.get_args(tp)):
-            return None
-        tp = args[0]
-        origin = typing.get_origin(tp)
     if tp is bool:
         low = text.lower()
         if low in ("true", "1", "yes", "on"):
@@ -342,7 +328,7 @@ def _parse_cli_value(text: str, tp: Any, key: str) -> Any:
             return tomllib.loads(f"v = {text}")["v"]
         except tomllib.TOMLDecodeError:
             raise ConfigError(f"{key} must be an inline table like {{a = 1}}, got {text!r}") from None
-    if origin in (list, tuple):
+    if origin is list:
         try:
             value = tomllib.loads(f"v = {text}")["v"]
         except tomllib.TOMLDecodeError:
@@ -368,7 +354,7 @@ def apply_overrides(obj: Any, overrides: list[str]) -> Any:
             names = {f.name for f in dataclasses.fields(node_cls)}
             if key not in names:
                 raise ConfigError(f"unknown key {'.'.join(keys[:i + 1])!r}; known keys: {', '.join(sorted(names))}")
-            tp = _field_types(node_cls)[key]
+            tp = typing.get_type_hints(node_cls)[key]
             if i == len(keys) - 1:
                 if dataclasses.is_dataclass(tp):
                     raise ConfigError(f"{path!r} is a section; set one of its fields, e.g. --{path}.<field>=...")

@@ -22,29 +22,25 @@ from pathlib import Path
 
 from r1lab.checkpoint import METADATA_FILE, load_checkpoint, read_metadata, read_model_metadata, save_checkpoint
 from r1lab.config import ConfigError
-from r1lab.hf import CONFIG_FILE, export_hf, hf_config_from_model_config, import_hf
+from r1lab.hf import CONFIG_FILE, export_hf, hf_config_from_model_config, import_hf, read_hf_config
 from r1lab.tokenizer import TOKENIZER_FILE, Tokenizer
 
 
-def _needs_transformers(command: str) -> None:
-    try:
-        import transformers  # noqa: F401 - only whether it is installed
-    except ImportError:
-        raise ConfigError(f"{command} needs the transformers package: pip install transformers") from None
-
-
-def _empty_target(out_dir: Path, flag: str = "--out") -> None:
+def _empty_target(out_dir: Path) -> None:
     """Refuse to write into a file or a directory that already holds something (no silent mixing)."""
     if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"{flag} {out_dir} is a file, not a directory")
+        raise ConfigError(f"--out {out_dir} is a file, not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()):
-        raise ConfigError(f"{flag} {out_dir} is not empty; choose a new directory")
+        raise ConfigError(f"--out {out_dir} is not empty; choose a new directory")
 
 
 def export_checkpoint(model_dir: str | Path, out_dir: str | Path) -> Path:
     """Write the r1lab checkpoint at `model_dir` as a Hugging Face DeepseekV3 directory `out_dir`."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    _needs_transformers("export")
+    try:
+        import transformers  # noqa: F401 - only whether it is installed
+    except ImportError:
+        raise ConfigError("export needs the transformers package: pip install transformers") from None
     _empty_target(out_dir)
     model, tokenizer, _ = load_checkpoint(model_dir)
     metadata = read_metadata(model_dir)
@@ -64,15 +60,10 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> Path:
     if not hf_dir.is_dir():
         raise FileNotFoundError(f"{hf_dir}: no such model directory")
     config_file = hf_dir / CONFIG_FILE
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file}: missing; not a Hugging Face model directory")
-    try:
-        doc = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{config_file}: not valid JSON ({e})") from None
-    if isinstance(doc, dict) and "format_version" in doc:
+    doc = read_hf_config(hf_dir)
+    if "format_version" in doc:
         raise ConfigError(f"{hf_dir} is already an r1lab checkpoint; nothing to import")
-    if isinstance(doc, dict) and doc.get("model_type") != "deepseek_v3":
+    if doc.get("model_type") != "deepseek_v3":
         raise ConfigError(f"{config_file}: model_type {doc.get('model_type')!r} does not map onto r1lab's model "
                           f"(only 'deepseek_v3' does); eval, serve and chat open {hf_dir} as it is")
     _empty_target(out_dir)

@@ -326,6 +326,20 @@ def _is_ignored(name: str, n_layers: int) -> bool:
     return (m is not None and int(m[1]) >= n_layers) or name.endswith("rotary_emb.inv_freq")
 
 
+def read_hf_config(root: Path) -> dict[str, Any]:
+    """The config.json of a Hugging Face model directory, or an error naming the file."""
+    file = root / CONFIG_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: missing; not a Hugging Face model directory")
+    try:
+        doc = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{file}: expected a JSON object")
+    return doc
+
+
 def import_hf(hf_dir: str | Path, device: torch.device | None = None) -> Transformer:
     """An r1lab Transformer from a DeepseekV3-format Hugging Face directory (float32).
 
@@ -333,14 +347,7 @@ def import_hf(hf_dir: str | Path, device: torch.device | None = None) -> Transfo
     unexpected tensor is an error too, except MTP layers and rotary caches, which are skipped.
     """
     root = Path(hf_dir)
-    if not (root / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{root / CONFIG_FILE}: missing; not a Hugging Face model directory")
-    try:
-        doc = json.loads((root / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{root / CONFIG_FILE}: not valid JSON ({e})") from None
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{root / CONFIG_FILE}: expected a JSON object")
+    doc = read_hf_config(root)
     try:
         cfg = model_config_from_hf_config(doc)
     except ConfigError as e:

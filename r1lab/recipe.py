@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from r1lab.config import (DEFAULT_DEVICE, ConfigError, ModelConfig, apply_overrides, check_device_name, from_dict,
-                          model_preset, to_dict)
+from r1lab.config import (DEFAULT_DEVICE, ConfigError, ModelConfig, apply_overrides, check_device_name, check_range,
+                          from_dict, model_preset, to_dict)
 from r1lab.rewards import REWARD_FUNCTIONS, REWARD_NAMES
 from r1lab.tasks import FAMILIES
 
@@ -92,19 +92,13 @@ class DataConfig:
     """Seed of the corpus (problems, slips, document order)."""
 
     def validate(self) -> None:
-        for name in ("scratchpad_share", "slip_rate", "direct_slip_rate"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.direct_extra < 0:
-            raise ConfigError(f"direct_extra must be >= 0, got {self.direct_extra}")
+        _check(self, "in [0, 1]", "scratchpad_share", "slip_rate", "direct_slip_rate")
+        _check(self, ">= 0", "direct_extra")
         for name, low in (("n_problems", 1), ("seq_len", 8), ("vocab_size", 300), ("sft_task_examples", 0)):
-            if getattr(self, name) < low:
-                raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
+            _check(self, f">= {low}", name)
         if not self.text_field:
             raise ConfigError("text_field must not be empty")
-        unknown = sorted(set(self.rl_fields) - set(RL_FIELD_DEFAULTS))
-        if unknown:
-            raise ConfigError(f"rl_fields: unknown key {', '.join(map(repr, unknown))}; known: prompt, answer")
+        _check_keys(self.rl_fields, RL_FIELD_DEFAULTS, "rl_fields", "key")
         if any(not name for name in self.rl_fields.values()):
             raise ConfigError(f"rl_fields: a field name must not be empty, got {self.rl_fields}")
         self._check_task()
@@ -149,14 +143,10 @@ class OptimConfig:
     """Clip the global gradient norm (0: off)."""
 
     def validate(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        _at_least(self, 0, "warmup_steps")
-        for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        _check(self, "> 0", "lr")
+        _check(self, "in [0, 1]", "min_lr_ratio")
+        _check(self, ">= 0", "warmup_steps")
+        _check(self, "in [0, 1)", "beta1", "beta2")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError(f"weight_decay and grad_clip must be >= 0, got {self.weight_decay} and {self.grad_clip}")
 
@@ -194,8 +184,8 @@ class TrainConfig:
     """Checkpoint to start from (empty: a fresh model)."""
 
     def validate(self) -> None:
-        _at_least(self, 1, "steps", "batch_size", "grad_accum", "eval_batches", "log_every")
-        _at_least(self, 0, "eval_every", "save_every")
+        _check(self, ">= 1", "steps", "batch_size", "grad_accum", "eval_batches", "log_every")
+        _check(self, ">= 0", "eval_every", "save_every")
 
 
 @dataclass
@@ -267,28 +257,19 @@ class GRPOConfig:
     """The base checkpoint RL starts from."""
 
     def validate(self) -> None:
-        _at_least(self, 1, "steps", "prompts_per_step", "max_new_tokens", "epochs", "minibatch_size", "log_every")
-        _at_least(self, 0, "max_refill_rounds", "overlong_buffer", "eval_every", "save_every")
+        _check(self, ">= 1", "steps", "prompts_per_step", "max_new_tokens", "epochs", "minibatch_size", "log_every")
+        _check(self, ">= 0", "max_refill_rounds", "overlong_buffer", "eval_every", "save_every")
         if self.group_size < 2:
             raise ConfigError(f"group_size must be >= 2: advantages compare samples within a group, got {self.group_size}")
-        for name in ("eps_low", "eps_high", "beta"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 < self.vllm_gpu_memory_utilization <= 1:
-            raise ConfigError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+        _check(self, ">= 0", "eps_low", "eps_high", "beta")
+        _check(self, "> 0", "temperature")
+        _check(self, "in (0, 1]", "top_p", "vllm_gpu_memory_utilization")
         if self.rollout_backend == "vllm" and self.compile_rollouts:
             raise ConfigError("compile_rollouts compiles r1lab's engine, which rollout_backend = \"vllm\" does not use")
         if self.overlong_buffer >= self.max_new_tokens:
             raise ConfigError(f"overlong_buffer ({self.overlong_buffer}) must be smaller than max_new_tokens "
                               f"({self.max_new_tokens})")
-        unknown = sorted(set(self.reward_weights) - set(REWARD_NAMES))
-        if unknown:
-            raise ConfigError(f"reward_weights: unknown reward {', '.join(map(repr, unknown))}; "
-                              f"known: {', '.join(REWARD_NAMES)}")
+        _check_keys(self.reward_weights, REWARD_NAMES, "reward_weights", "reward")
         if "overlong" in self.reward_weights and not self.overlong_buffer:
             raise ConfigError("reward_weights.overlong weighs the overlong penalty, which is off: "
                               "set grpo.overlong_buffer > 0")
@@ -313,12 +294,11 @@ class EvalConfig:
     """Held-out problems drawn at random (seeded) whose completions the report shows."""
 
     def validate(self) -> None:
-        _at_least(self, 1, "problems", "k", "max_new_tokens")
-        _at_least(self, 0, "samples_shown")
+        _check(self, ">= 1", "problems", "k", "max_new_tokens")
+        _check(self, ">= 0", "samples_shown")
         if not self.temperature > 0:
             raise ConfigError(f"temperature must be > 0 (the greedy run is made as well), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        _check(self, "in (0, 1]", "top_p")
 
 
 @dataclass
@@ -345,14 +325,10 @@ class GenerateConfig:
     """Samples decoded together by the engine."""
 
     def validate(self) -> None:
-        _at_least(self, 1, "k", "prompts", "max_new_tokens", "batch_size")
-        _at_least(self, 0, "max_tokens", "per_prompt")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_language <= 1:
-            raise ConfigError(f"min_language must be in [0, 1], got {self.min_language}")
+        _check(self, ">= 1", "k", "prompts", "max_new_tokens", "batch_size")
+        _check(self, ">= 0", "max_tokens", "per_prompt", "temperature")
+        _check(self, "in (0, 1]", "top_p")
+        _check(self, "in [0, 1]", "min_language")
 
 
 COMPARE_ROLES = ("r1_zero", "control", "teacher", "student_base", "student", "student_rl")
@@ -386,13 +362,11 @@ class PipelineConfig:
     settings, is a row of the report, and the report states the margins that pairs of them decide."""
 
     def validate(self) -> None:
-        _at_least(self, 1, "cold_start_examples")
-        _at_least(self, 0, "rejection_sft_steps", "final_grpo_steps", "sft_seq_len")
+        _check(self, ">= 1", "cold_start_examples")
+        _check(self, ">= 0", "rejection_sft_steps", "final_grpo_steps", "sft_seq_len")
         if not self.pretrain_base and not self.init_from:
             raise ConfigError("init_from must name the base checkpoint when pretrain_base = false")
-        unknown = sorted(set(self.compare) - set(COMPARE_ROLES))
-        if unknown:
-            raise ConfigError(f"compare: unknown role {', '.join(map(repr, unknown))}; known: {', '.join(COMPARE_ROLES)}")
+        _check_keys(self.compare, COMPARE_ROLES, "compare", "role")
         empty = [role for role, path in self.compare.items() if not path]
         if empty:
             raise ConfigError(f"compare.{empty[0]} must name a model directory")
@@ -483,10 +457,17 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     return apply_overrides(recipe, overrides) if overrides else recipe
 
 
-def _at_least(section: Any, low: int, *names: str) -> None:
+def _check(section: Any, want: str, *names: str) -> None:
+    """Each named field of `section` is in range `want` (as `check_range` takes it)."""
     for name in names:
-        if getattr(section, name) < low:
-            raise ConfigError(f"{name} must be >= {low}, got {getattr(section, name)}")
+        check_range(name, getattr(section, name), want)
+
+
+def _check_keys(table: dict[str, Any], known: Any, key: str, what: str) -> None:
+    """Every key of the table `key` is one of `known` (its keys, if a dict); `what` names one in the error."""
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        raise ConfigError(f"{key}: unknown {what} {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
 
 
 def _check_options(options: dict[str, Any], fn: Any, key: str, fixed: tuple[str, ...]) -> None:
