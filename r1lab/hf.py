@@ -17,7 +17,7 @@ drive any local Hugging Face causal LM through the decoder protocol the engine u
   the HF config; an import gets r1lab's defaults and no MTP modules.
 - `HFDecoder` wraps any HF causal LM with full (not sliding-window) attention so that the engine
   can generate with it: `new_cache`, `decoder(tokens, positions=..., cache=...)` and a cache with
-  `select`, `repeat_interleave` and `extend`. r1lab's cache stores position p in slot p, so pads
+  `select` (rows kept, reordered or repeated) and `extend`. r1lab's cache stores position p in slot p, so pads
   and rejected tokens are simply overwritten; HF's `DynamicCache` only appends, so `HFCache`
   keeps, per row, the position each slot holds and whether a later write at that position has
   superseded it, and hands the model an explicit 4D mask. Superseded slots are masked, not freed.
@@ -440,18 +440,11 @@ class HFCache:
         return self.valid.shape[1]
 
     def select(self, rows: torch.Tensor) -> None:
-        """Keep only `rows` (in that order)."""
+        """Keep only `rows` (in that order; a row given n times becomes n rows)."""
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.valid.device)
         if self.n_slots:
             self.kv.batch_select_indices(rows)
         self.slot_pos, self.valid = self.slot_pos[rows], self.valid[rows]
-
-    def repeat_interleave(self, n: int) -> None:
-        """Each row becomes n consecutive rows."""
-        if self.n_slots:
-            self.kv.batch_repeat_interleave(n)
-        self.slot_pos = self.slot_pos.repeat_interleave(n, dim=0)
-        self.valid = self.valid.repeat_interleave(n, dim=0)
 
     def extend(self, other: HFCache) -> None:
         """Append other's rows after ours; the shorter cache is padded with invalid slots."""

@@ -114,12 +114,8 @@ class KVCache:
         return self.layers[0][0].shape[0]
 
     def select(self, rows: torch.Tensor) -> None:
-        """Keep only `rows` (in that order), e.g. when sequences finish or are reordered."""
+        """Keep only `rows` (in that order; a row given n times becomes n rows sharing its prefill)."""
         self.layers = [[t.index_select(0, rows) for t in layer] for layer in self.layers]
-
-    def repeat_interleave(self, n: int) -> None:
-        """Each row becomes n consecutive rows (n samples sharing one prefill)."""
-        self.layers = [[t.repeat_interleave(n, dim=0) for t in layer] for layer in self.layers]
 
     def extend(self, other: "KVCache") -> None:
         """Append other's rows after ours (requests joining a running batch); the shorter cache's rows

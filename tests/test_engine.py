@@ -43,7 +43,7 @@ def test_shared_prefill_expanded_equals_independent_prefills(model):
     with torch.no_grad():
         shared = model.new_cache(1, 32)
         model(prompt, positions=torch.arange(9)[None], cache=shared)
-        shared.repeat_interleave(n)
+        shared.select(torch.zeros(n, dtype=torch.long))  # the prompt's row, n times
         expanded = model(nxt, positions=torch.full((n, 1), 9), cache=shared)
         separate = model.new_cache(n, 32)
         model(prompt.expand(n, 9), positions=torch.arange(9).expand(n, 9), cache=separate)

@@ -330,10 +330,10 @@ def test_ragged_prefill_then_decode_matches_full_forwards(decoder_and_reference)
     assert cache.batch_size == 3
 
 
-def test_select_and_repeat_interleave_keep_decoding_right(decoder_and_reference):
+def test_select_repeating_rows_keeps_decoding_right(decoder_and_reference):
     decoder, reference = decoder_and_reference
     cache, logits = prefill(decoder, PROMPTS[:2])
-    cache.repeat_interleave(2)  # rows: p0, p0, p1, p1
+    cache.select(torch.tensor([0, 0, 1, 1]))  # rows: p0, p0, p1, p1
     seqs = [list(PROMPTS[0]), list(PROMPTS[0]), list(PROMPTS[1]), list(PROMPTS[1])]
     logits = [logits[0], logits[0], logits[1], logits[1]]
     for step in range(2):

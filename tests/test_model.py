@@ -85,8 +85,7 @@ def test_cache_select_and_repeat(config):
     with torch.no_grad():
         cache = model.new_cache(2, 16)
         model(tokens, positions=torch.arange(6).expand(2, 6), cache=cache)
-        cache.select(torch.tensor([1]))
-        cache.repeat_interleave(3)
+        cache.select(torch.tensor([1, 1, 1]))  # row 1, three times
         nxt = torch.randint(0, 97, (3, 1))
         out = model(nxt, positions=torch.full((3, 1), 6), cache=cache)[:, 0]
         for i in range(3):
