@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import random
 
-from r1lab.tasks.base import check_args, generate_split, parse_int, strip_wrappers
+from r1lab.tasks.base import generate_split, parse_int, strip_wrappers
 
 NAME = "arithmetic"
 MAX_DIFFICULTY = 6
@@ -193,20 +193,16 @@ def _solve(a: int, op: str, b: int, slip, notation: str = "long") -> tuple[str, 
     return "\n".join(lines), value
 
 
-def _draw(difficulty: int, ops: tuple[str, ...], notation: str):
+def _draw(rng: random.Random, difficulty: int, ops: tuple[str, ...], notation: str) -> tuple[str, dict]:
     lo, hi = (0 if difficulty == 1 else 10 ** (difficulty - 1)), 10**difficulty - 1
-
-    def draw(rng: random.Random) -> tuple[str, dict]:
-        op = rng.choice(ops)
-        a, b = rng.randint(lo, hi), rng.randint(lo, hi)
-        if op == "-" and a < b:
-            a, b = b, a
-        solution, value = _solve(a, op, b, _NO_SLIPS, notation)
-        fields = {"prompt": f"What is {a} {op} {b}?", "answer": str(value), "solution": solution,
-                  "a": a, "b": b, "op": op, "notation": notation}
-        return f"{a}{op}{b}", fields
-
-    return draw
+    op = rng.choice(ops)
+    a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+    if op == "-" and a < b:
+        a, b = b, a
+    solution, value = _solve(a, op, b, _NO_SLIPS, notation)
+    fields = {"prompt": f"What is {a} {op} {b}?", "answer": str(value), "solution": solution,
+              "a": a, "b": b, "op": op, "notation": notation}
+    return f"{a}{op}{b}", fields
 
 
 def generate(n: int, seed: int, split: str = "train", difficulty: int = 1,
@@ -215,13 +211,12 @@ def generate(n: int, seed: int, split: str = "train", difficulty: int = 1,
 
     `notation` is how the worked solution is written: "long" or "compact" (same steps, fewer tokens).
     """
-    check_args(n, split, difficulty, MAX_DIFFICULTY)
     bad = [op for op in ops if op not in OPS]
     if bad or not ops:
         raise ValueError(f"ops must be a non-empty subset of {OPS}, got {ops!r}")
     if notation not in NOTATIONS:
         raise ValueError(f"notation must be one of {tuple(NOTATIONS)}, got {notation!r}")
-    return generate_split(NAME, _draw(difficulty, tuple(ops), notation), n, seed, split, difficulty)
+    return generate_split(NAME, MAX_DIFFICULTY, _draw, n, seed, split, difficulty, ops=tuple(ops), notation=notation)
 
 
 def verify(answer_text: str, example: dict) -> bool:
