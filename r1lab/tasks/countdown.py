@@ -74,9 +74,7 @@ def _draw(rng: random.Random, difficulty: int) -> tuple[str, dict]:
             break
     canonical = ",".join(map(str, sorted(numbers))) + f"->{target}"
     listed = ", ".join(map(str, numbers))
-    steps = [f"{text} = {value}" for text, value in _steps(expr)]
-    solution = "\n".join([f"Numbers: {listed}. Target: {target}.", *steps,
-                          f"That reaches {target}: {expr} = {target}"])
+    solution = _worked(f"Numbers: {listed}. Target: {target}.", expr, target)
     fields = {"prompt": f"Using the numbers {listed}, each at most once, and + - * /, make {target}.",
               "answer": expr, "solution": solution, "numbers": numbers, "target": target}
     return canonical, fields
@@ -148,6 +146,13 @@ def _steps(expression: str) -> list[tuple[str, Fraction]]:
     return steps
 
 
+def _worked(head: str, expression: str, target: int) -> str:
+    """The head line, one line per step (the last one claiming the target) and the closing line."""
+    *steps, (last, _) = _steps(expression)
+    return "\n".join([head, *(f"{text} = {value}" for text, value in steps), f"{last} = {target}",
+                      f"That reaches {target}: {expression} = {target}"])
+
+
 def solution_with_slips(example: dict, rng: random.Random, slip_rate: float) -> tuple[str, str]:
     """(worked solution, final expression). With probability slip_rate one operator is
     miswritten; the steps follow the wrong expression honestly until the last, whose result is
@@ -163,9 +168,4 @@ def solution_with_slips(example: dict, rng: random.Random, slip_rate: float) -> 
     value = evaluate(wrong, list(example["numbers"]))
     if value is None or value == target:
         return example["solution"], expr
-    steps = _steps(wrong)
-    lines = [example["solution"].splitlines()[0]]
-    lines += [f"{text} = {value}" for text, value in steps[:-1]]
-    lines.append(f"{steps[-1][0]} = {target}")
-    lines.append(f"That reaches {target}: {wrong} = {target}")
-    return "\n".join(lines), wrong
+    return _worked(example["solution"].splitlines()[0], wrong, target), wrong
