@@ -41,16 +41,14 @@ def _fraction_text(value: Fraction) -> str:
     return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
 
 
-def _solve(a: int, b: int, d: int, e: int, rng: random.Random | None, slip_rate: float) -> tuple[str, str]:
+def _solve(a: int, b: int, d: int, e: int, rng: random.Random | None = None, slip_rate: float = 0.0) -> tuple[str, str]:
     """Worked solution of a x + b = d x + e; returns (text, final answer)."""
     lines = [f"Solve {_side(a, b)} = {_side(d, e)}."]
     coef = a - d
     if d != 0:
         move = f"Subtract {_term(d)} from" if d > 0 else f"Add {_term(-d)} to"
         lines.append(f"{move} both sides: {_side(coef, b)} = {e}.")
-    rhs = e - b
-    if rng is not None:
-        rhs = slipped(rhs, rng, slip_rate)
+    rhs = slipped(e - b, rng, slip_rate)  # never touches rng when slip_rate is 0
     if b != 0:
         move = f"Subtract {b} from" if b > 0 else f"Add {-b} to"
         op = "-" if b > 0 else "+"
@@ -71,7 +69,7 @@ def _draw(rng: random.Random, difficulty: int) -> tuple[str, dict]:
     x = rng.randint(-big, big)
     b = rng.randint(-5 * big, 5 * big)
     e = (a - d) * x + b
-    solution, answer = _solve(a, b, d, e, None, 0.0)
+    solution, answer = _solve(a, b, d, e)
     fields = {"prompt": f"Solve for x: {_side(a, b)} = {_side(d, e)}", "answer": answer,
               "solution": solution, "a": a, "b": b, "d": d, "e": e}
     return f"{a},{b},{d},{e}", fields
