@@ -242,7 +242,8 @@ def render_prompt(tokenizer: Tokenizer, messages_or_question: str | Sequence[Map
     The last message must come from the user. "r1-zero" takes exactly one user message.
     """
     messages = _as_messages(messages_or_question)
-    _check_template(template)
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown chat template {template!r}; expected one of {TEMPLATES}")
     if messages[-1]["role"] != "user":
         raise ValueError(f"the last message must be from the user to render a prompt, "
                          f"got role {messages[-1]['role']!r}")
@@ -358,8 +359,3 @@ def _as_messages(messages_or_question: str | Sequence[Mapping[str, str]]) -> lis
     if not messages:
         raise ValueError("no messages to render")
     return messages
-
-
-def _check_template(template: str) -> None:
-    if template not in TEMPLATES:
-        raise ValueError(f"unknown chat template {template!r}; expected one of {TEMPLATES}")
