@@ -30,7 +30,7 @@ from __future__ import annotations
 import random
 from itertools import zip_longest
 
-from r1lab.tasks.base import generate_split, parse_int, strip_wrappers
+from r1lab.tasks.base import digits, generate_split, parse_int, strip_wrappers
 
 NAME = "arithmetic"
 MAX_DIFFICULTY = 6
@@ -93,11 +93,6 @@ class _Notation:
 NOTATIONS = {"long": _Notation(True), "compact": _Notation(False)}
 
 
-def _digits(x: int) -> list[int]:
-    """The digits of x from the right (ones first)."""
-    return [int(ch) for ch in str(x)[::-1]]
-
-
 def _terms(note: _Notation, *parts: int | str) -> str:
     return (" " if note.long else "").join(str(p) for p in parts)
 
@@ -122,13 +117,13 @@ def _carried(lines: list[str], xs: list[int], sign: str, ys: list[int], slip: _S
 
 def _add_lines(x: int, y: int, slip, note: _Notation) -> tuple[list[str], int]:
     lines = [note.op(x, "+", y)]
-    value = _carried(lines, _digits(x), "+", _digits(y), slip, note)
+    value = _carried(lines, digits(x), "+", digits(y), slip, note)
     lines.append(note.result(value))
     return lines, value
 
 
 def _sub_lines(x: int, y: int, slip, note: _Notation) -> tuple[list[str], int]:
-    xs, ys = _digits(x), _digits(y)
+    xs, ys = digits(x), digits(y)
     lines, sofar, borrow = [note.op(x, "-", y)], "", 0
     for i, dx in enumerate(xs):
         dy = ys[i] if i < len(ys) else 0
@@ -154,7 +149,7 @@ def _mul_digit_lines(x: int, d: int, shift: int, slip, note: _Notation) -> tuple
     if d == 0:
         return [f"{head}: 0", note.partial(shift + 1, 0)], 0
     lines = [head]
-    value = _carried(lines, _digits(x), "*", [d] * len(str(x)), slip, note) * 10**shift
+    value = _carried(lines, digits(x), "*", [d] * len(str(x)), slip, note) * 10**shift
     lines.append(note.partial(shift + 1, value))
     return lines, value
 
@@ -162,7 +157,7 @@ def _mul_digit_lines(x: int, d: int, shift: int, slip, note: _Notation) -> tuple
 def _mul_lines(x: int, y: int, slip, note: _Notation) -> tuple[list[str], int]:
     lines = [note.op(x, "*", y)]
     partials = []
-    for shift, d in enumerate(_digits(y)):
+    for shift, d in enumerate(digits(y)):
         part_lines, part = _mul_digit_lines(x, d, shift, slip, note)
         lines += part_lines
         partials.append(part)

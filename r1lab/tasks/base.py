@@ -101,6 +101,11 @@ def strip_wrappers(text: str) -> str:
     return s.rstrip(".").strip()
 
 
+def digits(x: int) -> list[int]:
+    """The digits of x from the right (ones first), as the column methods visit them."""
+    return [int(ch) for ch in str(x)[::-1]]
+
+
 def slipped(value: int, rng: random.Random, slip_rate: float) -> int:
     """With probability slip_rate, a nearby wrong value (a plausible one-digit slip), else value."""
     if slip_rate <= 0 or rng.random() >= slip_rate:

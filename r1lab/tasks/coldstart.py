@@ -39,17 +39,13 @@ from collections.abc import Callable
 from itertools import zip_longest
 
 from r1lab.tasks import get_family
+from r1lab.tasks.base import digits
 
 _PLACES = ("Ones", "Tens", "Hundreds", "Thousands", "Ten-thousands", "Hundred-thousands")
 
 
 def _place(i: int) -> str:
     return _PLACES[i] if i < len(_PLACES) else f"Column {i + 1}"
-
-
-def _digits(x: int) -> list[int]:
-    """The digits of x from the right (ones first)."""
-    return [int(ch) for ch in str(x)[::-1]]
 
 
 def _carried(intro: str, xs: list[int], sign: str, ys: list[int]) -> list[str]:
@@ -68,11 +64,11 @@ def _carried(intro: str, xs: list[int], sign: str, ys: list[int]) -> list[str]:
 
 
 def _add_steps(a: int, b: int) -> list[str]:
-    return _carried(f"Add {a} and {b} column by column, from the right.", _digits(a), "+", _digits(b))
+    return _carried(f"Add {a} and {b} column by column, from the right.", digits(a), "+", digits(b))
 
 
 def _sub_steps(a: int, b: int) -> list[str]:
-    xs, ys = _digits(a), _digits(b)
+    xs, ys = digits(a), digits(b)
     lines, borrow = [f"Subtract {b} from {a} column by column, from the right."], 0
     for i, dx in enumerate(xs):
         dy = ys[i] if i < len(ys) else 0
@@ -92,9 +88,9 @@ def _sub_steps(a: int, b: int) -> list[str]:
 
 def _mul_steps(a: int, b: int) -> list[str]:
     if b < 10:
-        return _carried(f"Multiply {a} by {b} digit by digit, from the right.", _digits(a), "*", [b] * len(str(a)))
+        return _carried(f"Multiply {a} by {b} digit by digit, from the right.", digits(a), "*", [b] * len(str(a)))
     lines, partials = [f"Multiply {a} by each digit of {b}, from the right."], []
-    for shift, d in enumerate(_digits(b)):
+    for shift, d in enumerate(digits(b)):
         partial = a * d
         partials.append(partial * 10**shift)
         scaled = f", times {10**shift} is {partial * 10**shift}" if shift and partial else ""
