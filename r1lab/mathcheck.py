@@ -34,6 +34,7 @@ from fractions import Fraction
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 3.0  # seconds per heavy check
+STARTUP_TIMEOUT = 60.0  # seconds a new worker may take to import math-verify and warm up
 MAX_PRED_CHARS = 1000  # longer extracted answers are judged by the in-process checks only
 WORKER_MEMORY_BYTES = 2 << 30  # RLIMIT_AS of the worker: a hostile power tower fails, not swaps
 
@@ -245,10 +246,8 @@ class MathChecker:
     starts its own workers instead of sharing its parent's pipes.
     """
 
-    def __init__(self, timeout: float = DEFAULT_TIMEOUT, startup_timeout: float = 60.0, spare: bool = True):
+    def __init__(self, timeout: float = DEFAULT_TIMEOUT):
         self.timeout = timeout
-        self.startup_timeout = startup_timeout
-        self.spare = spare
         self._lock = threading.Lock()
         self._owner = os.getpid()
         self._active: _Worker | None = None
@@ -270,12 +269,12 @@ class MathChecker:
                 self._owner = os.getpid()
             if self._active is None:
                 self._active = _Worker()
-            if self.spare and self._spare is None:
+            if self._spare is None:
                 self._spare = _Worker()
             worker = self._active
             try:
                 if not worker.ready:
-                    if worker.read_line(time.monotonic() + self.startup_timeout) != b"ready":
+                    if worker.read_line(time.monotonic() + STARTUP_TIMEOUT) != b"ready":
                         raise EOFError("math check worker did not start")
                     worker.ready = True
                 os.write(worker.proc.stdin.fileno(), json.dumps({"pred": pred, "gold": gold}).encode() + b"\n")

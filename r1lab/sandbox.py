@@ -264,7 +264,6 @@ class SandboxResult:
     output_limited: bool  # stdout or stderr passed max_output and the program was stopped
     stdout: str  # at most max_output bytes, decoded with replacement
     stderr: str
-    duration: float  # seconds of wall clock
     pid: int  # pid of the run's session leader (= its process group and session id)
     uid: int | None  # the uid the program ran as, None when it kept the caller's
     isolation: list[str] = field(default_factory=list)  # "net", "fs", "pid", "uid": what was in force
@@ -408,7 +407,6 @@ def run_python(source: str, calls: Sequence[str] = (), *, stdin: str = "", timeo
     `max_results` caps the bytes of all returned values together; `python` is the interpreter
     (default: this one). Raises SandboxError when the sandbox itself could not be set up.
     """
-    start = time.monotonic()
     uid = UID_BASE + secrets.randbelow(UID_BASE) if os.geteuid() == 0 else None
     tmp = tempfile.mkdtemp(prefix="r1lab-sandbox-")
     read_fd, write_fd = os.pipe()
@@ -444,8 +442,8 @@ def run_python(source: str, calls: Sequence[str] = (), *, stdin: str = "", timeo
                    for i in range(len(calls))]
         return SandboxResult(
             calls=results, returncode=None if timed_out or limited else proc.returncode, timed_out=timed_out,
-            output_limited=limited, stdout=out, stderr=err, duration=time.monotonic() - start,
-            pid=proc.pid, uid=uid, isolation=setup)
+            output_limited=limited, stdout=out, stderr=err, pid=proc.pid, uid=uid,
+            isolation=setup)
     finally:
         if proc is not None and proc.returncode is None:
             _kill_all(proc, uid)

@@ -86,18 +86,14 @@ class Tokenizer:
     """
 
     def __init__(self, backend: HFTokenizer, *, bos: str = BOS, eos: str = EOS, pad: str = PAD):
-        added = {t.content: t for t in backend.get_added_tokens_decoder().values()}
-        missing_control = [t for t in (bos, eos, pad) if t not in added]
-        if missing_control:
-            backend.add_special_tokens([_added(t, special=True) for t in missing_control])
-        missing_tags = [t for t in TAGS if t not in added]
-        if missing_tags:
-            backend.add_tokens([_added(t, special=False) for t in missing_tags])
+        added = {t.content for t in backend.get_added_tokens_decoder().values()}
+        backend.add_special_tokens([_added(t, special=True) for t in (bos, eos, pad) if t not in added])
+        backend.add_tokens([_added(t, special=False) for t in TAGS if t not in added])
         self._backend = backend
         self._bos, self._eos, self._pad = bos, eos, pad
-        self.bos_id = self._id(bos)
-        self.eos_id = self._id(eos)
-        self.pad_id = self._id(pad)
+        self.bos_id = backend.token_to_id(bos)
+        self.eos_id = backend.token_to_id(eos)
+        self.pad_id = backend.token_to_id(pad)
         decoder = backend.get_added_tokens_decoder()
         self._skip_ids = frozenset(
             {self.bos_id, self.eos_id, self.pad_id}
@@ -186,9 +182,6 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 
-    def id_to_token(self, token_id: int) -> str | None:
-        return self._backend.id_to_token(token_id)
-
     @property
     def backend(self) -> HFTokenizer:
         """The wrapped `tokenizers.Tokenizer` (for interop; r1lab code uses the methods above)."""
@@ -196,12 +189,6 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, bos={self._bos!r}, eos={self._eos!r})"
-
-    def _id(self, token: str) -> int:
-        token_id = self._backend.token_to_id(token)
-        if token_id is None:  # cannot happen after __init__ adds missing tokens
-            raise ValueError(f"token {token!r} is not in the vocabulary")
-        return token_id
 
 
 class IncrementalDecoder:
@@ -245,8 +232,7 @@ class IncrementalDecoder:
 def template_stop_ids(tokenizer: Tokenizer, template: str) -> tuple[int, ...]:
     """Ids that end a reply under `template`, besides EOS: `</answer>` for R1-Zero (nothing may follow
     the answer), none for R1 (its turn ends at EOS)."""
-    close = tokenizer.token_to_id(ANSWER_CLOSE)
-    return (close,) if template == R1_ZERO and close is not None else ()
+    return (tokenizer.token_to_id(ANSWER_CLOSE),) if template == R1_ZERO else ()
 
 
 def render_prompt(tokenizer: Tokenizer, messages_or_question: str | Sequence[Mapping[str, str]],
@@ -256,7 +242,8 @@ def render_prompt(tokenizer: Tokenizer, messages_or_question: str | Sequence[Map
     The last message must come from the user. "r1-zero" takes exactly one user message.
     """
     messages = _as_messages(messages_or_question)
-    _check_template(template)
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown chat template {template!r}; expected one of {TEMPLATES}")
     if messages[-1]["role"] != "user":
         raise ValueError(f"the last message must be from the user to render a prompt, "
                          f"got role {messages[-1]['role']!r}")
@@ -372,8 +359,3 @@ def _as_messages(messages_or_question: str | Sequence[Mapping[str, str]]) -> lis
     if not messages:
         raise ValueError("no messages to render")
     return messages
-
-
-def _check_template(template: str) -> None:
-    if template not in TEMPLATES:
-        raise ValueError(f"unknown chat template {template!r}; expected one of {TEMPLATES}")

@@ -28,8 +28,9 @@ comparison.
 from __future__ import annotations
 
 import random
+from itertools import zip_longest
 
-from r1lab.tasks.base import check_args, generate_split, parse_int, strip_wrappers
+from r1lab.tasks.base import digits, generate_split, parse_int, strip_wrappers
 
 NAME = "arithmetic"
 MAX_DIFFICULTY = 6
@@ -92,52 +93,40 @@ class _Notation:
 NOTATIONS = {"long": _Notation(True), "compact": _Notation(False)}
 
 
-def _finish(sofar: str) -> int:
-    return int(sofar) if sofar else 0
-
-
-def _column(lines: list[str], i: int, terms: str, total: int, sofar: str, slip: _Slips,
-            note: _Notation) -> tuple[str, int]:
-    """Write column i's line (digit and carry, either may slip); return (result so far, carry)."""
-    out = total // 10
-    digit = slip.digit(total % 10)
-    sofar = f"{digit}{sofar}"
-    written = slip.carry(out)
-    lines.append(note.column(i, terms, out * 10 + digit, digit, written, sofar))
-    return sofar, written
-
-
-def _last_carry(lines: list[str], carry: int, sofar: str, note: _Notation) -> str:
-    if carry:
-        sofar = f"{carry}{sofar}"
-        lines.append(note.last_carry(carry, sofar))
-    return sofar
-
-
 def _terms(note: _Notation, *parts: int | str) -> str:
     return (" " if note.long else "").join(str(p) for p in parts)
 
 
+def _carried(lines: list[str], xs: list[int], sign: str, ys: list[int], slip: _Slips, note: _Notation) -> int:
+    """Write the columns of an addition (sign "+") or of a one-digit multiplication (sign "*"), digits
+    from the right, each written digit and carry possibly slipped; return the value written."""
+    sofar, carry = "", 0
+    for i, (dx, dy) in enumerate(zip_longest(xs, ys, fillvalue=0)):
+        terms = _terms(note, dx, sign, dy, *(("+", carry) if carry else ()))
+        total = (dx + dy if sign == "+" else dx * dy) + carry
+        digit = slip.digit(total % 10)
+        sofar = f"{digit}{sofar}"
+        written = slip.carry(total // 10)
+        lines.append(note.column(i, terms, total // 10 * 10 + digit, digit, written, sofar))
+        carry = written
+    if carry:
+        sofar = f"{carry}{sofar}"
+        lines.append(note.last_carry(carry, sofar))
+    return int(sofar)
+
+
 def _add_lines(x: int, y: int, slip, note: _Notation) -> tuple[list[str], int]:
-    xs, ys = str(x)[::-1], str(y)[::-1]
-    lines, sofar, carry = [note.op(x, "+", y)], "", 0
-    for i in range(max(len(xs), len(ys))):
-        dx = int(xs[i]) if i < len(xs) else 0
-        dy = int(ys[i]) if i < len(ys) else 0
-        terms = _terms(note, dx, "+", dy, *(("+", carry) if carry else ()))
-        sofar, carry = _column(lines, i, terms, dx + dy + carry, sofar, slip, note)
-    sofar = _last_carry(lines, carry, sofar, note)
-    value = _finish(sofar)
+    lines = [note.op(x, "+", y)]
+    value = _carried(lines, digits(x), "+", digits(y), slip, note)
     lines.append(note.result(value))
     return lines, value
 
 
 def _sub_lines(x: int, y: int, slip, note: _Notation) -> tuple[list[str], int]:
-    xs, ys = str(x)[::-1], str(y)[::-1]
+    xs, ys = digits(x), digits(y)
     lines, sofar, borrow = [note.op(x, "-", y)], "", 0
-    for i in range(len(xs)):
-        dx = int(xs[i])
-        dy = int(ys[i]) if i < len(ys) else 0
+    for i, dx in enumerate(xs):
+        dy = ys[i] if i < len(ys) else 0
         terms = _terms(note, dx, "-", dy, *(("-", borrow) if borrow else ()))
         if dx - dy - borrow < 0:
             digit = slip.digit(dx + 10 - dy - borrow)
@@ -150,32 +139,26 @@ def _sub_lines(x: int, y: int, slip, note: _Notation) -> tuple[list[str], int]:
             sofar = f"{digit}{sofar}"
             lines.append(note.column(i, terms, digit, digit, 0, sofar, word="borrow"))
             borrow = 0
-    value = _finish(sofar)
+    value = int(sofar)
     lines.append(note.result(value))
     return lines, value
 
 
-def _mul_digit_lines(x: int, d: int, shift: int, index: int, slip, note: _Notation) -> tuple[list[str], int]:
-    xs = str(x)[::-1]
+def _mul_digit_lines(x: int, d: int, shift: int, slip, note: _Notation) -> tuple[list[str], int]:
     head = note.op(x, "*", d) + ((f", shifted by {shift}" if note.long else f" <<{shift}") if shift else "")
     if d == 0:
-        return [f"{head}: 0", note.partial(index, 0)], 0
-    lines, sofar, carry = [head], "", 0
-    for i, ch in enumerate(xs):
-        dx = int(ch)
-        terms = _terms(note, dx, "*", d, *(("+", carry) if carry else ()))
-        sofar, carry = _column(lines, i, terms, dx * d + carry, sofar, slip, note)
-    sofar = _last_carry(lines, carry, sofar, note)
-    value = _finish(sofar) * 10**shift
-    lines.append(note.partial(index, value))
+        return [f"{head}: 0", note.partial(shift + 1, 0)], 0
+    lines = [head]
+    value = _carried(lines, digits(x), "*", [d] * len(str(x)), slip, note) * 10**shift
+    lines.append(note.partial(shift + 1, value))
     return lines, value
 
 
 def _mul_lines(x: int, y: int, slip, note: _Notation) -> tuple[list[str], int]:
     lines = [note.op(x, "*", y)]
     partials = []
-    for shift, ch in enumerate(str(y)[::-1]):
-        part_lines, part = _mul_digit_lines(x, int(ch), shift, shift + 1, slip, note)
+    for shift, d in enumerate(digits(y)):
+        part_lines, part = _mul_digit_lines(x, d, shift, slip, note)
         lines += part_lines
         partials.append(part)
     total = partials[0]
@@ -193,20 +176,16 @@ def _solve(a: int, op: str, b: int, slip, notation: str = "long") -> tuple[str, 
     return "\n".join(lines), value
 
 
-def _draw(difficulty: int, ops: tuple[str, ...], notation: str):
+def _draw(rng: random.Random, difficulty: int, ops: tuple[str, ...], notation: str) -> tuple[str, dict]:
     lo, hi = (0 if difficulty == 1 else 10 ** (difficulty - 1)), 10**difficulty - 1
-
-    def draw(rng: random.Random) -> tuple[str, dict]:
-        op = rng.choice(ops)
-        a, b = rng.randint(lo, hi), rng.randint(lo, hi)
-        if op == "-" and a < b:
-            a, b = b, a
-        solution, value = _solve(a, op, b, _NO_SLIPS, notation)
-        fields = {"prompt": f"What is {a} {op} {b}?", "answer": str(value), "solution": solution,
-                  "a": a, "b": b, "op": op, "notation": notation}
-        return f"{a}{op}{b}", fields
-
-    return draw
+    op = rng.choice(ops)
+    a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+    if op == "-" and a < b:
+        a, b = b, a
+    solution, value = _solve(a, op, b, _NO_SLIPS, notation)
+    fields = {"prompt": f"What is {a} {op} {b}?", "answer": str(value), "solution": solution,
+              "a": a, "b": b, "op": op, "notation": notation}
+    return f"{a}{op}{b}", fields
 
 
 def generate(n: int, seed: int, split: str = "train", difficulty: int = 1,
@@ -215,13 +194,12 @@ def generate(n: int, seed: int, split: str = "train", difficulty: int = 1,
 
     `notation` is how the worked solution is written: "long" or "compact" (same steps, fewer tokens).
     """
-    check_args(n, split, difficulty, MAX_DIFFICULTY)
     bad = [op for op in ops if op not in OPS]
     if bad or not ops:
         raise ValueError(f"ops must be a non-empty subset of {OPS}, got {ops!r}")
     if notation not in NOTATIONS:
         raise ValueError(f"notation must be one of {tuple(NOTATIONS)}, got {notation!r}")
-    return generate_split(NAME, _draw(difficulty, tuple(ops), notation), n, seed, split, difficulty)
+    return generate_split(NAME, MAX_DIFFICULTY, _draw, n, seed, split, difficulty, ops=tuple(ops), notation=notation)
 
 
 def verify(answer_text: str, example: dict) -> bool:

@@ -16,6 +16,7 @@ from typing import TypedDict
 
 SPLITS = ("train", "test")
 TEST_FRACTION = 0.1  # share of each family's problem space held out for evaluation
+MAX_TRIES_PER_EXAMPLE = 200  # draws allowed per requested example before the space counts as too small
 
 
 class Example(TypedDict, total=False):
@@ -30,65 +31,46 @@ class Example(TypedDict, total=False):
     id: str  # stable id: family plus a short hash of the canonical form
 
 
-def split_of(canonical: str, test_fraction: float = TEST_FRACTION) -> str:
+def split_of(canonical: str) -> str:
     """The split a problem belongs to, from a stable hash of its canonical form."""
     digest = hashlib.sha256(b"r1lab-split\0" + canonical.encode("utf-8")).digest()
     u = int.from_bytes(digest[:8], "big") / 2**64
-    return "test" if u < test_fraction else "train"
+    return "test" if u < TEST_FRACTION else "train"
 
 
-def problem_id(family: str, canonical: str) -> str:
-    return f"{family}-{hashlib.sha256(canonical.encode('utf-8')).hexdigest()[:12]}"
+def generate_split(family: str, max_difficulty: int, draw: Callable[..., tuple[str, dict]], n: int, seed: int,
+                   split: str, difficulty: int, **options) -> list[dict]:
+    """Check the arguments, then draw distinct problems of one split until there are n.
 
-
-def check_args(n: int, split: str, difficulty: int, max_difficulty: int) -> None:
+    `draw(rng, difficulty, **options)` returns (canonical form, example fields). The generator is
+    seeded by the family, seed, split and difficulty (string seeds are stable across processes).
+    Problems whose hash puts them in the other split are rejected, as are repeats within this call.
+    Raises ValueError when the problem space of this difficulty is too small to give n distinct
+    problems of the split.
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if not 1 <= difficulty <= max_difficulty:
         raise ValueError(f"difficulty must be in 1..{max_difficulty}, got {difficulty}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-
-
-def make_rng(family: str, seed: int, split: str, difficulty: int) -> random.Random:
-    """A generator seeded by the family, seed, split and difficulty (string seeds are stable)."""
-    return random.Random(f"r1lab:{family}:{seed}:{split}:{difficulty}")
-
-
-def generate_split(
-    family: str,
-    draw: Callable[[random.Random], tuple[str, dict]],
-    n: int,
-    seed: int,
-    split: str,
-    difficulty: int,
-    max_tries_per_example: int = 200,
-) -> list[dict]:
-    """Draw distinct problems of one split until there are n.
-
-    `draw(rng)` returns (canonical form, example fields). Problems whose hash puts them in the
-    other split are rejected, as are repeats within this call. Raises ValueError when the problem
-    space of this difficulty is too small to give n distinct problems of the split.
-    """
-    rng = make_rng(family, seed, split, difficulty)
+    rng = random.Random(f"r1lab:{family}:{seed}:{split}:{difficulty}")
     seen: set[str] = set()
     out: list[dict] = []
     tries = 0
     while len(out) < n:
         tries += 1
-        if tries > max_tries_per_example * max(n, 10):
+        if tries > MAX_TRIES_PER_EXAMPLE * max(n, 10):
             raise ValueError(
                 f"{family}: only {len(out)} distinct {split} problems found at difficulty "
                 f"{difficulty} after {tries - 1} draws; ask for fewer or raise the difficulty"
             )
-        canonical, fields = draw(rng)
+        canonical, fields = draw(rng, difficulty, **options)
         if canonical in seen or split_of(canonical) != split:
             continue
         seen.add(canonical)
-        example = {"family": family, "split": split, "difficulty": difficulty,
-                   "id": problem_id(family, canonical)}
-        example.update(fields)
-        out.append(example)
+        problem_id = f"{family}-{hashlib.sha256(canonical.encode('utf-8')).hexdigest()[:12]}"
+        out.append({"family": family, "split": split, "difficulty": difficulty, "id": problem_id, **fields})
     return out
 
 
@@ -117,6 +99,11 @@ def strip_wrappers(text: str) -> str:
     if len(s) >= 2 and s[0] == "$" and s[-1] == "$":
         s = s.strip("$").strip()
     return s.rstrip(".").strip()
+
+
+def digits(x: int) -> list[int]:
+    """The digits of x from the right (ones first), as the column methods visit them."""
+    return [int(ch) for ch in str(x)[::-1]]
 
 
 def slipped(value: int, rng: random.Random, slip_rate: float) -> int:

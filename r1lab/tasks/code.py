@@ -43,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from r1lab.sandbox import run_python, values_equal
-from r1lab.tasks.base import check_args, generate_split
+from r1lab.tasks.base import generate_split
 
 NAME = "code"
 MAX_DIFFICULTY = 4
@@ -198,34 +198,31 @@ def _steps(kind: str, n: int, rng: random.Random) -> list[tuple[str, int | None]
     return steps
 
 
-def _draw(difficulty: int, kinds: tuple[str, ...]):
-    def draw(rng: random.Random) -> tuple[str, dict]:
-        while True:
-            kind = rng.choice(kinds)
-            steps = _steps(kind, difficulty + 1, rng)
-            inputs = _inputs(kind, rng)
-            expected = _expected(steps, inputs)
-            if expected is not None:
-                break
-        solution, program = _write(kind, steps)
-        calls = [f"f({value!r})" for value in inputs]
-        tests = [{"call": c, "expected": v} for c, v in zip(calls, expected, strict=True)]
-        prompt = (f"Write a Python function f({_ARG[kind]}) for {_ARG_WORDS[kind]} that does: "
-                  f"{', then '.join(_words(n, k) for n, k in steps)}. Example: {calls[0]} == {expected[0]!r}")
-        fields = {"prompt": prompt, "answer": program, "solution": solution, "tests": tests, "kind": kind,
-                  "steps": [[n, k] for n, k in steps]}
-        return program, fields
-
-    return draw
+def _draw(rng: random.Random, difficulty: int, kinds: tuple[str, ...]) -> tuple[str, dict]:
+    while True:
+        kind = rng.choice(kinds)
+        steps = _steps(kind, difficulty + 1, rng)
+        inputs = _inputs(kind, rng)
+        expected = _expected(steps, inputs)
+        if expected is not None:
+            break
+    solution, program = _write(kind, steps)
+    calls = [f"f({value!r})" for value in inputs]
+    tests = [{"call": c, "expected": v} for c, v in zip(calls, expected, strict=True)]
+    prompt = (f"Write a Python function f({_ARG[kind]}) for {_ARG_WORDS[kind]} that does: "
+              f"{', then '.join(_words(n, k) for n, k in steps)}. Example: {calls[0]} == {expected[0]!r}")
+    fields = {"prompt": prompt, "answer": program, "solution": solution, "tests": tests, "kind": kind,
+              "steps": [[n, k] for n, k in steps]}
+    return program, fields
 
 
-def generate(n: int, seed: int, split: str = "train", difficulty: int = 1, kinds: tuple[str, ...] = KINDS) -> list[dict]:
+def generate(n: int, seed: int, split: str = "train", difficulty: int = 1,
+             kinds: tuple[str, ...] = KINDS) -> list[dict]:
     """n distinct problems of difficulty + 1 steps on the given argument kinds ("int", "list")."""
-    check_args(n, split, difficulty, MAX_DIFFICULTY)
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:
         raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {kinds!r}")
-    return generate_split(NAME, _draw(difficulty, tuple(kinds)), n, seed, split, difficulty)
+    return generate_split(NAME, MAX_DIFFICULTY, _draw, n, seed, split, difficulty, kinds=tuple(kinds))
 
 
 _BOXED = re.compile(r"\\boxed\{(.*)\}", re.S)

@@ -36,8 +36,10 @@ This module knows the task families and text; it knows no tokenizer, no template
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import zip_longest
 
 from r1lab.tasks import get_family
+from r1lab.tasks.base import digits
 
 _PLACES = ("Ones", "Tens", "Hundreds", "Thousands", "Ten-thousands", "Hundred-thousands")
 
@@ -46,32 +48,27 @@ def _place(i: int) -> str:
     return _PLACES[i] if i < len(_PLACES) else f"Column {i + 1}"
 
 
-def _digits(x: int) -> list[int]:
-    """The digits of x from the right (ones first)."""
-    return [int(ch) for ch in str(x)[::-1]]
-
-
-def _column(i: int, terms: str, total: int) -> str:
-    """One column of an addition or a one-digit multiplication: its sum, the digit written, the carry."""
-    carry = f", carry {total // 10}." if total >= 10 else "."
-    return f"{_place(i)}: {terms} = {total}, write {total % 10}{carry}"
-
-
-def _add_steps(a: int, b: int) -> list[str]:
-    xs, ys = _digits(a), _digits(b)
-    lines, carry = [f"Add {a} and {b} column by column, from the right."], 0
-    for i in range(max(len(xs), len(ys))):
-        dx, dy = (xs[i] if i < len(xs) else 0), (ys[i] if i < len(ys) else 0)
-        total = dx + dy + carry
-        lines.append(_column(i, f"{dx} + {dy}" + (f" + {carry}" if carry else ""), total))
+def _carried(intro: str, xs: list[int], sign: str, ys: list[int]) -> list[str]:
+    """An addition (sign "+") or a one-digit multiplication (sign "*") column by column: each column's
+    sum, the digit written and the carry."""
+    lines, carry = [intro], 0
+    for i, (dx, dy) in enumerate(zip_longest(xs, ys, fillvalue=0)):
+        total = (dx + dy if sign == "+" else dx * dy) + carry
+        terms = f"{dx} {sign} {dy}" + (f" + {carry}" if carry else "")
+        carried = f", carry {total // 10}." if total >= 10 else "."
+        lines.append(f"{_place(i)}: {terms} = {total}, write {total % 10}{carried}")
         carry = total // 10
     if carry:
         lines.append(f"The last carry {carry} is the leading digit.")
     return lines
 
 
+def _add_steps(a: int, b: int) -> list[str]:
+    return _carried(f"Add {a} and {b} column by column, from the right.", digits(a), "+", digits(b))
+
+
 def _sub_steps(a: int, b: int) -> list[str]:
-    xs, ys = _digits(a), _digits(b)
+    xs, ys = digits(a), digits(b)
     lines, borrow = [f"Subtract {b} from {a} column by column, from the right."], 0
     for i, dx in enumerate(xs):
         dy = ys[i] if i < len(ys) else 0
@@ -91,17 +88,9 @@ def _sub_steps(a: int, b: int) -> list[str]:
 
 def _mul_steps(a: int, b: int) -> list[str]:
     if b < 10:
-        xs, carry = _digits(a), 0
-        lines = [f"Multiply {a} by {b} digit by digit, from the right."]
-        for i, dx in enumerate(xs):
-            total = dx * b + carry
-            lines.append(_column(i, f"{dx} * {b}" + (f" + {carry}" if carry else ""), total))
-            carry = total // 10
-        if carry:
-            lines.append(f"The last carry {carry} is the leading digit.")
-        return lines
+        return _carried(f"Multiply {a} by {b} digit by digit, from the right.", digits(a), "*", [b] * len(str(a)))
     lines, partials = [f"Multiply {a} by each digit of {b}, from the right."], []
-    for shift, d in enumerate(_digits(b)):
+    for shift, d in enumerate(digits(b)):
         partial = a * d
         partials.append(partial * 10**shift)
         scaled = f", times {10**shift} is {partial * 10**shift}" if shift and partial else ""
@@ -163,16 +152,12 @@ STYLES = ("readable", "corpus")
 """How a cold-start turn reasons: in sentences, or in the corpus's own worked solution (module docstring)."""
 
 
-def _rendering(example: dict) -> tuple[list[str], str]:
+def readable_reasoning(example: dict) -> str:
+    """The example's worked solution as short sentences, ending in a one-line summary."""
     family = example.get("family")
     if family not in READABLE:
         raise ValueError(f"no readable reasoning for task family {family!r}; known: {', '.join(sorted(READABLE))}")
-    return READABLE[family](example)
-
-
-def readable_reasoning(example: dict) -> str:
-    """The example's worked solution as short sentences, ending in a one-line summary."""
-    lines, summary = _rendering(example)
+    lines, summary = READABLE[family](example)
     return "\n".join([*lines, summary])
 
 

@@ -17,7 +17,7 @@ import random
 from collections import Counter
 from fractions import Fraction
 
-from r1lab.tasks.base import check_args, generate_split, strip_wrappers
+from r1lab.tasks.base import generate_split, strip_wrappers
 
 NAME = "countdown"
 MAX_DIFFICULTY = 4
@@ -62,35 +62,27 @@ def _build(numbers: list[int], rng: random.Random) -> tuple[str, int]:
     return expr, value
 
 
-def _draw(difficulty: int):
+def _draw(rng: random.Random, difficulty: int) -> tuple[str, dict]:
     count = difficulty + 2
-
-    def draw(rng: random.Random) -> tuple[str, dict]:
-        while True:
-            n_large = rng.choice([0, 1]) if count < 5 else rng.choice([0, 1, 2])
-            numbers = rng.sample(_LARGE, n_large) + [rng.choice(_SMALL) for _ in range(count - n_large)]
-            rng.shuffle(numbers)
-            used = rng.sample(numbers, rng.randint(max(2, count - 1), count))
-            expr, target = _build(used, rng)
-            if 10 <= target <= 999 and target not in numbers:
-                break
-        canonical = ",".join(map(str, sorted(numbers))) + f"->{target}"
-        listed = ", ".join(map(str, numbers))
-        steps = [f"{text} = {value}" for text, value in _steps(expr)]
-        solution = "\n".join([f"Numbers: {listed}. Target: {target}.", *steps,
-                              f"That reaches {target}: {expr} = {target}"])
-        fields = {"prompt": f"Using the numbers {listed}, each at most once, and + - * /, "
-                            f"make {target}.",
-                  "answer": expr, "solution": solution, "numbers": numbers, "target": target}
-        return canonical, fields
-
-    return draw
+    while True:
+        n_large = rng.choice([0, 1]) if count < 5 else rng.choice([0, 1, 2])
+        numbers = rng.sample(_LARGE, n_large) + [rng.choice(_SMALL) for _ in range(count - n_large)]
+        rng.shuffle(numbers)
+        used = rng.sample(numbers, rng.randint(max(2, count - 1), count))
+        expr, target = _build(used, rng)
+        if 10 <= target <= 999 and target not in numbers:
+            break
+    canonical = ",".join(map(str, sorted(numbers))) + f"->{target}"
+    listed = ", ".join(map(str, numbers))
+    solution = _worked(f"Numbers: {listed}. Target: {target}.", expr, target)
+    fields = {"prompt": f"Using the numbers {listed}, each at most once, and + - * /, make {target}.",
+              "answer": expr, "solution": solution, "numbers": numbers, "target": target}
+    return canonical, fields
 
 
 def generate(n: int, seed: int, split: str = "train", difficulty: int = 1) -> list[dict]:
     """n distinct countdown problems of the given split with difficulty + 2 numbers each."""
-    check_args(n, split, difficulty, MAX_DIFFICULTY)
-    return generate_split(NAME, _draw(difficulty), n, seed, split, difficulty)
+    return generate_split(NAME, MAX_DIFFICULTY, _draw, n, seed, split, difficulty)
 
 
 def evaluate(expression: str, numbers: list[int]) -> Fraction | None:
@@ -154,6 +146,13 @@ def _steps(expression: str) -> list[tuple[str, Fraction]]:
     return steps
 
 
+def _worked(head: str, expression: str, target: int) -> str:
+    """The head line, one line per step (the last one claiming the target) and the closing line."""
+    *steps, (last, _) = _steps(expression)
+    return "\n".join([head, *(f"{text} = {value}" for text, value in steps), f"{last} = {target}",
+                      f"That reaches {target}: {expression} = {target}"])
+
+
 def solution_with_slips(example: dict, rng: random.Random, slip_rate: float) -> tuple[str, str]:
     """(worked solution, final expression). With probability slip_rate one operator is
     miswritten; the steps follow the wrong expression honestly until the last, whose result is
@@ -169,9 +168,4 @@ def solution_with_slips(example: dict, rng: random.Random, slip_rate: float) -> 
     value = evaluate(wrong, list(example["numbers"]))
     if value is None or value == target:
         return example["solution"], expr
-    steps = _steps(wrong)
-    lines = [example["solution"].splitlines()[0]]
-    lines += [f"{text} = {value}" for text, value in steps[:-1]]
-    lines.append(f"{steps[-1][0]} = {target}")
-    lines.append(f"That reaches {target}: {wrong} = {target}")
-    return "\n".join(lines), wrong
+    return _worked(example["solution"].splitlines()[0], wrong, target), wrong

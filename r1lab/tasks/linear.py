@@ -14,7 +14,7 @@ import random
 import re
 from fractions import Fraction
 
-from r1lab.tasks.base import check_args, generate_split, slipped, strip_wrappers
+from r1lab.tasks.base import generate_split, slipped, strip_wrappers
 
 NAME = "linear"
 MAX_DIFFICULTY = 4
@@ -41,16 +41,14 @@ def _fraction_text(value: Fraction) -> str:
     return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
 
 
-def _solve(a: int, b: int, d: int, e: int, rng: random.Random | None, slip_rate: float) -> tuple[str, str]:
+def _solve(a: int, b: int, d: int, e: int, rng: random.Random | None = None, slip_rate: float = 0.0) -> tuple[str, str]:
     """Worked solution of a x + b = d x + e; returns (text, final answer)."""
     lines = [f"Solve {_side(a, b)} = {_side(d, e)}."]
     coef = a - d
     if d != 0:
         move = f"Subtract {_term(d)} from" if d > 0 else f"Add {_term(-d)} to"
         lines.append(f"{move} both sides: {_side(coef, b)} = {e}.")
-    rhs = e - b
-    if rng is not None:
-        rhs = slipped(rhs, rng, slip_rate)
+    rhs = slipped(e - b, rng, slip_rate)  # never touches rng when slip_rate is 0
     if b != 0:
         move = f"Subtract {b} from" if b > 0 else f"Add {-b} to"
         op = "-" if b > 0 else "+"
@@ -60,31 +58,26 @@ def _solve(a: int, b: int, d: int, e: int, rng: random.Random | None, slip_rate:
     return "\n".join(lines), _fraction_text(x)
 
 
-def _draw(difficulty: int):
+def _draw(rng: random.Random, difficulty: int) -> tuple[str, dict]:
     big = 10**difficulty
-
-    def draw(rng: random.Random) -> tuple[str, dict]:
-        a = rng.randint(2, 9 * difficulty) * rng.choice([1, 1, -1])
-        d = 0
-        if difficulty >= 3:
-            d = rng.randint(1, 9 * difficulty) * rng.choice([1, -1])
-            if a - d in (0, 1):
-                d = a - 2 if a - 2 != 0 else a + 3
-        x = rng.randint(-big, big)
-        b = rng.randint(-5 * big, 5 * big)
-        e = (a - d) * x + b
-        solution, answer = _solve(a, b, d, e, None, 0.0)
-        fields = {"prompt": f"Solve for x: {_side(a, b)} = {_side(d, e)}", "answer": answer,
-                  "solution": solution, "a": a, "b": b, "d": d, "e": e}
-        return f"{a},{b},{d},{e}", fields
-
-    return draw
+    a = rng.randint(2, 9 * difficulty) * rng.choice([1, 1, -1])
+    d = 0
+    if difficulty >= 3:
+        d = rng.randint(1, 9 * difficulty) * rng.choice([1, -1])
+        if a - d in (0, 1):
+            d = a - 2 if a - 2 != 0 else a + 3
+    x = rng.randint(-big, big)
+    b = rng.randint(-5 * big, 5 * big)
+    e = (a - d) * x + b
+    solution, answer = _solve(a, b, d, e)
+    fields = {"prompt": f"Solve for x: {_side(a, b)} = {_side(d, e)}", "answer": answer,
+              "solution": solution, "a": a, "b": b, "d": d, "e": e}
+    return f"{a},{b},{d},{e}", fields
 
 
 def generate(n: int, seed: int, split: str = "train", difficulty: int = 1) -> list[dict]:
     """n distinct equations of the given split, each with an integer solution."""
-    check_args(n, split, difficulty, MAX_DIFFICULTY)
-    return generate_split(NAME, _draw(difficulty), n, seed, split, difficulty)
+    return generate_split(NAME, MAX_DIFFICULTY, _draw, n, seed, split, difficulty)
 
 
 def parse_value(answer_text: str) -> Fraction | None:

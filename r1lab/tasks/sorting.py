@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import re
 
-from r1lab.tasks.base import check_args, generate_split, strip_wrappers
+from r1lab.tasks.base import generate_split, strip_wrappers
 
 NAME = "sorting"
 MAX_DIFFICULTY = 5
@@ -57,23 +57,17 @@ def _selection(words: list[str], rng: random.Random | None, slip_rate: float) ->
     return "\n".join(lines), done
 
 
-def _draw(difficulty: int):
-    count = 2 + 2 * difficulty
-
-    def draw(rng: random.Random) -> tuple[str, dict]:
-        words = _words(rng, count, difficulty)
-        solution, ordered = _selection(words, None, 0.0)
-        fields = {"prompt": f"Sort these words in alphabetical order: {', '.join(words)}",
-                  "answer": ", ".join(ordered), "solution": solution, "items": words}
-        return " ".join(words), fields
-
-    return draw
+def _draw(rng: random.Random, difficulty: int) -> tuple[str, dict]:
+    words = _words(rng, 2 + 2 * difficulty, difficulty)
+    solution, ordered = _selection(words, None, 0.0)
+    fields = {"prompt": f"Sort these words in alphabetical order: {', '.join(words)}",
+              "answer": ", ".join(ordered), "solution": solution, "items": words}
+    return " ".join(words), fields
 
 
 def generate(n: int, seed: int, split: str = "train", difficulty: int = 1) -> list[dict]:
     """n distinct word lists of the given split with 2 + 2 * difficulty words each."""
-    check_args(n, split, difficulty, MAX_DIFFICULTY)
-    return generate_split(NAME, _draw(difficulty), n, seed, split, difficulty)
+    return generate_split(NAME, MAX_DIFFICULTY, _draw, n, seed, split, difficulty)
 
 
 def parse_list(answer_text: str) -> list[str]:
