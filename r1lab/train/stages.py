@@ -37,6 +37,7 @@ from r1lab.device import resolve_device
 from r1lab.model import Transformer
 from r1lab.recipe import Recipe, save_recipe
 from r1lab.engine import SamplingParams
+from r1lab.eval import EvalResult, evaluate
 from r1lab.sampling import grade, longest_prompt, sample, sized_engine
 from r1lab.tasks import get_family
 from r1lab.tokenizer import R1, R1_ZERO, R1_ZERO_PROMPT, TOKENIZER_FILE, Tokenizer
@@ -267,6 +268,19 @@ def heldout_examples(recipe: Recipe) -> list[dict]:
     """The eval.problems held-out problems of data.task (its test split) every model of a run is judged on."""
     d, e = recipe.data, recipe.eval
     return get_family(d.task).generate(e.problems, seed=e.seed, split="test", difficulty=d.difficulty, **d.task_options)
+
+
+def evaluate_heldout(recipe: Recipe, model, tokenizer: Tokenizer, examples: list[dict], out_dir: Path,
+                     peak_gflops: float, rows: int, name: str) -> EvalResult:
+    """`model` (named `name` in the results) on the held-out examples, greedy and sampled (eval.k at
+    eval.temperature, eval.top_p), `rows` sequences decoded at once, the results in `out_dir`."""
+    model.eval()
+    e, template = recipe.eval, recipe.data.template
+    engine = sized_engine(model, tokenizer, longest_prompt(tokenizer, examples, template), e.max_new_tokens, rows)
+    params = SamplingParams(max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p, seed=e.seed)
+    return evaluate(engine, tokenizer, examples, k=e.k, params=params, template=template, instruction="",
+                    out_dir=out_dir, peak_gflops=peak_gflops, greedy=True,
+                    settings={"model": name, "bench": recipe.data.task, "difficulty": recipe.data.difficulty})
 
 
 def heldout_evaluator(recipe: Recipe, tokenizer: Tokenizer):
