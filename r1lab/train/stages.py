@@ -235,11 +235,7 @@ def run_grpo(recipe: Recipe, run_dir: Path, peak_flops: float | None = None, eva
     check_divisible(cfg.prompts_per_step, world, "grpo.prompts_per_step")
     if cfg.rollout_backend == "vllm" and world.size > 1:
         raise ConfigError("grpo.rollout_backend = \"vllm\" runs in one process; launch it without torchrun")
-    init = Path(cfg.init_from) if cfg.init_from else run_dir / "base" / CHECKPOINT
-    if not cfg.init_from and committed_checkpoint(init) is None:
-        raise ConfigError(f"grpo starts from {init}, which does not exist: run `r1lab pretrain --run {run_dir}` "
-                          f"first, or set grpo.init_from")
-    init = policy_dir(init, "grpo.init_from")
+    init = init_dir(recipe, "grpo", run_dir)
     if cfg.rollout_backend == "vllm" and is_r1lab(init):
         raise ConfigError(f"grpo.rollout_backend = \"vllm\" serves Hugging Face models and {init} is an r1lab "
                           f"checkpoint: `r1lab export` it and set grpo.init_from to the export")
@@ -339,18 +335,26 @@ def dry_run(recipe: Recipe, stage: str, run_dir: Path) -> list[str]:
     missing += [f"data.{key}: {name}: no such file" for name in absent]
     if stage == "grpo" and files and not absent:
         rl_examples(files, d.rl_fields)  # a bad line is an error now, not after the model is loaded
-    init = cfg.init_from or (str(run_dir / "base" / CHECKPOINT) if stage == "grpo" else "")
-    if init and not cfg.init_from and committed_checkpoint(init) is None:
-        missing.append(f"grpo starts from {init}, which does not exist: run `r1lab pretrain --run {run_dir}` first, "
-                       f"or set grpo.init_from")
-    elif init:
+    if cfg.init_from or stage == "grpo":
         try:
-            found = policy_dir(init, f"{stage}.init_from")
+            found = init_dir(recipe, stage, run_dir)
             model_shape(found)
             _checkpoint_tokenizer(found, f"{stage}.init_from")
         except (ConfigError, CheckpointError) as e:
             missing.append(str(e))
     return missing
+
+
+def init_dir(recipe: Recipe, stage: str, run_dir: Path) -> Path:
+    """The committed model directory `stage` starts from: its init_from, else (grpo) the run's base."""
+    cfg = getattr(recipe, stage)
+    if cfg.init_from:
+        return policy_dir(cfg.init_from, f"{stage}.init_from")
+    found = committed_checkpoint(run_dir / "base" / CHECKPOINT)
+    if found is None:
+        raise ConfigError(f"grpo starts from {run_dir / 'base' / CHECKPOINT}, which does not exist: run `r1lab "
+                          f"pretrain --run {run_dir}` first, or set grpo.init_from")
+    return found
 
 
 def _peak(recipe: Recipe, peak_flops: float | None, device: torch.device, world: World = World()) -> float:
