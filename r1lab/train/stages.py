@@ -86,12 +86,8 @@ def check_tokenizer_corpus(recipe: Recipe, run_dir: Path) -> None:
                           f"or delete {run_dir} to start over")
 
 
-def prepare_tokenizer(recipe: Recipe, run_dir: Path) -> Tokenizer:
-    """The run's tokenizer: loaded if the run has one, else trained on the corpus and saved."""
-    path = run_dir / "tokenizer"
-    if (path / TOKENIZER_FILE).exists():
-        check_tokenizer_corpus(recipe, run_dir)
-        return _run_tokenizer(path)
+def train_tokenizer(recipe: Recipe, run_dir: Path) -> None:
+    """Train the run's tokenizer on the corpus and save it in run_dir/tokenizer, with the [data] it is for."""
     d = recipe.data
     if d.files:
         texts = file_documents(d.files, d.text_field)
@@ -104,9 +100,8 @@ def prepare_tokenizer(recipe: Recipe, run_dir: Path) -> Tokenizer:
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer.save(tmp)
     (tmp / CORPUS_FILE).write_text(json.dumps(corpus_config(recipe), indent=2) + "\n")
-    shutil.rmtree(path, ignore_errors=True)
-    os.rename(tmp, path)
-    return tokenizer
+    shutil.rmtree(run_dir / "tokenizer", ignore_errors=True)
+    os.rename(tmp, run_dir / "tokenizer")
 
 
 def pretraining_data(recipe: Recipe, tokenizer: Tokenizer, seed: int) -> tuple[PackedStream, list]:
@@ -132,7 +127,8 @@ def run_pretrain(recipe: Recipe, run_dir: Path, peak_flops: float | None = None,
     model_cfg = load_model_config(cfg.init_from) if cfg.init_from else recipe.model
     _check_seq_len(recipe, model_cfg.max_seq_len, f"pretrain.init_from ({cfg.init_from})" if cfg.init_from else "")
     check_resumable(run_dir / "base", "pretrain", model_cfg, cfg.steps, run_metadata(recipe))
-    if (run_dir / "tokenizer" / TOKENIZER_FILE).exists():
+    has_tokenizer = (run_dir / "tokenizer" / TOKENIZER_FILE).exists()
+    if has_tokenizer:
         _check_vocab(_run_tokenizer(run_dir / "tokenizer"), model_cfg, run_dir / "tokenizer")
         check_tokenizer_corpus(recipe, run_dir)
     elif d.vocab_size > model_cfg.vocab_size:  # the recipe checked its own [model]; not a checkpoint's
@@ -144,7 +140,8 @@ def run_pretrain(recipe: Recipe, run_dir: Path, peak_flops: float | None = None,
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, run_dir / "recipe.toml")
-        prepare_tokenizer(recipe, run_dir)
+        if not has_tokenizer:
+            train_tokenizer(recipe, run_dir)
     barrier(world)  # the other ranks read the tokenizer rank 0 trained
     tokenizer = _run_tokenizer(run_dir / "tokenizer")
     _check_vocab(tokenizer, model_cfg, run_dir / "tokenizer")
