@@ -144,10 +144,10 @@ class Progress:
             self.task = self.bar.add_task(label, total=total, completed=start, info="")
             self.bar.start()
 
-    def update(self, step: int, info: str, force: bool = False) -> None:
+    def update(self, step: int, info: str) -> None:
         if self.bar is not None:
             self.bar.update(self.task, completed=step, info=info)
-        elif not self.quiet and (force or step == self.total):
+        elif not self.quiet:
             done = step - self.start_step
             elapsed = time.perf_counter() - self.start_time
             eta = elapsed / max(done, 1) * (self.total - step)
@@ -181,26 +181,12 @@ def check_resumable(stage_dir: Path, stage: str, config: ModelConfig | dict, ste
         raise ConfigError(f"{path} is at step {step}, past {stage}.steps = {steps}; {hint}")
 
 
-def resume_into(stage_dir: Path, model, optimizer) -> tuple[int, float, float] | None:
-    """Load a stage's checkpoint into `model` and `optimizer` and restore the RNG states.
-
-    Returns (step, seconds, flops) reached so far, or None when the stage has no checkpoint (a save
-    killed before the stage's first checkpoint was committed leaves none)."""
-    path = committed_checkpoint(stage_dir / CHECKPOINT)
-    state = None if path is None else read_trainer_state(path)
-    if state is None:
-        return None
-    load_weights_into(path, model)
-    optimizer.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"])
-    return state["step"], state["seconds"], state["flops"]
-
-
 class StageRun:
-    """The frame of a training loop: AdamW resumed from the stage's checkpoint (or, on a fresh start,
-    continued from `optimizer_state`), rank 0's weights on every rank, the metrics log and the progress
-    line; then the checkpoints and, at the end, the stage's result. `start`, `seconds` and `flops` are
-    where a resumed run left off (0 on a fresh start)."""
+    """The frame of a training loop: the model, AdamW and the RNG states resumed from the stage's last
+    committed checkpoint (on a fresh start, AdamW continued from `optimizer_state` if given), rank 0's
+    weights on every rank, the metrics log and the progress line; then the checkpoints and, at the end,
+    the stage's result. `start`, `seconds` and `flops` are where a resumed run left off (0 on a fresh start:
+    also when a save was killed before the stage's first checkpoint was committed)."""
 
     def __init__(self, model, tokenizer: Tokenizer | None, cfg, stage_dir: Path, label: str,
                  metadata: dict | None, quiet: bool, world: World, optimizer_state: dict | None = None):
@@ -208,12 +194,18 @@ class StageRun:
         self.model, self.tokenizer, self.cfg, self.stage_dir = model, tokenizer, cfg, stage_dir
         self.metadata, self.world = metadata, world
         self.optimizer = make_optimizer(model, cfg.optim)
-        resumed = resume_into(stage_dir, model, self.optimizer)
-        self.start, self.seconds, self.flops = resumed or (0, 0.0, 0.0)
-        if resumed is None and optimizer_state is not None:
+        path = committed_checkpoint(stage_dir / CHECKPOINT)
+        state = None if path is None else read_trainer_state(path)
+        self.start, self.seconds, self.flops = 0, 0.0, 0.0
+        if state is not None:
+            load_weights_into(path, model)
+            self.optimizer.load_state_dict(state["optimizer"])
+            set_rng_state(state["rng"])
+            self.start, self.seconds, self.flops = state["step"], state["seconds"], state["flops"]
+        elif optimizer_state is not None:
             self.optimizer.load_state_dict(optimizer_state)
         broadcast_model(model, world)
-        self.log = MetricsLog(stage_dir / "metrics.jsonl", resume_step=self.start if resumed is not None else None,
+        self.log = MetricsLog(stage_dir / "metrics.jsonl", resume_step=None if state is None else self.start,
                               write=world.is_main)
         self.progress = Progress(label, cfg.steps, self.start, quiet or not world.is_main)
 

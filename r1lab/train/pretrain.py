@@ -101,7 +101,7 @@ def train_supervised(model: Transformer, tokenizer: Tokenizer | None, batch_fn: 
                 metrics["heldout_loss"] = heldout_loss(model, heldout)
             run.log.log(done, metrics)
             run.progress.update(done, f"loss {parts['loss']:.3f} | {metrics['tokens_per_s']:,.0f} tok/s | "
-                                      f"MFU {100 * metrics['mfu']:.1f}%", force=True)
+                                      f"MFU {100 * metrics['mfu']:.1f}%")
         run.save_if_due(done, seconds, flops)
     return run.finish(stage, seconds, flops, cost, peak_flops)
 

@@ -269,7 +269,7 @@ def train_grpo(model: Transformer, tokenizer: Tokenizer, pool: list[dict], cfg: 
         if done % cfg.log_every == 0 or done == cfg.steps:
             run.log.log(done, metrics)
         run.progress.update(done, f"reward {metrics['reward_mean']:.2f} | acc {metrics['accuracy']:.2f} | "
-                                  f"len {metrics['response_length_mean']:.0f}", force=True)
+                                  f"len {metrics['response_length_mean']:.0f}")
         run.save_if_due(done, seconds, flops)
     return run.finish("rl", seconds, flops, cost, peak_flops)
 
