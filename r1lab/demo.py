@@ -31,18 +31,16 @@ from pathlib import Path
 import torch
 
 from r1lab.checkpoint import load_checkpoint
-from r1lab.cost import CostLedger, StageCost
+from r1lab.cost import CostLedger
 from r1lab.device import resolve_device
-from r1lab.engine import SamplingParams
-from r1lab.eval import EvalResult, evaluate
+from r1lab.eval import EvalResult
 from r1lab.evalreport import GREEDY, BestDecoding, Verdict, best_decoding, item_scores, verdict
 from r1lab.hardware import describe_machine, measure_matmul_peak
 from r1lab.recipe import Recipe, load_recipe, save_recipe
 from r1lab.rewards import chain_of_thought
-from r1lab.sampling import longest_prompt, sized_engine
-from r1lab.train.common import CHECKPOINT, read_metrics
+from r1lab.train.common import CHECKPOINT, read_metrics, stage_cost
 from r1lab.train.data import task_documents
-from r1lab.train.stages import heldout_examples, run_control, run_grpo, run_pretrain
+from r1lab.train.stages import evaluate_heldout, heldout_examples, run_control, run_grpo, run_pretrain
 
 STAGES = ("base", "rl", "control")
 HELDOUT_FILE = "heldout.jsonl"
@@ -90,15 +88,8 @@ def evaluate_stage(recipe: Recipe, run_dir: Path, stage: str, examples: list[dic
                    device: torch.device | None = None) -> EvalResult:
     """The stage's checkpoint on the held-out examples, sampled (k per item) and greedy."""
     model, tokenizer, _ = load_checkpoint(run_dir / stage / CHECKPOINT, device)
-    model.eval()
-    e, template = recipe.eval, recipe.data.template
-    engine = sized_engine(model, tokenizer, longest_prompt(tokenizer, examples, template), e.max_new_tokens,
-                          EVAL_ROWS)
-    params = SamplingParams(max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p, seed=e.seed)
-    return evaluate(engine, tokenizer, examples, k=e.k, params=params, template=template, instruction="",
-                    out_dir=run_dir / "eval" / stage, peak_gflops=peak_gflops, greedy=True,
-                    settings={"model": str(run_dir / stage), "bench": recipe.data.task,
-                              "difficulty": recipe.data.difficulty})
+    return evaluate_heldout(recipe, model, tokenizer, examples, run_dir / "eval" / stage, peak_gflops, EVAL_ROWS,
+                            str(run_dir / stage))
 
 
 def stage_summary(result: EvalResult) -> dict:
@@ -168,8 +159,7 @@ def run_demo(recipe: Recipe, run_dir: Path, quiet: bool = False) -> dict:
         results[name] = stage(f"eval {name}",
                               lambda n=name: evaluate_stage(recipe, run_dir, n, examples, peak / 1e9, device))
         s = stage_summary(results[name])
-        ledger.add(StageCost(f"eval {name}", s["eval_flops"], s["eval_seconds"], torch.get_num_threads(), "cpu-core",
-                             peak, recipe.cost.cpu_core_hour_usd))
+        ledger.add(stage_cost(f"eval {name}", s["eval_flops"], s["eval_seconds"], recipe.cost, peak))
     judged = verdicts(results)
     wall["total"] = time.perf_counter() - started
     summary = _summary(recipe, results, judged, wall, base, rl, control, ledger, peak)

@@ -39,17 +39,15 @@ from r1lab.checkpoint import read_trainer_summary, write_text_atomic
 from r1lab.config import ConfigError
 from r1lab.cost import CostLedger, StageCost
 from r1lab.device import resolve_device
-from r1lab.engine import SamplingParams
-from r1lab.eval import EvalResult, evaluate
+from r1lab.eval import EvalResult
 from r1lab.evalreport import best_decoding, item_scores, verdict
 from r1lab.hardware import measure_matmul_peak
 from r1lab.hf import load_causal_lm
 from r1lab.recipe import COMPARE_ROLES, Recipe, save_recipe
 from r1lab.rewards import language_consistency_reward
-from r1lab.sampling import longest_prompt, sized_engine
 from r1lab.train.common import CHECKPOINT, stage_cost
 from r1lab.train.generate import generate_step
-from r1lab.train.stages import heldout_examples, rl_pool, run_grpo, run_pretrain, run_sft
+from r1lab.train.stages import evaluate_heldout, heldout_examples, rl_pool, run_grpo, run_pretrain, run_sft
 
 STAGES = ("base", "cold_start", "reasoning_rl", "rejection_sft", "final_rl")
 LABELS = {"base": "base", "cold_start": "1. cold-start SFT", "reasoning_rl": "2. reasoning RL",
@@ -132,14 +130,7 @@ def evaluate_stage(recipe: Recipe, checkpoint: Path, out_dir: Path, examples: li
     model, tokenizer = load_causal_lm(checkpoint, device=device)
     if tokenizer is None:
         raise ConfigError(f"{checkpoint}: has no tokenizer.json to prompt it with")
-    model.eval()
-    e, template = recipe.eval, recipe.data.template
-    engine = sized_engine(model, tokenizer, longest_prompt(tokenizer, examples, template), e.max_new_tokens, 256)
-    params = SamplingParams(max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p, seed=e.seed)
-    return evaluate(engine, tokenizer, examples, k=e.k, params=params, template=template, instruction="",
-                    out_dir=out_dir, peak_gflops=peak / 1e9, greedy=True,
-                    settings={"model": str(checkpoint), "bench": recipe.data.task,
-                              "difficulty": recipe.data.difficulty})
+    return evaluate_heldout(recipe, model, tokenizer, examples, out_dir, peak / 1e9, 256, str(checkpoint))
 
 
 def eval_row(result: EvalResult, k: int) -> dict:

@@ -25,6 +25,7 @@ from r1lab.cost import StageCost
 from r1lab.model import LossOutput, Transformer
 from r1lab.recipe import CostConfig, OptimConfig
 from r1lab.tokenizer import Tokenizer
+from r1lab.train.distributed import World, barrier, broadcast_model
 from r1lab.train.policy import load_weights_into, model_shape, save_policy
 
 CHECKPOINT = "checkpoint"
@@ -143,10 +144,10 @@ class Progress:
             self.task = self.bar.add_task(label, total=total, completed=start, info="")
             self.bar.start()
 
-    def update(self, step: int, info: str, force: bool = False) -> None:
+    def update(self, step: int, info: str) -> None:
         if self.bar is not None:
             self.bar.update(self.task, completed=step, info=info)
-        elif not self.quiet and (force or step == self.total):
+        elif not self.quiet:
             done = step - self.start_step
             elapsed = time.perf_counter() - self.start_time
             eta = elapsed / max(done, 1) * (self.total - step)
@@ -155,13 +156,6 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
-
-
-def save_stage(stage_dir: Path, model, tokenizer: Tokenizer | None, optimizer, step: int, done: bool,
-               extra: dict | None = None, metadata: dict | None = None) -> None:
-    """Atomic checkpoint of a stage, in the model's own format, with everything needed to resume it exactly."""
-    state = {"step": step, "done": done, "optimizer": optimizer.state_dict(), "rng": rng_state(), **(extra or {})}
-    save_policy(stage_dir / CHECKPOINT, model, tokenizer, state, metadata)
 
 
 def check_resumable(stage_dir: Path, stage: str, config: ModelConfig | dict, steps: int, metadata: dict | None) -> None:
@@ -187,19 +181,51 @@ def check_resumable(stage_dir: Path, stage: str, config: ModelConfig | dict, ste
         raise ConfigError(f"{path} is at step {step}, past {stage}.steps = {steps}; {hint}")
 
 
-def resume_into(stage_dir: Path, model, optimizer) -> tuple[int, float, float] | None:
-    """Load a stage's checkpoint into `model` and `optimizer` and restore the RNG states.
+class StageRun:
+    """The frame of a training loop: the model, AdamW and the RNG states resumed from the stage's last
+    committed checkpoint (on a fresh start, AdamW continued from `optimizer_state` if given), rank 0's
+    weights on every rank, the metrics log and the progress line; then the checkpoints and, at the end,
+    the stage's result. `start`, `seconds` and `flops` are where a resumed run left off (0 on a fresh start:
+    also when a save was killed before the stage's first checkpoint was committed)."""
 
-    Returns (step, seconds, flops) reached so far, or None when the stage has no checkpoint (a save
-    killed before the stage's first checkpoint was committed leaves none)."""
-    path = committed_checkpoint(stage_dir / CHECKPOINT)
-    state = None if path is None else read_trainer_state(path)
-    if state is None:
-        return None
-    load_weights_into(path, model)
-    optimizer.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"])
-    return state["step"], state["seconds"], state["flops"]
+    def __init__(self, model, tokenizer: Tokenizer | None, cfg, stage_dir: Path, label: str,
+                 metadata: dict | None, quiet: bool, world: World, optimizer_state: dict | None = None):
+        """`cfg`: the stage's section (its optim, steps and save_every)."""
+        self.model, self.tokenizer, self.cfg, self.stage_dir = model, tokenizer, cfg, stage_dir
+        self.metadata, self.world = metadata, world
+        self.optimizer = make_optimizer(model, cfg.optim)
+        path = committed_checkpoint(stage_dir / CHECKPOINT)
+        state = None if path is None else read_trainer_state(path)
+        self.start, self.seconds, self.flops = 0, 0.0, 0.0
+        if state is not None:
+            load_weights_into(path, model)
+            self.optimizer.load_state_dict(state["optimizer"])
+            set_rng_state(state["rng"])
+            self.start, self.seconds, self.flops = state["step"], state["seconds"], state["flops"]
+        elif optimizer_state is not None:
+            self.optimizer.load_state_dict(optimizer_state)
+        broadcast_model(model, world)
+        self.log = MetricsLog(stage_dir / "metrics.jsonl", resume_step=None if state is None else self.start,
+                              write=world.is_main)
+        self.progress = Progress(label, cfg.steps, self.start, quiet or not world.is_main)
+
+    def save_if_due(self, done: int, seconds: float, flops: float) -> None:
+        """On rank 0, every cfg.save_every steps and after the last: an atomic checkpoint, in the model's own
+        format, with everything needed to resume the stage exactly."""
+        steps, every = self.cfg.steps, self.cfg.save_every
+        if self.world.is_main and (done == steps or (every and done % every == 0)):
+            state = {"step": done, "done": done == steps, "optimizer": self.optimizer.state_dict(),
+                     "rng": rng_state(), "seconds": seconds, "flops": flops}
+            save_policy(self.stage_dir / CHECKPOINT, self.model, self.tokenizer, state, self.metadata)
+
+    def finish(self, stage: str, seconds: float, flops: float, cost: CostConfig, peak_flops: float) -> StageResult:
+        self.progress.close()
+        self.log.close()
+        barrier(self.world)  # every rank returns once the final checkpoint is committed
+        device = next(self.model.parameters()).device
+        return StageResult(self.model, self.cfg.steps, seconds, flops,
+                           stage_cost(stage, flops, seconds, cost, peak_flops, device, self.world.size),
+                           self.world.is_main)
 
 
 def stage_cost(stage: str, flops: float, seconds: float, cost: CostConfig, peak_flops: float,

@@ -94,10 +94,6 @@ def shard(n: int, world: World) -> range:
     return range(world.rank * per, (world.rank + 1) * per)
 
 
-def _device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def sum_floats(values: list[float], world: World) -> list[float]:
     """The element-wise sum over ranks of `values` (float64 on the wire: counts stay exact)."""
     if world.size == 1:
@@ -139,7 +135,7 @@ def sync_gradients(model: torch.nn.Module, world: World) -> None:
     if world.size == 1:
         return
     params = [p for p in model.parameters() if p.requires_grad]
-    device = _device_of(model)
+    device = next(model.parameters()).device
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().flatten() for p in params]
                      + [torch.tensor([float(p.grad is not None) for p in params], device=device)])
     dist.all_reduce(flat)
@@ -147,10 +143,7 @@ def sync_gradients(model: torch.nn.Module, world: World) -> None:
     offset = 0
     for p, seen in zip(params, present.tolist()):
         n = p.numel()
-        if seen:
-            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
-        else:
-            p.grad = None
+        p.grad = flat[offset:offset + n].view_as(p).to(p.dtype) if seen else None
         offset += n
 
 

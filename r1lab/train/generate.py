@@ -139,14 +139,10 @@ def filter_graded(graded: Graded, limits: Limits) -> tuple[Filtered, list[Sample
     return filter_samples(candidates, limits), candidates
 
 
-def limits_of(cfg: GenerateConfig) -> Limits:
-    return Limits(max_tokens=cfg.max_tokens or cfg.max_new_tokens, min_language=cfg.min_language,
-                  per_prompt=cfg.per_prompt)
-
-
 def write_generated(graded: Graded, cfg: GenerateConfig, out: str | Path, source: dict) -> dict:
     """Filter `graded`, write the kept samples to `out` (SFT JSONL) and the stats to FILE.stats.json; return the stats."""
-    kept, seen = filter_graded(graded, limits_of(cfg))
+    kept, seen = filter_graded(graded, Limits(max_tokens=cfg.max_tokens or cfg.max_new_tokens,
+                                              min_language=cfg.min_language, per_prompt=cfg.per_prompt))
     out = Path(out)
     stats_path(out).unlink(missing_ok=True)  # an old sidecar must not vouch for the file being rewritten
     write_sft_jsonl(kept.kept, out, graded.think_opened)

@@ -25,10 +25,8 @@ from r1lab.device import bf16_autocast
 from r1lab.model import Transformer
 from r1lab.recipe import CostConfig, TrainConfig
 from r1lab.tokenizer import Tokenizer
-from r1lab.train.common import (MetricsLog, Progress, StageResult, loss_fn, lr_at, make_optimizer, resume_into,
-                                save_stage, set_lr, stage_cost)
-from r1lab.train.distributed import (World, barrier, broadcast_model, shard, sum_floats, sync_expert_load,
-                                     sync_gradients)
+from r1lab.train.common import StageResult, StageRun, loss_fn, lr_at, set_lr
+from r1lab.train.distributed import World, shard, sum_floats, sync_expert_load, sync_gradients
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # inputs, targets, loss mask (None: all)
 
@@ -54,23 +52,16 @@ def train_supervised(model: Transformer, tokenizer: Tokenizer | None, batch_fn: 
     """
     stage_dir.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
-    optimizer = make_optimizer(model, cfg.optim)
-    resumed = resume_into(stage_dir, model, optimizer)
-    start, seconds_before, flops_before = resumed or (0, 0.0, 0.0)
-    if resumed is None and optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
-    broadcast_model(model, world)
-    log = MetricsLog(stage_dir / "metrics.jsonl", resume_step=start if resumed is not None else None,
-                     write=world.is_main)
-    progress = Progress(stage, cfg.steps, start, quiet or not world.is_main)
+    run = StageRun(model, tokenizer, cfg, stage_dir, stage, metadata, quiet, world, optimizer_state)
+    optimizer = run.optimizer
     rows = shard(cfg.batch_size, world)
     seq_len = batch_fn(0, 0, 1)[0].shape[1]
     flops_per_token = train_flops_per_token(model.config, seq_len)
     model.train()
     loss = loss_fn(model, cfg.compile)  # held-out losses stay eager: no second compile for eval mode
-    flops, seconds = flops_before, seconds_before
+    flops, seconds = run.flops, run.seconds
     window_tokens, window_start = 0, time.perf_counter()
-    for step in range(start, cfg.steps):
+    for step in range(run.start, cfg.steps):
         t0 = time.perf_counter()
         lr = lr_at(step, cfg.steps, cfg.optim)
         set_lr(optimizer, lr)
@@ -108,17 +99,11 @@ def train_supervised(model: Transformer, tokenizer: Tokenizer | None, batch_fn: 
             window_tokens, window_start = 0, time.perf_counter()
             if world.is_main and (cfg.eval_every and done % cfg.eval_every == 0 or done == cfg.steps):
                 metrics["heldout_loss"] = heldout_loss(model, heldout)
-            log.log(done, metrics)
-            progress.update(done, f"loss {parts['loss']:.3f} | {metrics['tokens_per_s']:,.0f} tok/s | "
-                                  f"MFU {100 * metrics['mfu']:.1f}%", force=True)
-        if world.is_main and (done == cfg.steps or (cfg.save_every and done % cfg.save_every == 0)):
-            save_stage(stage_dir, model, tokenizer, optimizer, done, done == cfg.steps,
-                       {"seconds": seconds, "flops": flops}, metadata)
-    progress.close()
-    log.close()
-    barrier(world)  # every rank returns once the final checkpoint is committed
-    return StageResult(model, cfg.steps, seconds, flops,
-                       stage_cost(stage, flops, seconds, cost, peak_flops, device, world.size), world.is_main)
+            run.log.log(done, metrics)
+            run.progress.update(done, f"loss {parts['loss']:.3f} | {metrics['tokens_per_s']:,.0f} tok/s | "
+                                      f"MFU {100 * metrics['mfu']:.1f}%")
+        run.save_if_due(done, seconds, flops)
+    return run.finish(stage, seconds, flops, cost, peak_flops)
 
 
 def _token_share(mask: torch.Tensor | None, world: World) -> float:

@@ -36,10 +36,8 @@ from r1lab.model import Transformer
 from r1lab.recipe import CostConfig, GRPOConfig
 from r1lab.sampling import Group, Sampled, grade, longest_prompt, sample, sized_engine
 from r1lab.tokenizer import R1, Tokenizer
-from r1lab.train.common import (MetricsLog, Progress, StageResult, lr_at, make_optimizer, resume_into, save_stage,
-                                set_lr, stage_cost)
-from r1lab.train.distributed import (World, barrier, broadcast_model, gather, shard, sum_floats, sync_expert_load,
-                                     sync_gradients)
+from r1lab.train.common import StageResult, StageRun, lr_at, set_lr
+from r1lab.train.distributed import World, gather, shard, sum_floats, sync_expert_load, sync_gradients
 from r1lab.train.grpo import AVERAGED_OVER, LOSSES, group_advantages, keep_informative_groups
 from r1lab.train.vllm_rollout import VLLMRollout
 
@@ -235,21 +233,15 @@ def train_grpo(model: Transformer, tokenizer: Tokenizer, pool: list[dict], cfg: 
     package; tests hand in a fake).
     """
     loss_fn, scale = LOSSES[cfg.loss]
-    device = next(model.parameters()).device
     for p in model.mtp.parameters():  # the policy is the main model; RL does not train the MTP drafter
         p.requires_grad_(False)
-    optimizer = make_optimizer(model, cfg.optim)
-    resumed = resume_into(stage_dir, model, optimizer)
-    start, seconds, flops = resumed or (0, 0.0, 0.0)
     if cfg.beta > 0 and reference is None:
         raise ValueError("grpo.beta > 0 needs a reference model")
-    broadcast_model(model, world)
+    run = StageRun(model, tokenizer, cfg, stage_dir, "grpo", metadata, quiet, world)
+    optimizer, seconds, flops = run.optimizer, run.seconds, run.flops
     engine = rollout_engine(model, tokenizer, cfg, max_prompt_len or longest_prompt(tokenizer, pool, template),
                             optimizer, vllm)
-    log = MetricsLog(stage_dir / "metrics.jsonl", resume_step=start if resumed is not None else None,
-                     write=world.is_main)
-    progress = Progress("grpo", cfg.steps, start, quiet or not world.is_main)
-    for step in range(start, cfg.steps):
+    for step in range(run.start, cfg.steps):
         t0 = time.perf_counter()
         model.eval()
         with record_function("grpo.rollout"):
@@ -275,17 +267,11 @@ def train_grpo(model: Transformer, tokenizer: Tokenizer, pool: list[dict], cfg: 
         if world.is_main and evaluate is not None and cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
             metrics.update({f"heldout_{k}": v for k, v in evaluate(model).items()})
         if done % cfg.log_every == 0 or done == cfg.steps:
-            log.log(done, metrics)
-        progress.update(done, f"reward {metrics['reward_mean']:.2f} | acc {metrics['accuracy']:.2f} | "
-                              f"len {metrics['response_length_mean']:.0f}", force=True)
-        if world.is_main and (done == cfg.steps or (cfg.save_every and done % cfg.save_every == 0)):
-            save_stage(stage_dir, model, tokenizer, optimizer, done, done == cfg.steps,
-                       {"seconds": seconds, "flops": flops}, metadata)
-    progress.close()
-    log.close()
-    barrier(world)  # every rank returns once the final checkpoint is committed
-    return StageResult(model, cfg.steps, seconds, flops,
-                       stage_cost("rl", flops, seconds, cost, peak_flops, device, world.size), world.is_main)
+            run.log.log(done, metrics)
+        run.progress.update(done, f"reward {metrics['reward_mean']:.2f} | acc {metrics['accuracy']:.2f} | "
+                                  f"len {metrics['response_length_mean']:.0f}")
+        run.save_if_due(done, seconds, flops)
+    return run.finish("rl", seconds, flops, cost, peak_flops)
 
 
 def _rollout_metrics(batch: Rollout, config, seconds: float, world: World) -> tuple[dict, float]:

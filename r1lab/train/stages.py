@@ -37,6 +37,7 @@ from r1lab.device import resolve_device
 from r1lab.model import Transformer
 from r1lab.recipe import Recipe, save_recipe
 from r1lab.engine import SamplingParams
+from r1lab.eval import EvalResult, evaluate
 from r1lab.sampling import grade, longest_prompt, sample, sized_engine
 from r1lab.tasks import get_family
 from r1lab.tokenizer import R1, R1_ZERO, R1_ZERO_PROMPT, TOKENIZER_FILE, Tokenizer
@@ -85,12 +86,8 @@ def check_tokenizer_corpus(recipe: Recipe, run_dir: Path) -> None:
                           f"or delete {run_dir} to start over")
 
 
-def prepare_tokenizer(recipe: Recipe, run_dir: Path) -> Tokenizer:
-    """The run's tokenizer: loaded if the run has one, else trained on the corpus and saved."""
-    path = run_dir / "tokenizer"
-    if (path / TOKENIZER_FILE).exists():
-        check_tokenizer_corpus(recipe, run_dir)
-        return _run_tokenizer(path)
+def train_tokenizer(recipe: Recipe, run_dir: Path) -> None:
+    """Train the run's tokenizer on the corpus and save it in run_dir/tokenizer, with the [data] it is for."""
     d = recipe.data
     if d.files:
         texts = file_documents(d.files, d.text_field)
@@ -103,9 +100,8 @@ def prepare_tokenizer(recipe: Recipe, run_dir: Path) -> Tokenizer:
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer.save(tmp)
     (tmp / CORPUS_FILE).write_text(json.dumps(corpus_config(recipe), indent=2) + "\n")
-    shutil.rmtree(path, ignore_errors=True)
-    os.rename(tmp, path)
-    return tokenizer
+    shutil.rmtree(run_dir / "tokenizer", ignore_errors=True)
+    os.rename(tmp, run_dir / "tokenizer")
 
 
 def pretraining_data(recipe: Recipe, tokenizer: Tokenizer, seed: int) -> tuple[PackedStream, list]:
@@ -131,7 +127,8 @@ def run_pretrain(recipe: Recipe, run_dir: Path, peak_flops: float | None = None,
     model_cfg = load_model_config(cfg.init_from) if cfg.init_from else recipe.model
     _check_seq_len(recipe, model_cfg.max_seq_len, f"pretrain.init_from ({cfg.init_from})" if cfg.init_from else "")
     check_resumable(run_dir / "base", "pretrain", model_cfg, cfg.steps, run_metadata(recipe))
-    if (run_dir / "tokenizer" / TOKENIZER_FILE).exists():
+    has_tokenizer = (run_dir / "tokenizer" / TOKENIZER_FILE).exists()
+    if has_tokenizer:
         _check_vocab(_run_tokenizer(run_dir / "tokenizer"), model_cfg, run_dir / "tokenizer")
         check_tokenizer_corpus(recipe, run_dir)
     elif d.vocab_size > model_cfg.vocab_size:  # the recipe checked its own [model]; not a checkpoint's
@@ -143,7 +140,8 @@ def run_pretrain(recipe: Recipe, run_dir: Path, peak_flops: float | None = None,
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, run_dir / "recipe.toml")
-        prepare_tokenizer(recipe, run_dir)
+        if not has_tokenizer:
+            train_tokenizer(recipe, run_dir)
     barrier(world)  # the other ranks read the tokenizer rank 0 trained
     tokenizer = _run_tokenizer(run_dir / "tokenizer")
     _check_vocab(tokenizer, model_cfg, run_dir / "tokenizer")
@@ -234,11 +232,7 @@ def run_grpo(recipe: Recipe, run_dir: Path, peak_flops: float | None = None, eva
     check_divisible(cfg.prompts_per_step, world, "grpo.prompts_per_step")
     if cfg.rollout_backend == "vllm" and world.size > 1:
         raise ConfigError("grpo.rollout_backend = \"vllm\" runs in one process; launch it without torchrun")
-    init = Path(cfg.init_from) if cfg.init_from else run_dir / "base" / CHECKPOINT
-    if not cfg.init_from and committed_checkpoint(init) is None:
-        raise ConfigError(f"grpo starts from {init}, which does not exist: run `r1lab pretrain --run {run_dir}` "
-                          f"first, or set grpo.init_from")
-    init = policy_dir(init, "grpo.init_from")
+    init = init_dir(recipe, "grpo", run_dir)
     if cfg.rollout_backend == "vllm" and is_r1lab(init):
         raise ConfigError(f"grpo.rollout_backend = \"vllm\" serves Hugging Face models and {init} is an r1lab "
                           f"checkpoint: `r1lab export` it and set grpo.init_from to the export")
@@ -267,6 +261,19 @@ def heldout_examples(recipe: Recipe) -> list[dict]:
     """The eval.problems held-out problems of data.task (its test split) every model of a run is judged on."""
     d, e = recipe.data, recipe.eval
     return get_family(d.task).generate(e.problems, seed=e.seed, split="test", difficulty=d.difficulty, **d.task_options)
+
+
+def evaluate_heldout(recipe: Recipe, model, tokenizer: Tokenizer, examples: list[dict], out_dir: Path,
+                     peak_gflops: float, rows: int, name: str) -> EvalResult:
+    """`model` (named `name` in the results) on the held-out examples, greedy and sampled (eval.k at
+    eval.temperature, eval.top_p), `rows` sequences decoded at once, the results in `out_dir`."""
+    model.eval()
+    e, template = recipe.eval, recipe.data.template
+    engine = sized_engine(model, tokenizer, longest_prompt(tokenizer, examples, template), e.max_new_tokens, rows)
+    params = SamplingParams(max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p, seed=e.seed)
+    return evaluate(engine, tokenizer, examples, k=e.k, params=params, template=template, instruction="",
+                    out_dir=out_dir, peak_gflops=peak_gflops, greedy=True,
+                    settings={"model": name, "bench": recipe.data.task, "difficulty": recipe.data.difficulty})
 
 
 def heldout_evaluator(recipe: Recipe, tokenizer: Tokenizer):
@@ -325,18 +332,26 @@ def dry_run(recipe: Recipe, stage: str, run_dir: Path) -> list[str]:
     missing += [f"data.{key}: {name}: no such file" for name in absent]
     if stage == "grpo" and files and not absent:
         rl_examples(files, d.rl_fields)  # a bad line is an error now, not after the model is loaded
-    init = cfg.init_from or (str(run_dir / "base" / CHECKPOINT) if stage == "grpo" else "")
-    if init and not cfg.init_from and committed_checkpoint(init) is None:
-        missing.append(f"grpo starts from {init}, which does not exist: run `r1lab pretrain --run {run_dir}` first, "
-                       f"or set grpo.init_from")
-    elif init:
+    if cfg.init_from or stage == "grpo":
         try:
-            found = policy_dir(init, f"{stage}.init_from")
+            found = init_dir(recipe, stage, run_dir)
             model_shape(found)
             _checkpoint_tokenizer(found, f"{stage}.init_from")
         except (ConfigError, CheckpointError) as e:
             missing.append(str(e))
     return missing
+
+
+def init_dir(recipe: Recipe, stage: str, run_dir: Path) -> Path:
+    """The committed model directory `stage` starts from: its init_from, else (grpo) the run's base."""
+    cfg = getattr(recipe, stage)
+    if cfg.init_from:
+        return policy_dir(cfg.init_from, f"{stage}.init_from")
+    found = committed_checkpoint(run_dir / "base" / CHECKPOINT)
+    if found is None:
+        raise ConfigError(f"grpo starts from {run_dir / 'base' / CHECKPOINT}, which does not exist: run `r1lab "
+                          f"pretrain --run {run_dir}` first, or set grpo.init_from")
+    return found
 
 
 def _peak(recipe: Recipe, peak_flops: float | None, device: torch.device, world: World = World()) -> float:

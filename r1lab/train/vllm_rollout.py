@@ -89,7 +89,6 @@ class VLLMRollout:
         self.dtype, self.seed, self.gpu_memory_utilization = dtype, seed, gpu_memory_utilization
         self._vllm, self._llm, self._config_dir = vllm, None, None
         self.stale = True  # vLLM starts from dummy weights: the policy's are sent before it first samples
-        self.pushes = 0    # weight pushes so far
 
     @classmethod
     def for_grpo(cls, policy, tokenizer: Tokenizer, cfg: GRPOConfig, longest_prompt: int,
@@ -118,16 +117,15 @@ class VLLMRollout:
         return self._llm
 
     @torch.no_grad()
-    def sync(self) -> bool:
-        """Send the policy's weights to vLLM if they changed since the last push; True when it sent them."""
+    def sync(self) -> None:
+        """Send the policy's weights to vLLM if they changed since the last push."""
         if not self.stale:
-            return False
+            return
         llm = self.llm
         weights = list(hf_weights(self.policy))
         llm.apply_model(lambda model: model.load_weights(weights))
         llm.reset_prefix_cache()  # blocks cached under the old weights would be reused for repeated prompts
-        self.stale, self.pushes = False, self.pushes + 1
-        return True
+        self.stale = False
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  first_index: int = 0) -> list[Completion]:
