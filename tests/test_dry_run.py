@@ -73,3 +73,15 @@ def test_a_bad_data_line_fails_the_dry_run(tmp_path, capsys):
     code, _, err = dry_run(capsys, "grpo", "--recipe", str(RECIPES / "r1-zero-qwen2.5-0.5b.toml"), "--run",
                            str(tmp_path / "run"), f"--data.rl_files=[\"{rl}\"]")
     assert code == 2 and f"{rl}:1: needs a non-empty text answer" in err
+
+
+def test_sft_from_task_examples_alone_dry_runs(tmp_path, capsys):
+    """`r1lab sft` accepts cold-start conversations generated from data.task without any sft_files, so
+    its dry run must too; with neither, both refuse with the same line."""
+    base = tmp_path / "run" / "base" / "checkpoint"
+    code, missing, err = dry_run(capsys, "sft", "--run", str(tmp_path / "run"), f"--sft.init_from={base}",
+                                 "--data.sft_task_examples=64")
+    assert code == 0, err
+    assert len(missing) == 1 and "sft.init_from" in missing[0]
+    code, _, err = dry_run(capsys, "sft", "--run", str(tmp_path / "run"), f"--sft.init_from={base}")
+    assert code == 2 and "sft needs data.sft_files" in err and "sft_task_examples" in err

@@ -186,6 +186,10 @@ def control_steps(recipe: Recipe, flops: float) -> int:
     return max(1, round(flops / per_step))
 
 
+SFT_NEEDS_DATA = ("sft needs data.sft_files: JSONL files of {\"messages\": [...]} conversations "
+                  "(or data.sft_task_examples: cold-start conversations from data.task)")
+
+
 def run_sft(recipe: Recipe, run_dir: Path, peak_flops: float | None = None, quiet: bool = False) -> StageResult:
     """Supervised fine-tuning of sft.init_from (an r1lab checkpoint or a Hugging Face model directory)
     on data.sft_files and data.sft_task_examples into run_dir/sft, saved in the format it came in."""
@@ -193,8 +197,7 @@ def run_sft(recipe: Recipe, run_dir: Path, peak_flops: float | None = None, quie
     world, device = join(resolve_device(recipe.device))
     check_divisible(cfg.batch_size, world, "sft.batch_size")
     if not d.sft_files and not d.sft_task_examples:
-        raise ConfigError("sft needs data.sft_files: JSONL files of {\"messages\": [...]} conversations "
-                          "(or data.sft_task_examples: cold-start conversations from data.task)")
+        raise ConfigError(SFT_NEEDS_DATA)
     if not cfg.init_from:
         raise ConfigError("sft needs sft.init_from: the checkpoint or Hugging Face model directory to fine-tune")
     init = policy_dir(cfg.init_from, "sft.init_from")
@@ -308,11 +311,11 @@ def dry_run(recipe: Recipe, stage: str, run_dir: Path) -> list[str]:
     starts from, data files. Loads nothing heavy and writes nothing.
 
     The recipe itself was validated when it was loaded; what makes the stage impossible whatever the
-    machine (SFT without sft_files or init_from, a data file with a bad line) is a ConfigError.
+    machine (SFT without conversations or init_from, a data file with a bad line) is a ConfigError.
     """
     cfg, d = getattr(recipe, stage), recipe.data
-    if stage == "sft" and not d.sft_files:
-        raise ConfigError("sft needs data.sft_files: JSONL files of {\"messages\": [...]} conversations")
+    if stage == "sft" and not d.sft_files and not d.sft_task_examples:
+        raise ConfigError(SFT_NEEDS_DATA)
     if stage == "sft" and not cfg.init_from:
         raise ConfigError("sft needs sft.init_from: the checkpoint or Hugging Face model directory to fine-tune")
     missing = []
