@@ -37,7 +37,7 @@ from r1lab.checkpoint import (METADATA_FILE, committed_checkpoint, load_checkpoi
                               save_checkpoint, write_atomically, write_trainer_state)
 from r1lab.config import ConfigError
 from r1lab.cost import DenseShape
-from r1lab.hf import CONFIG_FILE, HFDecoder
+from r1lab.hf import CONFIG_FILE, HFDecoder, read_hf_config
 from r1lab.model import LossOutput
 from r1lab.tokenizer import Tokenizer
 
@@ -98,16 +98,9 @@ def matmul_params(hf_model: nn.Module) -> int:
 # What a directory is, read without loading weights
 
 def _config_doc(path: Path) -> dict:
-    file = path / CONFIG_FILE
-    if not file.is_file():
+    if not (path / CONFIG_FILE).is_file():
         raise ConfigError(f"{path}: not an r1lab checkpoint or a Hugging Face model directory (no {CONFIG_FILE})")
-    try:
-        doc = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{file}: expected a JSON object")
-    return doc
+    return read_hf_config(path)
 
 
 def policy_dir(path: str | Path, key: str) -> Path:
