@@ -106,9 +106,7 @@ def stage_summary(result: EvalResult) -> dict:
             "sampled": {**shape(s), f"cons@{k}": s[f"cons@{k}"],
                         "pass@k": {str(j): s[f"pass@{j}"] if j > 1 else s["pass@1"] for j in result.settings["ks"]},
                         "scratchpad_share": sum(map(uses_scratchpad, texts)) / max(1, len(texts))},
-            "best": result.best(),
-            "eval_seconds": result.cost["wall_seconds"] + result.greedy.cost["wall_seconds"],
-            "eval_flops": (result.cost["flops"] or 0.0) + (result.greedy.cost["flops"] or 0.0)}
+            "best": result.best(), **result.spent()}
 
 
 def best_of(result: EvalResult) -> BestDecoding:

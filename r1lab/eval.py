@@ -221,6 +221,12 @@ class EvalResult:
         best = best_decoding(item_scores(self.greedy.items), item_scores(self.items))
         return {"decoding": best.decoding, "pass@1": best.pass1}
 
+    def spent(self) -> dict[str, float]:
+        """`eval_seconds` and `eval_flops`: wall time and model FLOPs of this run and its greedy twin together."""
+        runs = [self] if self.greedy is None else [self, self.greedy]
+        return {"eval_seconds": sum(r.cost["wall_seconds"] for r in runs),
+                "eval_flops": sum(r.cost["flops"] or 0.0 for r in runs)}
+
     def to_dict(self) -> dict[str, Any]:
         """results.json: everything but the per-item records."""
         doc = {"metrics": self.metrics, "breakdown": self.breakdown, "cost": self.cost, "settings": self.settings}

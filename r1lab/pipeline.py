@@ -141,8 +141,7 @@ def eval_row(result: EvalResult, k: int) -> dict:
     return {"greedy_pass@1": g["pass@1"], "sampled_pass@1": s["pass@1"], "cons@k": s[f"cons@{k}"],
             "format_rate": s["format_rate"], "mean_tokens": s["mean_tokens"],
             "language_consistency": sum(language_consistency_reward(t, {}) for t in texts) / max(1, len(texts)),
-            "eval_seconds": result.cost["wall_seconds"] + result.greedy.cost["wall_seconds"],
-            "eval_flops": (result.cost["flops"] or 0.0) + (result.greedy.cost["flops"] or 0.0),
+            **result.spent(),
             "scores": {"greedy": item_scores(result.greedy.items), "sampled": item_scores(result.items)}}
 
 
