@@ -13,7 +13,12 @@ Each preset runs twice from the same initialisation: eager (`model.loss`) and wi
 first step, which compiles, is timed on its own ("compile s": that step minus an eager step), and the
 table gives the compiled over eager ratio of step time.
 
-    python benchmarks/bench_pretrain.py [--presets tiny small] [--steps 20] [--warmup 5] [--no-append]
+With `--profile`, one eager step of each preset also runs under torch.profiler after the timed ones: its
+phases (loss forward, backward, clipping + AdamW + bias update) and the operators that took the most time of
+their own, with the share the matrix products (mm, bmm, baddbmm, grouped mm) take of the step. That share,
+against what the counted FLOPs would take at the peak, says where an MFU short of the peak goes.
+
+    python benchmarks/bench_pretrain.py [--presets tiny small] [--steps 20] [--warmup 5] [--profile] [--no-append]
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_results  # noqa: E402
@@ -42,7 +48,11 @@ from r1lab.train.common import loss_fn, make_optimizer  # noqa: E402
 SHAPES = {"tiny": (16, 128), "small": (4, 256)}
 
 
-def time_steps(preset: str, steps: int, warmup: int, compile: bool) -> dict:
+MATMULS = ("aten::mm", "aten::bmm", "aten::baddbmm", "aten::addmm", "aten::_grouped_mm")
+
+
+def setup(preset: str, compile: bool):
+    """(config, a training step function returning the loss) on a fixed random batch of the preset's shape."""
     batch, seq_len = SHAPES[preset]
     cfg = replace(model_preset(preset), max_seq_len=max(seq_len, 128), original_seq_len=max(seq_len, 128))
     torch.manual_seed(0)
@@ -53,16 +63,29 @@ def time_steps(preset: str, steps: int, warmup: int, compile: bool) -> dict:
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=generator)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    def step() -> float:
+        with record_function("pretrain.forward"):
+            out = loss(inputs, targets)
+        with record_function("pretrain.backward"):
+            out.loss.backward()
+        with record_function("pretrain.optimizer"):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            model.update_expert_bias()
+        return out.loss.item()
+
+    return cfg, step
+
+
+def time_steps(preset: str, steps: int, warmup: int, compile: bool) -> dict:
+    batch, seq_len = SHAPES[preset]
+    cfg, step_fn = setup(preset, compile)
     times, losses = [], []
     for i in range(warmup + steps):
         start = time.perf_counter()
-        out = loss(inputs, targets)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        model.update_expert_bias()
-        losses.append(out.loss.item())
+        losses.append(step_fn())
         times.append(time.perf_counter() - start)
     step = statistics.median(times[warmup:])
     flops = train_flops_per_token(cfg, seq_len) * batch * seq_len
@@ -70,6 +93,42 @@ def time_steps(preset: str, steps: int, warmup: int, compile: bool) -> dict:
             "params": count_parameters(cfg).total, "step_ms": 1000 * step, "first_s": times[0],
             "tokens_per_s": batch * seq_len / step, "gflops": flops / step / 1e9,
             "loss_first": losses[0], "loss_last": losses[-1]}
+
+
+def profile(preset: str, peak: float, warmup: int = 3, top: int = 12) -> str:
+    """One eager step under torch.profiler after `warmup` steps: phases, the top operators by own time, and
+    the matrix products' share of the step beside the time the counted FLOPs take at `peak` GFLOP/s."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    batch, seq_len = SHAPES[preset]
+    cfg, step_fn = setup(preset, compile=False)
+    for _ in range(warmup):
+        step_fn()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        step_fn()
+        total = time.perf_counter() - start
+    events = prof.key_averages()
+    by_name = {e.key: e for e in events}
+    lines = [f"{preset}, {batch} x {seq_len}, {torch.get_num_threads()} thread(s): one eager step {total * 1e3:.0f} ms "
+             "(under the profiler)", "", "| phase | ms | share |", "|---|---|---|"]
+    for name in ("pretrain.forward", "pretrain.backward", "pretrain.optimizer"):
+        if name in by_name:
+            t = by_name[name].cpu_time_total / 1e6
+            lines.append(f"| {name} | {t * 1e3:.0f} | {100 * t / total:.0f}% |")
+    lines += ["", "| operator | self ms | share | calls |", "|---|---|---|---|"]
+    ops = sorted((e for e in events if not e.key.startswith("pretrain.")), key=lambda e: -e.self_cpu_time_total)
+    lines += [f"| {e.key} | {e.self_cpu_time_total / 1e3:.1f} | {100 * e.self_cpu_time_total / 1e6 / total:.0f}% | "
+              f"{e.count} |" for e in ops[:top]]
+    products = sum(by_name[k].self_cpu_time_total for k in MATMULS if k in by_name) / 1e6
+    at_peak = train_flops_per_token(cfg, seq_len) * batch * seq_len / (peak * 1e9)
+    lines += ["", f"Matrix products ({', '.join(MATMULS)}) took {products * 1e3:.0f} ms of the {total * 1e3:.0f} ms "
+                  f"step ({100 * products / total:.0f}%); the step's counted FLOPs take {at_peak * 1e3:.0f} ms at the "
+                  f"{peak:.1f} GFLOP/s peak, so the products ran at {100 * at_peak / products:.0f}% of it and the "
+                  f"other {(total - products) * 1e3:.0f} ms are element-wise ops, reductions, copies and the "
+                  "optimizer."]
+    return "\n".join(lines)
 
 
 def table(records: list[dict], bar: float) -> str:
@@ -96,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--mode", choices=["both", "eager", "compiled"], default="both",
                         help="eager and compiled training steps in the same run (default), or one of them")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one eager step of each preset (phases, top operators, products' share)")
     parser.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
     args = parser.parse_args(argv)
     load = os.getloadavg()[0]
@@ -106,6 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     peak_after = measure_matmul_peak()
     print(f"fp32 matmul peak after the runs: {peak_after:.1f} GFLOP/s")
     result = table(records, max(peak, peak_after))
+    if args.profile:
+        result += "\n\nOne eager step under torch.profiler (`--profile`):\n\n" + "\n\n".join(
+            profile(p, max(peak, peak_after)) for p in args.presets)
     print(result)
     if not args.no_append:
         body = (f"bench_pretrain.py --steps {args.steps} --warmup {args.warmup}, {torch.get_num_threads()} torch "
