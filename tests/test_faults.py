@@ -270,12 +270,16 @@ def test_grpo_killed_many_times_resumes_bit_identically(reference):
 
 
 def kill_repeatedly(tmp: Path, command: str, run: Path, metrics: Path, rng: random.Random, targets: list[int]) -> list:
-    """One launch per target: held in a save (write or swap) or killed after that step, as `rng` picks."""
+    """One launch per target: held in a save (write or swap) or killed after that step, as `rng` picks.
+
+    A kill after a step waits a random part of the reference run's longest step: a fixed delay let a
+    fast machine finish the whole run before the kill, leaving the later launches nothing to hold."""
     kills = []
+    longest = step_seconds(tmp / "ref" / metrics.parent.name / "metrics.jsonl")
     for target in targets:
         hold = rng.choice([None, "write:1", "swap:1"])
         proc = launch(tmp, command, run, hold=hold)
-        if kill_when_held(proc, tmp / "held") if hold else kill_after(proc, metrics, target, rng.uniform(0.0, 0.4)):
+        if kill_when_held(proc, tmp / "held") if hold else kill_after(proc, metrics, target, rng.uniform(0.0, longest)):
             kills.append(hold or f"after step {target}")
     return kills
 
