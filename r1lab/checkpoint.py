@@ -296,7 +296,7 @@ def read_model_metadata(path: str | Path) -> dict[str, Any]:
     if isinstance(doc, dict) and "format_version" in doc:
         return read_metadata(root)
     file = root / METADATA_FILE
-    return _read_json_object(file) if file.is_file() else {}
+    return read_json_object(file) if file.is_file() else {}
 
 
 def model_metadata(path: str | Path) -> dict[str, Any]:
@@ -324,16 +324,17 @@ def read_trainer_state(path: str | Path) -> dict[str, Any] | None:
 def read_trainer_summary(path: str | Path) -> dict[str, Any]:
     """The JSON-able top-level entries of the trainer state (step, ...), read without its tensors."""
     file = _committed_dir(Path(path)) / TRAINER_STATE_JSON
-    return _read_json_object(file) if file.is_file() else {}
+    return read_json_object(file) if file.is_file() else {}
 
 
-def _read_json_object(file: Path) -> dict[str, Any]:
+def read_json_object(file: Path, error: type[Exception] = CheckpointError) -> dict[str, Any]:
+    """The JSON object in `file`; `error` naming the file if it is not valid JSON or not an object."""
     try:
         doc = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+        raise error(f"{file}: not valid JSON ({e})") from None
     if not isinstance(doc, dict):
-        raise CheckpointError(f"{file}: expected a JSON object, got {type(doc).__name__}")
+        raise error(f"{file}: expected a JSON object, got {type(doc).__name__}")
     return doc
 
 
@@ -341,7 +342,7 @@ def _read_config(root: Path) -> dict[str, Any]:
     file = root / CONFIG_FILE
     if not file.is_file():
         raise CheckpointError(f"{file}: missing; not an r1lab checkpoint directory")
-    doc = _read_json_object(file)
+    doc = read_json_object(file)
     if doc.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{file}: format_version {doc.get('format_version')!r} is not "
                               f"supported (this r1lab reads {FORMAT_VERSION})")

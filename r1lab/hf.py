@@ -46,7 +46,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from r1lab.checkpoint import CheckpointError, load_checkpoint, new_model
+from r1lab.checkpoint import CheckpointError, load_checkpoint, new_model, read_json_object
 from r1lab.config import ConfigError, ModelConfig, model_config_from_dict
 from r1lab.model import Transformer
 from r1lab.tokenizer import TOKENIZER_FILE, Tokenizer
@@ -331,13 +331,7 @@ def read_hf_config(root: Path) -> dict[str, Any]:
     file = root / CONFIG_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{file}: missing; not a Hugging Face model directory")
-    try:
-        doc = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{file}: expected a JSON object")
-    return doc
+    return read_json_object(file, ConfigError)
 
 
 def import_hf(hf_dir: str | Path, device: torch.device | None = None) -> Transformer:
