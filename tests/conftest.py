@@ -59,3 +59,16 @@ def tiny_hf_model(tf, kind: str, out: Path, tokenizer: Tokenizer, max_len: int =
     model_cls(config(**shape)).save_pretrained(out)
     tokenizer.save(out)
     return out
+
+
+def bench_module(name: str):
+    """A script of benchmarks/ imported as a module (its directory on sys.path, for its `common` import)."""
+    import importlib.util
+    import sys
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

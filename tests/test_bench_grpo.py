@@ -1,22 +1,13 @@
 """benchmarks/bench_grpo.py's own pieces: both sides see the same prompt ids, and the summary is the
 median over the steps after the first with the ratio taken against TRL."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import bench_module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("bench_grpo", REPO / "benchmarks" / "bench_grpo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("bench_grpo")
 
 
 def test_trl_tokenizer_gives_r1lab_prompt_ids(bench, tmp_path, tf):

@@ -1,23 +1,15 @@
 """benchmarks/bench_pretrain.py's profile: its phases cover the step, and the products' share it reports is
 the sum of the matrix-product operators' own time, next to the counted FLOPs at the given peak."""
 
-import importlib.util
 import re
-import sys
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import bench_module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("bench_pretrain", REPO / "benchmarks" / "bench_pretrain.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("bench_pretrain")
 
 
 def test_profile_accounts_for_the_step(bench):
