@@ -22,7 +22,6 @@ class ParamCounts:
     total: int            # main model, embedding and head included
     active: int           # touched per token: total minus the embedding table and unchosen routed experts
     mtp: int              # the MTP modules on top (they share the embedding and head)
-    embedding: int
     per_expert: int
 
 
@@ -68,7 +67,7 @@ def count_parameters(c: ModelConfig) -> ParamCounts:
         active += block_active
     mtp_block, _ = _block_params(c, c.n_moe_layers > 0)
     mtp = c.n_mtp_modules * (3 * c.dim + 2 * c.dim * c.dim + mtp_block)
-    return ParamCounts(total, active, mtp, embedding, 3 * c.dim * c.moe_inter_dim)
+    return ParamCounts(total, active, mtp, 3 * c.dim * c.moe_inter_dim)
 
 
 def _matmul_params_per_token(c: ModelConfig, with_mtp: bool) -> int:
@@ -115,26 +114,24 @@ def dense_shape(config: dict[str, Any]) -> DenseShape:
                       L * per_layer + config["vocab_size"] * D, L, H, hd)
 
 
-def _dense_attention_flops(c: DenseShape, n_keys: float) -> float:
-    return 2 * c.n_heads * n_keys * 2 * c.head_dim * c.n_layers  # scores and values, per head
+def _forward_flops(c: ModelConfig | DenseShape, n_keys: float, with_mtp: bool) -> float:
+    """Forward FLOPs of one token attending to n_keys keys; a DenseShape has no MTP modules."""
+    if isinstance(c, DenseShape):
+        return 2 * c.matmul_params + 2 * c.n_heads * n_keys * 2 * c.head_dim * c.n_layers  # scores and values
+    forward = 2 * _matmul_params_per_token(c, with_mtp) + attention_flops_per_token(c, n_keys)
+    if with_mtp and c.n_mtp_modules:
+        forward += c.n_mtp_modules * attention_flops_per_token(c, n_keys) / c.n_layers
+    return forward
 
 
 def train_flops_per_token(c: ModelConfig | DenseShape, seq_len: int, with_mtp: bool = True) -> float:
     """Forward + backward (3x forward) per trained token of a causal sequence of `seq_len`."""
-    mean_keys = (seq_len + 1) / 2
-    if isinstance(c, DenseShape):
-        return 3 * (2 * c.matmul_params + _dense_attention_flops(c, mean_keys))
-    forward = 2 * _matmul_params_per_token(c, with_mtp) + attention_flops_per_token(c, mean_keys)
-    if with_mtp and c.n_mtp_modules:
-        forward += c.n_mtp_modules * attention_flops_per_token(c, mean_keys) / c.n_layers
-    return 3 * forward
+    return 3 * _forward_flops(c, (seq_len + 1) / 2, with_mtp)
 
 
 def generate_flops_per_token(c: ModelConfig | DenseShape, context_len: float) -> float:
     """Forward FLOPs to produce one token with `context_len` keys already in the cache."""
-    if isinstance(c, DenseShape):
-        return 2 * c.matmul_params + _dense_attention_flops(c, context_len)
-    return 2 * _matmul_params_per_token(c, with_mtp=False) + attention_flops_per_token(c, context_len)
+    return _forward_flops(c, context_len, with_mtp=False)
 
 
 def generation_flops(c: ModelConfig | DenseShape, prompt_len: int, completion_lens: Sequence[int]) -> float:

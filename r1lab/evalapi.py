@@ -174,8 +174,7 @@ def _samples(reply: Any, max_tokens: int, example: dict) -> list[Sampled]:
             tokens = max_tokens
         else:
             tokens = round(rest * n_chars / chars) if rest is not None else len(text) // 4
-        reason = choice.finish_reason if choice.finish_reason in ("stop", "length") else str(choice.finish_reason)
-        out.append(Sampled(example, [], [], text, reason, usage_tokens=int(tokens)))
+        out.append(Sampled(example, [], [], text, str(choice.finish_reason), usage_tokens=int(tokens)))
     return out
 
 
@@ -198,16 +197,6 @@ def evaluate_endpoint(api_base: str, api_model: str, examples: list[dict], *, k:
     With `greedy`, the items are also asked once at temperature 0 (into `out_dir/greedy`), as
     `r1lab.eval.evaluate` does.
     """
-    if greedy:
-        common = dict(max_new_tokens=max_new_tokens, seed=seed, api_key=api_key, instruction=instruction,
-                      resume=resume, grade=grade, concurrency=concurrency, chunk_size=chunk_size,
-                      max_retries=max_retries, backoff=backoff, settings=settings, progress=progress)
-        sampled = evaluate_endpoint(api_base, api_model, examples, k=k, temperature=temperature, top_p=top_p, ks=ks,
-                                    out_dir=out_dir, **common)
-        greedy_run = sampled if temperature == 0 else evaluate_endpoint(  # a greedy run is its own greedy twin
-            api_base, api_model, examples, k=1, temperature=0.0, top_p=1.0,
-            out_dir=None if out_dir is None else Path(out_dir) / "greedy", **common)
-        return with_greedy(sampled, greedy_run, out_dir)
     instruction = MATH_INSTRUCTION if instruction is None else instruction
     sampler = ChatSampler(api_base, api_model, k=k, max_tokens=max_new_tokens, temperature=temperature,
                           top_p=top_p, seed=seed, instruction=instruction, api_key=api_key,
@@ -216,9 +205,17 @@ def evaluate_endpoint(api_base: str, api_model: str, examples: list[dict], *, k:
     settings = {"model": None, "bench": None, "difficulty": None, **(settings or {}), "api_base": api_base,
                 "api_model": api_model, "template": "endpoint", "instruction": instruction, "sampling": sampling,
                 "length_unit": "usage.completion_tokens, apportioned by characters when n > 1"}
-    return run_evaluation(sampler, examples, k=k, settings=settings, ks=ks, out_dir=out_dir, resume=resume,
-                          chunk_size=chunk_size or 4 * concurrency, grade=grade, think_opened=False,
-                          progress=progress)
+    result = run_evaluation(sampler, examples, k=k, settings=settings, ks=ks, out_dir=out_dir, resume=resume,
+                            chunk_size=chunk_size or 4 * concurrency, grade=grade, think_opened=False,
+                            progress=progress)
+    if not greedy:
+        return result
+    greedy_run = result if temperature == 0 else evaluate_endpoint(  # a greedy run is its own greedy twin
+        api_base, api_model, examples, k=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens, seed=seed,
+        api_key=api_key, instruction=instruction, out_dir=None if out_dir is None else Path(out_dir) / "greedy",
+        resume=resume, grade=grade, concurrency=concurrency, chunk_size=chunk_size, max_retries=max_retries,
+        backoff=backoff, settings=settings, progress=progress)
+    return with_greedy(result, greedy_run, out_dir)
 
 
 def evaluate_endpoint_bench(api_base: str, api_model: str, bench: str, *, limit: int | None = None,

@@ -87,14 +87,6 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
-def _num(x: float | None, digits: int = 1) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
-def _sci(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3g}"
-
-
 def _rows(doc: dict[str, Any]) -> list[tuple[str, str, float | None, bool]]:
     """(key, label, value, is a percentage) of the main table, in display order."""
     m, cost = doc["metrics"], doc["cost"]
@@ -121,16 +113,16 @@ def _rows(doc: dict[str, Any]) -> list[tuple[str, str, float | None, bool]]:
     return rows
 
 
+_FORMATS = {"flops": ".3g", "core_hours": ".4f", "mean_tokens": ".1f", "wall_seconds": ".1f"}
+"""How the main table prints the numbers that are neither percentages nor counts."""
+
+
 def _fmt(key: str, value: float | None, pct: bool) -> str:
+    if value is None:
+        return "-"
     if pct:
-        return _pct(value) if key != "mfu" else ("-" if value is None else f"{100 * value:.2f}")
-    if key in ("flops",):
-        return _sci(value)
-    if key == "core_hours":
-        return _num(value, 4)
-    if key in ("mean_tokens", "wall_seconds"):
-        return _num(value)
-    return "-" if value is None else str(value)
+        return f"{100 * value:.2f}" if key == "mfu" else _pct(value)
+    return format(value, _FORMATS[key]) if key in _FORMATS else str(value)
 
 
 def results_markdown(doc: dict[str, Any]) -> str:
@@ -187,7 +179,7 @@ def compare_results(a: str | os.PathLike, b: str | os.PathLike) -> str:
         label, _, pct = rows[0].get(key) or rows[1][key]
         va, vb = (r.get(key, (None, None, pct))[1] for r in rows)
         delta = "-"
-        if isinstance(va, (int, float)) and isinstance(vb, (int, float)) and key not in ("flops",):
+        if isinstance(va, (int, float)) and isinstance(vb, (int, float)) and key != "flops":
             delta = f"{100 * (vb - va):+.1f}" if pct else f"{vb - va:+.4g}"
         lines.append(f"| {label}{' (%)' if pct else ''} | {_fmt(key, va, pct)} | {_fmt(key, vb, pct)} | {delta} |")
     sa, sb = docs[0]["settings"], docs[1]["settings"]
