@@ -511,27 +511,21 @@ class Transformer(nn.Module):
             raise ValueError(f"position {int(positions.max())} exceeds max_seq_len {self.config.max_seq_len}")
         return self.rope[positions].float()  # (B, T, P/2, 2): cos, sin
 
-    @staticmethod
-    def _mask(positions: torch.Tensor, valid: torch.Tensor | None, n_slots: int | None) -> torch.Tensor:
-        """(B, T, S) bool. Cached: slot s is visible to a query at position p iff s <= p.
-        Uncached: key t' is visible iff it is valid and its position is <= the query's."""
-        if n_slots is not None:
-            slots = torch.arange(n_slots, device=positions.device)
-            return slots[None, None, :] <= positions[:, :, None]
+    def _placement(self, positions: torch.Tensor, valid: torch.Tensor | None, cache: KVCache | None,
+                   n_slots: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(RoPE rotation, mask (B, T, S) bool, flat cache slots to write or None) for tokens at positions (B, T).
+
+        Cached: slot s is visible to a query at position p iff s <= p. Uncached: key t' is visible iff it
+        is valid and its position is <= the query's."""
+        rotation = self._rope(positions)
+        if cache is not None:
+            slots = torch.arange(int(positions.max()) + 1 if n_slots is None else n_slots, device=positions.device)
+            return rotation, slots[None, None, :] <= positions[:, :, None], cache.write_index(positions)
         mask = positions[:, None, :] <= positions[:, :, None]
         if valid is not None:
             mask = mask & valid[:, None, :]
         # A padding query that sees no key would give NaN; let it see itself.
-        return mask | torch.eye(positions.shape[1], dtype=torch.bool, device=positions.device)
-
-    def _placement(self, positions: torch.Tensor, valid: torch.Tensor | None, cache: KVCache | None,
-                   n_slots: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(RoPE rotation, mask, flat cache slots to write or None) for tokens at positions (B, T)."""
-        rotation = self._rope(positions)
-        if cache is None:
-            return rotation, self._mask(positions, valid, None), None
-        n_slots = int(positions.max()) + 1 if n_slots is None else n_slots
-        return rotation, self._mask(positions, valid, n_slots), cache.write_index(positions)
+        return rotation, mask | torch.eye(positions.shape[1], dtype=torch.bool, device=positions.device), None
 
     def default_positions(self, tokens: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         if valid is None:
@@ -577,12 +571,11 @@ class Transformer(nn.Module):
         return KVCache(self.config, n, batch_size, max_len or self.config.max_seq_len, p.dtype, p.device)
 
     def mtp_step(self, k: int, h: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor,
-                 cache: KVCache | None = None, valid: torch.Tensor | None = None,
-                 n_slots: int | None = None) -> torch.Tensor:
+                 cache: KVCache | None = None, n_slots: int | None = None) -> torch.Tensor:
         """Run MTP module k (0-based) on hidden states h (B, T, D) and the embeddings of the tokens
-        that follow them; returns the module's hidden state (B, T, D) (feed `logits` to predict).
+        that follow them; returns the module's hidden state (B, T, D) (feed `mtp_logits` to predict).
         `n_slots` as in `trunk`."""
-        rotation, mask, write_at = self._placement(positions, valid, cache, n_slots)
+        rotation, mask, write_at = self._placement(positions, None, cache, n_slots)
         layer_cache = None if cache is None else cache.layers[len(self.layers) + k]
         out, _ = self.mtp[k](h, self.embed(next_tokens), rotation, mask, write_at, layer_cache)
         return out
