@@ -91,23 +91,19 @@ class KVCache:
     prefill) between steps.
     """
 
-    def __init__(self, config: ModelConfig, n_layers: int, batch_size: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device | None = None):
-        self.impl = config.attn_impl
-        self.max_len = max_len
-        if self.impl == "absorb":
+    def __init__(self, layers: list[list[torch.Tensor]]):
+        """A cache over the given tensors (no copy): `zeros` allocates one, an exported step wraps its inputs."""
+        self.layers, self.max_len = layers, layers[0][0].shape[1]
+
+    @classmethod
+    def zeros(cls, config: ModelConfig, n_layers: int, batch_size: int, max_len: int, dtype: torch.dtype,
+              device: torch.device) -> KVCache:
+        if config.attn_impl == "absorb":
             shapes = [(batch_size, max_len, config.kv_lora_rank + config.qk_rope_head_dim)]
         else:
             shapes = [(batch_size, max_len, config.n_heads, config.head_dim_qk),
                       (batch_size, max_len, config.n_heads, config.v_head_dim)]
-        self.layers = [[torch.zeros(s, dtype=dtype, device=device) for s in shapes] for _ in range(n_layers)]
-
-    @classmethod
-    def over(cls, impl: str, layers: list[list[torch.Tensor]]) -> KVCache:
-        """A cache whose layers are the given tensors (no copy): e.g. the inputs of an exported step."""
-        cache = cls.__new__(cls)
-        cache.impl, cache.layers, cache.max_len = impl, layers, layers[0][0].shape[1]
-        return cache
+        return cls([[torch.zeros(s, dtype=dtype, device=device) for s in shapes] for _ in range(n_layers)])
 
     @property
     def batch_size(self) -> int:
@@ -120,8 +116,6 @@ class KVCache:
     def extend(self, other: "KVCache") -> None:
         """Append other's rows after ours (requests joining a running batch); the shorter cache's rows
         get zeroed slots up to the longer's length."""
-        if other.impl != self.impl:
-            raise ValueError("caches of different layouts cannot be joined")
         length = max(self.max_len, other.max_len)
 
         def fit(t: torch.Tensor) -> torch.Tensor:
@@ -568,7 +562,7 @@ class Transformer(nn.Module):
         """A zeroed cache on this model's device and dtype (main layers, then MTP blocks if asked)."""
         p = self.head.weight
         n = len(self.layers) + (len(self.mtp) if with_mtp else 0)
-        return KVCache(self.config, n, batch_size, max_len or self.config.max_seq_len, p.dtype, p.device)
+        return KVCache.zeros(self.config, n, batch_size, max_len or self.config.max_seq_len, p.dtype, p.device)
 
     def mtp_step(self, k: int, h: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor,
                  cache: KVCache | None = None, n_slots: int | None = None) -> torch.Tensor:
