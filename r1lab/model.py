@@ -91,23 +91,19 @@ class KVCache:
     prefill) between steps.
     """
 
-    def __init__(self, config: ModelConfig, n_layers: int, batch_size: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device | None = None):
-        self.impl = config.attn_impl
-        self.max_len = max_len
-        if self.impl == "absorb":
+    def __init__(self, layers: list[list[torch.Tensor]]):
+        """A cache over the given tensors (no copy): `zeros` allocates one, an exported step wraps its inputs."""
+        self.layers, self.max_len = layers, layers[0][0].shape[1]
+
+    @classmethod
+    def zeros(cls, config: ModelConfig, n_layers: int, batch_size: int, max_len: int, dtype: torch.dtype,
+              device: torch.device) -> KVCache:
+        if config.attn_impl == "absorb":
             shapes = [(batch_size, max_len, config.kv_lora_rank + config.qk_rope_head_dim)]
         else:
             shapes = [(batch_size, max_len, config.n_heads, config.head_dim_qk),
                       (batch_size, max_len, config.n_heads, config.v_head_dim)]
-        self.layers = [[torch.zeros(s, dtype=dtype, device=device) for s in shapes] for _ in range(n_layers)]
-
-    @classmethod
-    def over(cls, impl: str, layers: list[list[torch.Tensor]]) -> KVCache:
-        """A cache whose layers are the given tensors (no copy): e.g. the inputs of an exported step."""
-        cache = cls.__new__(cls)
-        cache.impl, cache.layers, cache.max_len = impl, layers, layers[0][0].shape[1]
-        return cache
+        return cls([[torch.zeros(s, dtype=dtype, device=device) for s in shapes] for _ in range(n_layers)])
 
     @property
     def batch_size(self) -> int:
@@ -120,8 +116,6 @@ class KVCache:
     def extend(self, other: "KVCache") -> None:
         """Append other's rows after ours (requests joining a running batch); the shorter cache's rows
         get zeroed slots up to the longer's length."""
-        if other.impl != self.impl:
-            raise ValueError("caches of different layouts cannot be joined")
         length = max(self.max_len, other.max_len)
 
         def fit(t: torch.Tensor) -> torch.Tensor:
@@ -511,27 +505,21 @@ class Transformer(nn.Module):
             raise ValueError(f"position {int(positions.max())} exceeds max_seq_len {self.config.max_seq_len}")
         return self.rope[positions].float()  # (B, T, P/2, 2): cos, sin
 
-    @staticmethod
-    def _mask(positions: torch.Tensor, valid: torch.Tensor | None, n_slots: int | None) -> torch.Tensor:
-        """(B, T, S) bool. Cached: slot s is visible to a query at position p iff s <= p.
-        Uncached: key t' is visible iff it is valid and its position is <= the query's."""
-        if n_slots is not None:
-            slots = torch.arange(n_slots, device=positions.device)
-            return slots[None, None, :] <= positions[:, :, None]
+    def _placement(self, positions: torch.Tensor, valid: torch.Tensor | None, cache: KVCache | None,
+                   n_slots: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(RoPE rotation, mask (B, T, S) bool, flat cache slots to write or None) for tokens at positions (B, T).
+
+        Cached: slot s is visible to a query at position p iff s <= p. Uncached: key t' is visible iff it
+        is valid and its position is <= the query's."""
+        rotation = self._rope(positions)
+        if cache is not None:
+            slots = torch.arange(int(positions.max()) + 1 if n_slots is None else n_slots, device=positions.device)
+            return rotation, slots[None, None, :] <= positions[:, :, None], cache.write_index(positions)
         mask = positions[:, None, :] <= positions[:, :, None]
         if valid is not None:
             mask = mask & valid[:, None, :]
         # A padding query that sees no key would give NaN; let it see itself.
-        return mask | torch.eye(positions.shape[1], dtype=torch.bool, device=positions.device)
-
-    def _placement(self, positions: torch.Tensor, valid: torch.Tensor | None, cache: KVCache | None,
-                   n_slots: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(RoPE rotation, mask, flat cache slots to write or None) for tokens at positions (B, T)."""
-        rotation = self._rope(positions)
-        if cache is None:
-            return rotation, self._mask(positions, valid, None), None
-        n_slots = int(positions.max()) + 1 if n_slots is None else n_slots
-        return rotation, self._mask(positions, valid, n_slots), cache.write_index(positions)
+        return rotation, mask | torch.eye(positions.shape[1], dtype=torch.bool, device=positions.device), None
 
     def default_positions(self, tokens: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         if valid is None:
@@ -574,15 +562,14 @@ class Transformer(nn.Module):
         """A zeroed cache on this model's device and dtype (main layers, then MTP blocks if asked)."""
         p = self.head.weight
         n = len(self.layers) + (len(self.mtp) if with_mtp else 0)
-        return KVCache(self.config, n, batch_size, max_len or self.config.max_seq_len, p.dtype, p.device)
+        return KVCache.zeros(self.config, n, batch_size, max_len or self.config.max_seq_len, p.dtype, p.device)
 
     def mtp_step(self, k: int, h: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor,
-                 cache: KVCache | None = None, valid: torch.Tensor | None = None,
-                 n_slots: int | None = None) -> torch.Tensor:
+                 cache: KVCache | None = None, n_slots: int | None = None) -> torch.Tensor:
         """Run MTP module k (0-based) on hidden states h (B, T, D) and the embeddings of the tokens
-        that follow them; returns the module's hidden state (B, T, D) (feed `logits` to predict).
+        that follow them; returns the module's hidden state (B, T, D) (feed `mtp_logits` to predict).
         `n_slots` as in `trunk`."""
-        rotation, mask, write_at = self._placement(positions, valid, cache, n_slots)
+        rotation, mask, write_at = self._placement(positions, None, cache, n_slots)
         layer_cache = None if cache is None else cache.layers[len(self.layers) + k]
         out, _ = self.mtp[k](h, self.embed(next_tokens), rotation, mask, write_at, layer_cache)
         return out

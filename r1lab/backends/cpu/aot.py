@@ -86,7 +86,7 @@ class ExportedStep:
         def step(state, inputs, layers, slots):
             grouped = [layers[i:i + per_layer] for i in range(0, len(layers), per_layer)]
             return torch.func.functional_call(bound, {"model." + n: t for n, t in zip(names, state)},
-                                              (*inputs, KVCache.over(cache.impl, grouped), slots.shape[0]))
+                                              (*inputs, KVCache(grouped), slots.shape[0]))
 
         Dim = torch.export.Dim
         rows = None if low == high else Dim("rows", min=low, max=high)  # (one row: a static shape)

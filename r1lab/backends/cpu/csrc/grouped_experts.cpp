@@ -26,26 +26,7 @@
 namespace {
 
 using r1lab::COLS;
-using r1lab::ROWS;
-using r1lab::tile;
 constexpr int64_t PACK_BYTES = 128 * 1024;  // packed weight panels per task: well inside L2
-
-// out rows [first, last) of one expert (sorted order), columns [j, j + n): c_of(s)[j:j+n] = a_of(s) @ panel,
-// panel (k_dim, COLS) the packed columns. The panel stays in L1 while every tile of the expert's rows uses it.
-template <typename RowA, typename RowC>
-void expert_columns(int64_t first, int64_t last, RowA a_of, int64_t k_dim, const float* panel, int64_t j,
-                    int64_t n, RowC c_of) {
-  for (int64_t s = first; s < last; s += ROWS) {
-    const int rows = (int)std::min<int64_t>(ROWS, last - s);
-    const float* a[ROWS];
-    float* c[ROWS];
-    for (int r = 0; r < rows; ++r) {
-      a[r] = a_of(s + r);
-      c[r] = c_of(s + r) + j;
-    }
-    tile(rows, a, k_dim, panel, COLS, n, c);
-  }
-}
 
 // Columns [j0, j1) of one expert's rows: b (k_dim, ldb) is packed into COLS-wide panels in one pass over
 // its rows (sequential reads: the panels' strided column slices read directly are latency-bound when the
@@ -70,7 +51,8 @@ void expert_block(int64_t first, int64_t last, RowA a_of, int64_t k_dim, const f
   }
   for (int64_t p = 0; p < panels; ++p) {
     const int64_t j = j0 + p * COLS, n = std::min<int64_t>(COLS, j1 - j);
-    expert_columns(first, last, a_of, k_dim, packed.data() + p * k_dim * COLS, j, n, c_of);
+    r1lab::tile_rows(first, last, a_of, k_dim, packed.data() + p * k_dim * COLS, COLS, n,
+                     [&](int64_t s) { return c_of(s) + j; });
   }
 }
 

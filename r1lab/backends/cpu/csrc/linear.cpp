@@ -100,16 +100,8 @@ void head_matmul(const float* x, int64_t x_row, int64_t x_head, const float* w, 
 #pragma omp parallel for schedule(static)
   for (int64_t task = 0; task < heads * panels; ++task) {
     const int64_t h = task / panels, j = (task % panels) * r1lab::COLS, width = std::min<int64_t>(r1lab::COLS, n - j);
-    for (int64_t s = 0; s < m; s += r1lab::ROWS) {
-      const int rows = (int)std::min<int64_t>(r1lab::ROWS, m - s);
-      const float* a[r1lab::ROWS];
-      float* c[r1lab::ROWS];
-      for (int r = 0; r < rows; ++r) {
-        a[r] = x + (s + r) * x_row + h * x_head;
-        c[r] = out + ((s + r) * heads + h) * n + j;
-      }
-      r1lab::tile(rows, a, k, w + h * head_stride + j, row_stride, width, c);
-    }
+    r1lab::tile_rows(0, m, [&](int64_t s) { return x + s * x_row + h * x_head; }, k, w + h * head_stride + j,
+                     row_stride, width, [&](int64_t s) { return out + (s * heads + h) * n + j; });
   }
 }
 

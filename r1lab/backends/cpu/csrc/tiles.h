@@ -68,6 +68,23 @@ inline void tile(int rows, const float* const* a, int64_t k_dim, const float* b,
   }
 }
 
+// Rows [first, last) through one (k_dim, n) panel b, ROWS at a time: c_of(s)[0:n] = a_of(s) @ b, where a_of(s) and
+// c_of(s) point at row s of a and of c.
+template <typename RowA, typename RowC>
+void tile_rows(int64_t first, int64_t last, RowA a_of, int64_t k_dim, const float* b, int64_t ldb, int64_t n,
+               RowC c_of) {
+  for (int64_t s = first; s < last; s += ROWS) {
+    const int rows = (int)std::min<int64_t>(ROWS, last - s);
+    const float* a[ROWS];
+    float* c[ROWS];
+    for (int r = 0; r < rows; ++r) {
+      a[r] = a_of(s + r);
+      c[r] = c_of(s + r);
+    }
+    tile(rows, a, k_dim, b, ldb, n, c);
+  }
+}
+
 // [sum(a), sum(b), sum(c), sum(d)]
 inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
   const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
