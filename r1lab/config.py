@@ -132,6 +132,12 @@ class ModelConfig:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     @property
+    def yarn(self) -> bool:
+        """YaRN applies only when the context is really extended: a rope_factor above 1 and max_seq_len
+        beyond original_seq_len."""
+        return self.rope_factor > 1 and self.max_seq_len > self.original_seq_len
+
+    @property
     def n_moe_layers(self) -> int:
         return 0 if self.n_routed_experts == 0 else self.n_layers - self.n_dense_layers
 

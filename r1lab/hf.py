@@ -78,11 +78,6 @@ def _check_expressible(cfg: ModelConfig) -> None:
                           f"query and KV latents with a fixed eps of {HF_NORM_EPS}")
 
 
-def _yarn_on(cfg: ModelConfig) -> bool:
-    # r1lab's rule (model.rope_frequencies): YaRN applies only when the context is really extended.
-    return cfg.rope_factor > 1 and cfg.max_seq_len > cfg.original_seq_len
-
-
 def hf_config_from_model_config(cfg: ModelConfig):
     """The `transformers.DeepseekV3Config` of the same shape (raises ValueError if there is none)."""
     from transformers import DeepseekV3Config
@@ -90,7 +85,7 @@ def hf_config_from_model_config(cfg: ModelConfig):
     cfg.validate()
     _check_expressible(cfg)
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    if _yarn_on(cfg):
+    if cfg.yarn:  # r1lab's rule: only when the context is really extended
         # mscale == mscale_all_dim leaves cos/sin unscaled (attention_factor 1, said explicitly so
         # mscale 0 means the same) and multiplies the softmax scale by (0.1 mscale ln s + 1)^2.
         rope = {"rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": cfg.rope_factor,

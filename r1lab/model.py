@@ -47,7 +47,7 @@ def rope_frequencies(config: ModelConfig) -> torch.Tensor:
     """Per-pair inverse frequencies (P/2,), interpolated by YaRN when the context is extended."""
     dim, base = config.qk_rope_head_dim, config.rope_theta
     freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    if config.rope_factor > 1 and config.max_seq_len > config.original_seq_len:
+    if config.yarn:
         low = max(math.floor(_yarn_correction_dim(config.beta_fast, dim, base, config.original_seq_len)), 0)
         high = min(math.ceil(_yarn_correction_dim(config.beta_slow, dim, base, config.original_seq_len)), dim - 1)
         if low == high:
@@ -61,7 +61,7 @@ def rope_frequencies(config: ModelConfig) -> torch.Tensor:
 def softmax_scale(config: ModelConfig) -> float:
     """(C + P)^-0.5, times mscale^2 under YaRN (the attention-temperature correction)."""
     scale = config.head_dim_qk ** -0.5
-    if config.rope_factor > 1 and config.max_seq_len > config.original_seq_len:
+    if config.yarn:
         m = 0.1 * config.mscale * math.log(config.rope_factor) + 1.0
         scale = scale * m * m
     return scale
