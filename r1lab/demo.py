@@ -157,7 +157,7 @@ def run_demo(recipe: Recipe, run_dir: Path, quiet: bool = False) -> dict:
         results[name] = stage(f"eval {name}",
                               lambda n=name: evaluate_stage(recipe, run_dir, n, examples, peak / 1e9, device))
         s = stage_summary(results[name])
-        ledger.add(stage_cost(f"eval {name}", s["eval_flops"], s["eval_seconds"], recipe.cost, peak))
+        ledger.add(stage_cost(f"eval {name}", s["eval_flops"], s["eval_seconds"], recipe.cost, peak, device))
     judged = verdicts(results)
     wall["total"] = time.perf_counter() - started
     summary = _summary(recipe, results, judged, wall, base, rl, control, ledger, peak)
